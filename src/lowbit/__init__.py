@@ -1,0 +1,23 @@
+"""lowbit: post-training quantization of ONNX models.
+
+    import lowbit
+    result = lowbit.quantize("model.onnx", "model_int8.onnx", config="full_quant.cfg")
+    print(result.summary())
+"""
+
+from .api import LowbitWarning, NodeReport, QuantizeResult, TensorReport, quantize
+from .config import QuantConfig, load_config
+from .errors import LowbitError, NotSupportedYetError
+
+__all__ = [
+    "LowbitError",
+    "LowbitWarning",
+    "NodeReport",
+    "NotSupportedYetError",
+    "QuantConfig",
+    "QuantizeResult",
+    "TensorReport",
+    "load_config",
+    "quantize",
+]
+__version__ = "0.1.0"

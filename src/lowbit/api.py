@@ -1,0 +1,229 @@
+"""``lowbit.quantize``: the whole job, from a float ONNX file to a checked int8 QDQ file.
+
+Stages: resolve the configuration; load and prepare the graph; plan what to quantize;
+stream the calibration data through the float model into the plan's observers; turn
+ranges into scales and zero points; rewrite the graph; write it atomically.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from .calibration.collector import collect
+from .calibration.observers import activation_observer
+from .config import QuantConfig, load_config
+from .config.model import CalibrationSource
+from .data.feeds import checked_feeds, input_specs
+from .data.npy_files import file_samples
+from .errors import LowbitError, closest
+from .graph.loading import load_model
+from .graph.passes import prepare
+from .graph.saving import check_output_path, save_atomically
+from .quantizers.plan import PlanOptions, QuantPlan, plan_quantization
+from .quantizers.qdq import apply_plan
+from .quantizers.qparams import QParams, compute_qparams
+from .quantizers.targets import TARGETS
+
+
+class LowbitWarning(UserWarning):
+    """Something the user may want to fix, that does not stop the job."""
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    name: str
+    op_type: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    """Calibrated range and quantization parameters of one activation tensor."""
+
+    name: str
+    min: float
+    max: float
+    scale: float
+    zero_point: int
+    dtype: str
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize` did: where the model went, what was quantized, and what it cost."""
+
+    output_path: Path
+    target: str
+    quantized_nodes: list[NodeReport]
+    float_nodes: list[NodeReport]
+    tensors: dict[str, TensorReport]
+    calibration_samples: int
+    float_bytes: int
+    output_bytes: int
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def size_ratio(self) -> float:
+        return self.output_bytes / self.float_bytes if self.float_bytes else float("nan")
+
+    def summary(self) -> str:
+        from .reports.summary import format_summary
+
+        return format_summary(self)
+
+
+FeedSource = str | Path | Iterable[dict[str, np.ndarray]]
+
+
+def quantize(
+    model: str | Path,
+    output: str | Path,
+    config: str | Path | None = None,
+    data: FeedSource | None = None,
+    *,
+    progress: bool = True,
+    **settings: Any,
+) -> QuantizeResult:
+    """Quantize ``model`` into ``output`` and return what was done.
+
+    ``config`` is a MindSpore-style INI file; ``settings`` override its keys by name
+    (``per_channel=False``, ``target_device="NVGPU"`` ...). ``data`` is the calibration
+    data: a folder of .npy/.npz files, or an iterable of feed dicts (input name to
+    array); without it, ``calibrate_path`` from the config is used.
+    """
+    resolved = load_config(config, settings, describe=lambda key: f"argument {key}=")
+    return run(model, output, resolved, data, progress=progress)
+
+
+def run(
+    model: str | Path,
+    output: str | Path,
+    config: QuantConfig,
+    data: FeedSource | None = None,
+    progress: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> QuantizeResult:
+    """Quantize with an already resolved configuration (the CLI's entry point)."""
+    model_path, output_path = Path(model), Path(output)
+    notes: list[str] = []
+
+    def note(message: str) -> None:
+        notes.append(message)
+        if warn is not None:
+            warn(message)
+        else:
+            warnings.warn(message, LowbitWarning, stacklevel=3)
+
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    check_output_path(output_path, model_path)
+    graph_model, float_bytes = load_model(model_path)
+    graph_model = prepare(graph_model)
+    timings["load"] = time.perf_counter() - clock
+
+    target = TARGETS[config.target]
+    _warn_unknown_skip_nodes(graph_model, config.skip_quant_node, note)
+    plan = plan_quantization(graph_model, target, PlanOptions(
+        per_channel=config.per_channel,
+        skip_nodes=frozenset(config.skip_quant_node),
+        min_weight_size=config.min_quant_weight_size,
+        min_weight_channels=config.min_quant_weight_channel,
+    ))
+    if not plan.quantized_nodes:
+        note(f"nothing in {model_path} can be quantized for target {target.name}; the output is the float model")
+
+    clock = time.perf_counter()
+    observers = {name: activation_observer(config.activation_quant_method) for name in plan.activations}
+    samples = 0
+    if observers:
+        feeds, total = _calibration_feeds(graph_model, config, data)
+        run_stats = collect(graph_model, observers, feeds, total, progress)
+        samples = run_stats.samples
+    timings["calibrate"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    qparams = _activation_qparams(plan, observers)
+    apply_plan(graph_model, plan, qparams)
+    timings["rewrite"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    output_bytes = save_atomically(graph_model, output_path)
+    timings["save"] = time.perf_counter() - clock
+
+    return QuantizeResult(
+        output_path=output_path,
+        target=target.name,
+        quantized_nodes=[NodeReport(d.node.name, d.node.op_type, f"fused into {d.fused_into}" if d.fused_into else "")
+                         for d in plan.quantized_nodes],
+        float_nodes=[NodeReport(d.node.name, d.node.op_type, d.reason) for d in plan.float_nodes],
+        tensors=_tensor_reports(observers, qparams),
+        calibration_samples=samples,
+        float_bytes=float_bytes,
+        output_bytes=output_bytes,
+        timings=timings,
+        warnings=notes,
+    )
+
+
+def _warn_unknown_skip_nodes(model: ir.Model, names: tuple[str, ...], note: Callable[[str], None]) -> None:
+    known = [node.name for node in model.graph]
+    for name in names:
+        if name not in known:
+            near = closest(name, known)
+            hint = f"; closest node names: {', '.join(near)}" if near else ""
+            note(f"skip_quant_node names '{name}', which is not a node of the model{hint}")
+
+
+def _calibration_feeds(model: ir.Model, config: QuantConfig, data: FeedSource | None):
+    """The stream of checked feed dicts and its length (None when unknown)."""
+    specs = input_specs(model)
+    size = config.calibrate_size
+    if data is None and config.calibrate_path is None:
+        raise LowbitError("full quantization needs calibration data: give --data FOLDER "
+                          "(or calibrate_path in [data_preprocess_param])")
+    if data is None or isinstance(data, (str, Path)):
+        sources = config.calibrate_path if data is None else (CalibrationSource(Path(data)),)
+        samples = file_samples(sources, specs, size, config.input_type)
+        return samples, len(samples)
+    feeds = checked_feeds(data, specs)
+    if size is not None:
+        feeds = itertools.islice(feeds, size)
+    return feeds, size if size is not None else _len_or_none(data)
+
+
+def _len_or_none(data: Any) -> int | None:
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def _activation_qparams(plan: QuantPlan, observers: dict) -> dict[str, QParams]:
+    """One set of parameters per scale-sharing group, from the union of its members' ranges."""
+    qparams: dict[str, QParams] = {}
+    for members in plan.groups().values():
+        lows, highs = zip(*(observers[name].range() for name in members))
+        shared = compute_qparams(min(lows), max(highs), plan.target.activation)
+        for name in members:
+            qparams[name] = shared
+    return qparams
+
+
+def _tensor_reports(observers: dict, qparams: dict[str, QParams]) -> dict[str, TensorReport]:
+    reports = {}
+    for name, observer in observers.items():
+        lo, hi = observer.range()
+        q = qparams[name]
+        reports[name] = TensorReport(name, float(lo), float(hi), float(q.scale), int(q.zero_point),
+                                     q.scheme.qtype.name)
+    return reports

@@ -1,0 +1,1 @@
+"""Calibration: observers of tensor statistics and the streaming collector."""

@@ -1,0 +1,68 @@
+"""One streaming pass of the float model over the calibration data.
+
+The float model runs in ONNX Runtime with every observed tensor exposed as an extra
+output; after each batch, each observer folds that batch in and the arrays are
+dropped. Memory therefore stays at one batch of activations plus the observers'
+running aggregates, whatever the number of samples (ONNX Runtime's own calibrators
+keep every batch's activations until the end).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from tqdm import tqdm
+
+from ..errors import LowbitError
+from ..graph.runtime import make_session
+from .observers import Observer
+
+
+@dataclass
+class CalibrationRun:
+    samples: int
+    seconds: float
+
+
+def collect(
+    model: ir.Model,
+    observers: Mapping[str, Observer],
+    feeds: Iterable[dict[str, np.ndarray]],
+    total: int | None = None,
+    progress: bool = True,
+) -> CalibrationRun:
+    """Run the model on every feed and update the observer of each named tensor."""
+    graph_inputs = {v.name for v in model.graph.inputs}
+    from_outputs = [name for name in observers if name not in graph_inputs]
+    session = make_session(model, from_outputs)
+    start = time.perf_counter()
+    samples = 0
+    bar = tqdm(feeds, total=total, desc="calibrating", unit="sample", disable=None if progress else True)
+    for feed in bar:
+        try:
+            arrays = session.run(from_outputs, feed) if from_outputs else []
+        except Exception as exc:  # ORT raises its own exception types for bad feeds
+            raise LowbitError(f"calibration sample {samples + 1}: ONNX Runtime failed: "
+                              f"{str(exc).splitlines()[0]}") from None
+        for name, array in zip(from_outputs, arrays):
+            observers[name].update(array)
+        for name in graph_inputs & observers.keys():
+            observers[name].update(feed[name])
+        samples += 1
+    bar.close()
+    if samples == 0:
+        raise LowbitError("no calibration samples: full quantization needs at least one")
+    _check_finite(observers)
+    return CalibrationRun(samples, time.perf_counter() - start)
+
+
+def _check_finite(observers: Mapping[str, Observer]) -> None:
+    for name, observer in observers.items():
+        lo, hi = observer.range()
+        if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+            raise LowbitError(f"tensor '{name}' takes NaN or infinite values on the calibration data; "
+                              "check the data (and the float model) before quantizing")

@@ -1,0 +1,87 @@
+"""Observers: one small class per statistic, all behind one interface.
+
+An observer sees a tensor batch by batch (``update``), can absorb another observer of
+the same kind (``merge``, for statistics collected by several workers or runs), and
+reports the real range it would quantize (``range``). Scales and zero points are not
+computed here but in :func:`lowbit.quantizers.qparams.compute_qparams`, whatever the
+observer. Observers keep running aggregates only, so memory does not grow with the
+number of calibration samples.
+
+A new calibration method (histogram KL, percentile, MSE ...) is a new subclass here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class Observer(ABC):
+    """Running statistic of one tensor; ``axis`` selects per-channel statistics."""
+
+    def __init__(self, axis: int | None = None):
+        self.axis = axis
+        self.batches = 0
+
+    @abstractmethod
+    def update(self, x: np.ndarray) -> None:
+        """Fold one batch of the tensor into the statistic."""
+
+    @abstractmethod
+    def merge(self, other: Observer) -> None:
+        """Fold another observer's statistic (same kind, same tensor) into this one."""
+
+    @abstractmethod
+    def range(self) -> tuple[np.ndarray, np.ndarray]:
+        """The (min, max) to quantize: scalars, or 1-D along ``axis``."""
+
+    def _reduce_axes(self, x: np.ndarray) -> tuple[int, ...] | None:
+        if self.axis is None:
+            return None
+        axis = self.axis % x.ndim
+        return tuple(i for i in range(x.ndim) if i != axis)
+
+
+class MinMaxObserver(Observer):
+    """The smallest and largest value seen (MindSpore's MAX_MIN, ONNX Runtime's MinMax)."""
+
+    def __init__(self, axis: int | None = None):
+        super().__init__(axis)
+        self.min: np.ndarray | None = None
+        self.max: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        if x.size == 0:
+            return
+        axes = self._reduce_axes(x)
+        lo = np.asarray(np.min(x, axis=axes), dtype=np.float64)
+        hi = np.asarray(np.max(x, axis=axes), dtype=np.float64)
+        self._fold(lo, hi)
+        self.batches += 1
+
+    def merge(self, other: Observer) -> None:
+        if not isinstance(other, MinMaxObserver):
+            raise TypeError(f"cannot merge {type(other).__name__} into MinMaxObserver")
+        if other.min is not None:
+            self._fold(other.min, other.max)
+        self.batches += other.batches
+
+    def _fold(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        self.min = lo if self.min is None else np.minimum(self.min, lo)
+        self.max = hi if self.max is None else np.maximum(self.max, hi)
+
+    def range(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.min is None:
+            raise ValueError("observer saw no data")
+        return self.min, self.max
+
+
+ACTIVATION_OBSERVERS: dict[str, type[Observer]] = {
+    "MAX_MIN": MinMaxObserver,
+}
+
+
+def activation_observer(method: str) -> Observer:
+    """A fresh per-tensor observer for the configured activation_quant_method."""
+    return ACTIVATION_OBSERVERS[method]()

@@ -1,0 +1,117 @@
+"""The ``lowbit`` command.
+
+    lowbit quantize MODEL -o OUT [--config FILE] [--data FOLDER] [--KEY VALUE ...]
+    lowbit config show [FILE] [--KEY VALUE ...]
+
+Every configuration key is also a flag (``per_channel`` -> ``--per-channel`` /
+``--no-per-channel``), generated from the key table so the two never drift apart.
+Errors in the user's input print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .config import FIELDS, Kind, load_config
+from .config.model import QuantConfig
+from .errors import LowbitError
+
+EXIT_USAGE = 2
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("configuration keys (override the config file)")
+    for field in FIELDS:
+        flags = [_flag(field.key)]
+        if field.key == "calibrate_path":
+            flags.insert(0, "--data")
+        help_text = f"[{field.section}] {field.help}"
+        if field.kind is Kind.BOOL:
+            group.add_argument(*flags, dest=field.key, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
+        else:
+            group.add_argument(*flags, dest=field.key, default=None, metavar=field.kind.name, help=help_text)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {f.key: getattr(args, f.key) for f in FIELDS if getattr(args, f.key) is not None}
+
+
+def _describe_flag(key: str) -> str:
+    return "--data" if key == "calibrate_path" else _flag(key)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="Post-training quantization of ONNX models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    quantize = commands.add_parser("quantize", help="quantize a float32 ONNX model",
+                                   description="Quantize a float32 ONNX model into an int8 QDQ model.")
+    quantize.add_argument("model", help="float32 ONNX model")
+    quantize.add_argument("-o", "--output", required=True, help="where to write the quantized model")
+    quantize.add_argument("--config", help="MindSpore-style INI config file")
+    quantize.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    _add_config_flags(quantize)
+
+    config = commands.add_parser("config", help="configuration tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser("show", help="print the resolved configuration and where each value came from")
+    show.add_argument("config", nargs="?", help="MindSpore-style INI config file")
+    _add_config_flags(show)
+    return parser
+
+
+def format_config(config: QuantConfig) -> str:
+    lines = []
+    section = None
+    width = max(len(f.key) for f in FIELDS)
+    for field, setting in config.items():
+        if field.section != section:
+            section = field.section
+            lines.append(f"[{section}]")
+        lines.append(f"{field.key:<{width}} = {_show_value(setting.value):<24} # {setting.source}")
+    return "\n".join(lines)
+
+
+def _show_value(value) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(
+            (f"{v.input_name}:{v.folder}" if v.input_name else str(v.folder)) if hasattr(v, "folder") else str(v)
+            for v in value) or "(none)"
+    return str(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(getattr(args, "config", None), _overrides(args), describe=_describe_flag)
+        if args.command == "config":
+            print(format_config(config))
+            return 0
+        from .api import run
+
+        result = run(args.model, args.output, config, progress=not args.quiet,
+                     warn=lambda message: print(f"lowbit: warning: {message}", file=sys.stderr))
+        if not args.quiet:
+            print(result.summary())
+        return 0
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Configuration: the key table, the MindSpore-style INI reader and the resolved model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .fields import FIELDS, FIELDS_BY_KEY, Field, Kind
+from .mindspore_ini import read_ini
+from .model import CalibrationSource, QuantConfig, resolve
+
+__all__ = ["FIELDS", "FIELDS_BY_KEY", "CalibrationSource", "Field", "Kind", "QuantConfig", "load_config"]
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    describe: Callable[[str], str] = lambda key: f"argument {key}",
+) -> QuantConfig:
+    """Resolve defaults, then the INI file at ``path`` (if any), then ``overrides``.
+
+    ``describe`` names where an override came from (a CLI flag, an API argument).
+    """
+    layers = read_ini(path) if path is not None else []
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            layers.append(({key: value}, describe(key)))
+    return resolve(layers)

@@ -1,0 +1,158 @@
+"""Every configuration key lowbit knows, with its type, default, allowed values and help.
+
+The table follows MindSpore Lite's post-training quantization INI (sections
+``common_quant_param``, ``mixed_bit_weight_quant_param``, ``full_quant_param`` and
+``data_preprocess_param``); key names are unique across sections, so the rest of
+lowbit addresses a setting by its key alone. The same table drives the INI reader,
+the CLI flags and the keyword arguments of :func:`lowbit.quantize`, so a key is
+declared once.
+
+A key can be *known but not supported yet*: it is part of the format lowbit reads,
+but the feature behind it is a later piece of work. Setting such a key (or such a
+value) is an error that says so, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Kind(Enum):
+    STR = "string"
+    INT = "integer"
+    FLOAT = "float"
+    BOOL = "boolean"
+    ENUM = "one of"
+    STR_LIST = "comma-separated names"
+    VECTOR = "vector like [1.0, 2.0, 3.0]"
+    PATH_MAP = "folder, or input_name:folder,input_name:folder"
+
+
+@dataclass(frozen=True)
+class Field:
+    """One configuration key.
+
+    ``unsupported`` maps a parsed value to the reason it is not implemented yet
+    (None when it is); a key whose whole feature is missing uses ``always_unsupported``.
+    """
+
+    section: str
+    key: str
+    kind: Kind
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    aliases: dict[str, str] = field(default_factory=dict)
+    low: float | None = None
+    high: float | None = None
+    open_interval: bool = False
+    unsupported: Callable[[Any], str | None] | None = None
+
+    def allowed(self) -> str:
+        """Human-readable description of the values this key accepts."""
+        if self.kind is Kind.ENUM:
+            return "one of " + ", ".join(self.choices)
+        if self.low is not None and self.high is not None:
+            lo, hi = ("(", ")") if self.open_interval else ("[", "]")
+            return f"{self.kind.value} in {lo}{_num(self.low)}, {_num(self.high)}{hi}"
+        if self.kind is Kind.BOOL:
+            return "true or false"
+        return self.kind.value
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def always_unsupported(feature: str) -> Callable[[Any], str | None]:
+    return lambda value: f"{feature} is not supported yet"
+
+
+def unsupported_values(reasons: dict[Any, str]) -> Callable[[Any], str | None]:
+    return lambda value: reasons.get(value)
+
+
+COMMON = "common_quant_param"
+MIXED_BIT = "mixed_bit_weight_quant_param"
+FULL = "full_quant_param"
+DATA = "data_preprocess_param"
+SECTIONS = (COMMON, MIXED_BIT, FULL, DATA)
+
+_IMAGE_PIPELINE = always_unsupported("image preprocessing (input_type=IMAGE)")
+
+FIELDS: tuple[Field, ...] = (
+    # [common_quant_param]
+    Field(COMMON, "quant_type", Kind.ENUM, "FULL_QUANT",
+          "WEIGHT_QUANT: weights only; FULL_QUANT: weights and activations; DYNAMIC_QUANT: activations at run time",
+          choices=("WEIGHT_QUANT", "FULL_QUANT", "DYNAMIC_QUANT"),
+          unsupported=unsupported_values({
+              "WEIGHT_QUANT": "weight-only quantization (quant_type=WEIGHT_QUANT) is not supported yet",
+              "DYNAMIC_QUANT": "dynamic quantization (quant_type=DYNAMIC_QUANT) is not supported yet",
+          })),
+    Field(COMMON, "bit_num", Kind.INT, 8,
+          "bits per value; full quantization supports 8", low=0, high=16),
+    Field(COMMON, "min_quant_weight_size", Kind.INT, 0,
+          "a weighted node is quantized only when its weight has more elements than this", low=0, high=65535),
+    Field(COMMON, "min_quant_weight_channel", Kind.INT, 16,
+          "a weighted node is quantized only when its weight has more output channels than this "
+          "(default 16 for WEIGHT_QUANT; 0 for FULL_QUANT, where MindSpore ignores the threshold)",
+          low=0, high=65535),
+    Field(COMMON, "skip_quant_node", Kind.STR_LIST, (),
+          "names of nodes that stay float, comma separated"),
+    Field(COMMON, "debug_info_save_path", Kind.STR, None,
+          "folder for the per-tensor debug reports",
+          unsupported=always_unsupported("debug reports (debug_info_save_path)")),
+    # [mixed_bit_weight_quant_param]
+    Field(MIXED_BIT, "init_scale", Kind.FLOAT, 0.02,
+          "error budget of the mixed-bit search; larger compresses more", low=0, high=1, open_interval=True,
+          unsupported=always_unsupported("mixed-bit weight quantization (init_scale)")),
+    Field(MIXED_BIT, "auto_tune", Kind.BOOL, False,
+          "search init_scale for an output cosine similarity of about 0.995",
+          unsupported=always_unsupported("mixed-bit weight quantization (auto_tune)")),
+    # [full_quant_param]
+    Field(FULL, "activation_quant_method", Kind.ENUM, "MAX_MIN",
+          "how activation ranges are chosen from calibration data",
+          choices=("MAX_MIN", "KL", "REMOVAL_OUTLIER"),
+          aliases={"REMOVALOUTLIER": "REMOVAL_OUTLIER"},
+          unsupported=unsupported_values({
+              "KL": "activation_quant_method=KL is not supported yet",
+              "REMOVAL_OUTLIER": "activation_quant_method=REMOVAL_OUTLIER is not supported yet",
+          })),
+    Field(FULL, "bias_correction", Kind.BOOL, False,
+          "correct the per-channel output shift caused by quantization "
+          "(MindSpore's default is true; lowbit defaults to false until bias correction lands)",
+          unsupported=unsupported_values({True: "bias_correction=true is not supported yet"})),
+    Field(FULL, "per_channel", Kind.BOOL, True,
+          "weights per output channel (true) or per tensor (false); DSP defaults to false"),
+    Field(FULL, "target_device", Kind.ENUM, None,
+          "hardware preset; unset = ONNX Runtime CPU", choices=("CPU", "NVGPU", "DSP")),
+    # [data_preprocess_param]
+    Field(DATA, "calibrate_path", Kind.PATH_MAP, None,
+          "calibration data: a folder, or input_name:folder pairs separated by commas"),
+    Field(DATA, "calibrate_size", Kind.INT, None,
+          "number of calibration samples (default: all files found)", low=1, high=65535),
+    Field(DATA, "input_type", Kind.ENUM, None,
+          "calibration file type (default: taken from the files: .npy or .npz)",
+          choices=("IMAGE", "BIN", "NPY", "NPZ"),
+          unsupported=unsupported_values({
+              "IMAGE": "calibration images (input_type=IMAGE) are not supported yet; give .npy/.npz files",
+              "BIN": "raw .bin calibration buffers (input_type=BIN) are not supported yet; give .npy/.npz files",
+          })),
+    Field(DATA, "image_to_format", Kind.ENUM, None, "colour format of preprocessed images",
+          choices=("RGB", "GRAY", "BGR"), unsupported=_IMAGE_PIPELINE),
+    Field(DATA, "normalize_mean", Kind.VECTOR, None, "dst = (src - mean) / std", unsupported=_IMAGE_PIPELINE),
+    Field(DATA, "normalize_std", Kind.VECTOR, None, "dst = (src - mean) / std", unsupported=_IMAGE_PIPELINE),
+    Field(DATA, "resize_width", Kind.INT, None, "resize width", low=1, high=65535, unsupported=_IMAGE_PIPELINE),
+    Field(DATA, "resize_height", Kind.INT, None, "resize height", low=1, high=65535, unsupported=_IMAGE_PIPELINE),
+    Field(DATA, "resize_method", Kind.ENUM, None, "resize interpolation",
+          choices=("LINEAR", "NEAREST", "CUBIC"), aliases={"NEARST": "NEAREST"}, unsupported=_IMAGE_PIPELINE),
+    Field(DATA, "center_crop_width", Kind.INT, None, "center crop width", low=1, high=65535,
+          unsupported=_IMAGE_PIPELINE),
+    Field(DATA, "center_crop_height", Kind.INT, None, "center crop height", low=1, high=65535,
+          unsupported=_IMAGE_PIPELINE),
+)
+
+FIELDS_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}

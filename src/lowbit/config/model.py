@@ -1,0 +1,192 @@
+"""The one validated configuration that the rest of lowbit reads.
+
+Values come from three layers, later ones winning: the defaults in
+:mod:`lowbit.config.fields`, a config file (MindSpore-style INI), and overrides (CLI
+flags or keyword arguments of :func:`lowbit.quantize`). Every value remembers where it
+came from, so ``lowbit config show`` can explain the resolved configuration.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import LowbitError, NotSupportedYetError, did_you_mean
+from .fields import FIELDS, FIELDS_BY_KEY, Field, Kind
+
+DEFAULT = "default"
+
+
+@dataclass(frozen=True)
+class Setting:
+    value: Any
+    source: str
+
+
+@dataclass(frozen=True)
+class CalibrationSource:
+    """One entry of calibrate_path: a folder, optionally bound to a model input name."""
+
+    folder: Path
+    input_name: str | None = None
+
+
+class QuantConfig:
+    """Resolved, validated settings; read them as attributes (``config.per_channel``)."""
+
+    def __init__(self, settings: dict[str, Setting]):
+        self._settings = dict(settings)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._settings[key].value
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def source(self, key: str) -> str:
+        return self._settings[key].source
+
+    def is_default(self, key: str) -> bool:
+        return self._settings[key].source.startswith(DEFAULT)
+
+    def items(self) -> list[tuple[Field, Setting]]:
+        return [(f, self._settings[f.key]) for f in FIELDS]
+
+    @property
+    def target(self) -> str:
+        """The hardware preset name; unset target_device means ONNX Runtime CPU."""
+        return self.target_device or "CPU"
+
+
+def parse_value(field: Field, raw: Any, where: str) -> Any:
+    """Turn a raw value (INI string, CLI string or Python value) into the field's type.
+
+    ``where`` names the origin (file and section, or flag) for error messages.
+    """
+
+    def bad(reason: str) -> LowbitError:
+        return LowbitError(f"{where}: {field.key}={raw!r}: {reason}; allowed: {field.allowed()}")
+
+    if raw is None:
+        return None
+    text = raw.strip() if isinstance(raw, str) else raw
+    if field.kind is Kind.BOOL:
+        if isinstance(text, bool):
+            return text
+        lowered = str(text).lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise bad("not a boolean")
+    if field.kind is Kind.INT:
+        try:
+            value = int(text) if not isinstance(text, float) or text.is_integer() else None
+        except (TypeError, ValueError):
+            value = None
+        if value is None or isinstance(text, bool):
+            raise bad("not an integer")
+        return _check_range(field, value, bad)
+    if field.kind is Kind.FLOAT:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise bad("not a number") from None
+        if not math.isfinite(value):
+            raise bad("not a finite number")
+        return _check_range(field, value, bad)
+    if field.kind is Kind.ENUM:
+        upper = str(text).upper()
+        upper = field.aliases.get(upper, upper)
+        if upper not in field.choices:
+            raise bad("unknown value" + did_you_mean(upper, field.choices))
+        return upper
+    if field.kind is Kind.STR_LIST:
+        items = text.split(",") if isinstance(text, str) else list(text)
+        return tuple(str(item).strip() for item in items if str(item).strip())
+    if field.kind is Kind.VECTOR:
+        try:
+            values = ast.literal_eval(text) if isinstance(text, str) else text
+            vector = tuple(float(v) for v in values)
+        except (ValueError, SyntaxError, TypeError):
+            raise bad("not a vector of numbers") from None
+        if not vector or not all(math.isfinite(v) for v in vector):
+            raise bad("needs 1 or more finite numbers")
+        return vector
+    if field.kind is Kind.PATH_MAP:
+        return _parse_path_map(text, bad)
+    return str(text)
+
+
+def _check_range(field: Field, value: float, bad) -> float:
+    if field.low is not None and field.high is not None:
+        inside = field.low < value < field.high if field.open_interval else field.low <= value <= field.high
+        if not inside:
+            raise bad("out of range")
+    return value
+
+
+def _parse_path_map(text: Any, bad) -> tuple[CalibrationSource, ...]:
+    if isinstance(text, (str, Path)):
+        items = [p.strip() for p in str(text).split(",") if p.strip()]
+    else:
+        items = [str(p) for p in text]
+    if not items:
+        raise bad("empty")
+    sources = []
+    for item in items:
+        name, sep, folder = item.partition(":")
+        if sep and name and folder:
+            sources.append(CalibrationSource(Path(folder).expanduser(), name))
+        else:
+            sources.append(CalibrationSource(Path(item).expanduser()))
+    if len(sources) > 1 and any(s.input_name is None for s in sources):
+        raise bad("with several folders, name each one's model input (input_name:folder)")
+    return tuple(sources)
+
+
+def resolve(layers: list[tuple[dict[str, Any], str]]) -> QuantConfig:
+    """Build the configuration from layers of raw values, lowest priority first.
+
+    Each layer is (values by key, description of its origin). Values are parsed,
+    range-checked and checked for support here; cross-key rules follow.
+    """
+    settings = {f.key: Setting(f.default, DEFAULT) for f in FIELDS}
+    for values, origin in layers:
+        for key, raw in values.items():
+            if key not in FIELDS_BY_KEY:
+                raise LowbitError(f"{origin}: unknown key '{key}'" + did_you_mean(key, FIELDS_BY_KEY))
+            field = FIELDS_BY_KEY[key]
+            value = parse_value(field, raw, origin)
+            if field.unsupported is not None and value is not None:
+                reason = field.unsupported(value)
+                if reason:
+                    raise NotSupportedYetError(f"{origin}: {key}={raw}: {reason}")
+            settings[key] = Setting(value, origin)
+    _apply_dependent_defaults(settings)
+    _check_combinations(settings)
+    return QuantConfig(settings)
+
+
+def _apply_dependent_defaults(settings: dict[str, Setting]) -> None:
+    quant_type = settings["quant_type"].value
+    if quant_type != "WEIGHT_QUANT" and settings["min_quant_weight_channel"].source == DEFAULT:
+        settings["min_quant_weight_channel"] = Setting(0, f"{DEFAULT} for {quant_type}")
+    if settings["target_device"].value == "DSP" and settings["per_channel"].source == DEFAULT:
+        settings["per_channel"] = Setting(False, f"{DEFAULT} for target_device=DSP")
+
+
+def _check_combinations(settings: dict[str, Setting]) -> None:
+    def where(key: str) -> str:
+        return settings[key].source
+
+    if settings["quant_type"].value == "FULL_QUANT" and settings["bit_num"].value != 8:
+        raise LowbitError(
+            f"{where('bit_num')}: bit_num={settings['bit_num'].value}: FULL_QUANT supports bit_num=8 only")
+    if settings["target_device"].value == "DSP" and settings["per_channel"].value:
+        raise LowbitError(
+            f"{where('per_channel')}: per_channel=true: target_device=DSP quantizes weights per tensor "
+            "(SNPE/Hexagon); set per_channel=false or choose another target_device")

@@ -1,0 +1,1 @@
+"""Calibration data: sources of feed dicts and the checks each sample passes."""

@@ -1,0 +1,84 @@
+"""Model input specifications and the checks every calibration sample goes through.
+
+Whatever the source (files, an in-memory iterable), a sample is a feed dict from input
+name to array. Each is checked against the model's inputs before it reaches ONNX
+Runtime, so a wrong file is reported by name instead of as a runtime failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import LowbitError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input: name, numpy dtype and shape (a dim is an int, or None when free)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...] | None
+
+    def describe(self) -> str:
+        dims = "?" if self.shape is None else "x".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name} ({self.dtype}, {dims})"
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    specs = []
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else np.dtype(np.float32)
+        shape = None
+        if value.shape is not None:
+            shape = tuple(d if isinstance(d, int) and d > 0 else None for d in value.shape)
+        specs.append(InputSpec(value.name, dtype, shape))
+    return specs
+
+
+def check_sample(feed: dict[str, np.ndarray], specs: list[InputSpec], origin: str) -> dict[str, np.ndarray]:
+    """Validate one feed dict; a sample missing the batch dimension gets one. Returns the feed to run."""
+    names = [s.name for s in specs]
+    unknown = [k for k in feed if k not in names]
+    if unknown:
+        raise LowbitError(f"{origin}: data for '{unknown[0]}', which is not a model input; "
+                          f"model inputs: {', '.join(names)}")
+    checked = {}
+    for spec in specs:
+        if spec.name not in feed:
+            raise LowbitError(f"{origin}: no data for model input '{spec.name}'; model inputs: {', '.join(names)}")
+        checked[spec.name] = _check_array(np.asarray(feed[spec.name]), spec, origin)
+    return checked
+
+
+def _check_array(array: np.ndarray, spec: InputSpec, origin: str) -> np.ndarray:
+    if array.dtype != spec.dtype:
+        hint = f" (convert it with .astype(np.{spec.dtype}))" if array.dtype.kind in "fiu" else ""
+        raise LowbitError(f"{origin}: input '{spec.name}' has dtype {array.dtype}, the model expects "
+                          f"{spec.dtype}{hint}")
+    if spec.shape is not None:
+        if array.ndim == len(spec.shape) - 1:
+            array = array[np.newaxis]
+        if array.ndim != len(spec.shape) or any(
+            want is not None and want != got for want, got in zip(spec.shape, array.shape)
+        ):
+            raise LowbitError(f"{origin}: input '{spec.name}' has shape {list(array.shape)}, the model expects "
+                              f"{spec.describe().split(', ')[1].rstrip(')')}")
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        raise LowbitError(f"{origin}: input '{spec.name}' contains NaN or infinite values")
+    return array
+
+
+def checked_feeds(feeds: Iterable[dict[str, np.ndarray]], specs: list[InputSpec]) -> Iterator[dict[str, np.ndarray]]:
+    """Check samples of an in-memory iterable one by one, as they are consumed."""
+    for i, feed in enumerate(feeds, start=1):
+        if not isinstance(feed, dict):
+            raise LowbitError(f"calibration sample {i}: expected a dict of input name to array, "
+                              f"got {type(feed).__name__}")
+        yield check_sample(feed, specs, f"calibration sample {i}")

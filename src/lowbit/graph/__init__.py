@@ -1,0 +1,1 @@
+"""Graph handling: loading ONNX models, preparation passes, queries and ORT sessions."""

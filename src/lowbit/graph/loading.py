@@ -1,0 +1,89 @@
+"""Loading an ONNX model safely into onnx_ir's in-memory graph.
+
+Checks, each with an error that names the file: the path exists and is an ONNX
+protobuf; external-data files stay inside the model's folder (a location such as
+``../../etc/passwd`` is refused) and exist; the model passes ``onnx.checker``; the
+opset is at least 13 (per-channel DequantizeLinear), converting older models with
+onnx's version converter. External data is read into memory, so the model can be
+rewritten and saved elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from ..errors import LowbitError
+
+MIN_OPSET = 13
+
+
+def load_model(path: str | Path) -> tuple[ir.Model, int]:
+    """The model, and its size on disk in bytes (the .onnx file plus its external data files)."""
+    path = Path(path)
+    if not path.exists():
+        raise LowbitError(f"model not found: {path}")
+    if not path.is_file():
+        raise LowbitError(f"model path is not a file: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
+        raise LowbitError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+    if not proto.graph.node and not proto.graph.output:
+        raise LowbitError(f"{path}: not an ONNX model (no graph found; is the file truncated or of another kind?)")
+    data_files = _load_external_data(proto, path)
+    size = path.stat().st_size + sum(f.stat().st_size for f in data_files)
+    try:
+        onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise LowbitError(f"{path}: invalid ONNX model: {_first_line(exc)}") from None
+    proto = _ensure_min_opset(proto, path)
+    return ir.serde.deserialize_model(proto), size
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _external_tensors(proto: onnx.ModelProto):
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor
+
+
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> set[Path]:
+    """Read external tensors into the proto; returns the data files read."""
+    base = path.parent.resolve()
+    files = set()
+    for tensor in _external_tensors(proto):
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(base):
+            raise LowbitError(
+                f"{path}: tensor '{tensor.name}' keeps its data at '{location}', outside the model's "
+                "folder; lowbit refuses external data that escapes the model folder")
+        if not target.is_file():
+            raise LowbitError(f"{path}: external data file missing for tensor '{tensor.name}': {target}")
+        files.add(target)
+    try:
+        onnx.load_external_data_for_model(proto, str(base))
+    except (OSError, ValueError) as exc:
+        raise LowbitError(f"{path}: cannot read external data ({_first_line(exc)})") from None
+    return files
+
+
+def _ensure_min_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset >= MIN_OPSET:
+        return proto
+    try:
+        return onnx.version_converter.convert_version(proto, MIN_OPSET)
+    except Exception as exc:  # the converter raises bare RuntimeErrors from C++
+        raise LowbitError(
+            f"{path}: opset {opset} is older than {MIN_OPSET}, which per-channel quantization needs, "
+            f"and onnx's version converter could not upgrade it ({_first_line(exc)})") from None

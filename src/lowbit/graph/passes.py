@@ -1,0 +1,82 @@
+"""Graph passes that prepare a float model for quantization.
+
+They never change what the model computes (up to float rounding); they put it in the
+form that runtimes execute in int8, so that quantization sees the same tensors:
+
+1. every node and value gets a name (reports and skip_quant_node need them);
+2. weights stored in Constant nodes (PP-OCR, many exporters) become initializers;
+3. constant subgraphs are folded (shape arithmetic that torch's TorchScript exporter
+   emits for "same" padding becomes plain constants);
+4. BatchNormalization is folded into the Conv, ConvTranspose or Gemm before it, and a
+   zero Pad into the Conv after it: the folded weight is what a runtime executes, so
+   it is what gets quantized, and no float Pad is left between two int8 ops;
+5. unused nodes go, types and shapes are inferred, nodes are sorted.
+
+Folding and fusion rules come from onnxscript's optimizer and rewriter, which work on
+the same onnx_ir graph, rather than being written again here.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import onnxscript.optimizer
+import onnxscript.rewriter
+from onnxscript.rewriter.rules import common as rules
+
+FOLDING_RULES = (
+    rules.fuse_batchnorm_into_conv_rule,
+    rules.fuse_batchnorm_into_conv_transpose_rule,
+    rules.fuse_batchnorm_into_gemm_rule,
+    rules.normalize_pad_format_conv_rule,
+    rules.fuse_pad_into_conv_rule,
+)
+
+
+def _fold_constant_of_shape(node: ir.Node) -> bool | None:
+    # onnxscript keeps ConstantOfShape to avoid growing files; here it feeds pads.
+    return True if node.op_type == "ConstantOfShape" else None
+
+
+def prepare(model: ir.Model) -> ir.Model:
+    """Name, lift, fold and infer, as the module docstring lists."""
+    model = ir.passes.Sequential(
+        common_passes.NameFixPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+    )(model).model
+    onnxscript.optimizer.fold_constants(model, should_fold=_fold_constant_of_shape)
+    # The fusion rules check ranks and constant inputs: give them initializers and shapes.
+    model = _infer(model)
+    model = onnxscript.rewriter.rewrite(model, pattern_rewrite_rules=list(FOLDING_RULES))
+    return _infer(model)
+
+
+def _infer(model: ir.Model) -> ir.Model:
+    return ir.passes.Sequential(
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.ShapeInferencePass(strict_mode=False),
+        common_passes.TopologicalSortPass(),
+        common_passes.NameFixPass(),
+    )(model).model
+
+
+def unique_name(graph: ir.Graph, base: str) -> str:
+    """A value or node name not yet used in the graph: base, or base_1, base_2, ..."""
+    taken = graph.meta.get("lowbit.names")
+    if taken is None:
+        taken = {v.name for v in _all_values(graph)} | {n.name for n in graph}
+        graph.meta["lowbit.names"] = taken
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+def _all_values(graph: ir.Graph):
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from (v for v in node.outputs if v is not None)

@@ -1,0 +1,152 @@
+"""The QDQ rewrite: apply a plan and its quantization parameters to the graph.
+
+Rules:
+
+* an activation ``t`` becomes ``t -> QuantizeLinear -> DequantizeLinear -> t'`` and
+  every reader of ``t`` reads ``t'``; graph outputs keep the float ``t``;
+* a weight (or a constant operand) is stored as integers, read through one
+  DequantizeLinear (per-channel ones carry ``axis``);
+* a bias is stored as int32 with ``scale = input scale x weight scale`` and zero point
+  0, the form integer kernels accumulate in; where a bias would not fit in int32 the
+  weight scale of that channel is raised until it does;
+* only standard ONNX operators are emitted (no custom domains).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from ..calibration.observers import MinMaxObserver
+from ..graph.passes import unique_name
+from ..graph.query import constant_array
+from .plan import BiasSlot, QuantPlan
+from .qparams import INT32, QParams, QuantScheme, compute_qparams
+
+_INT32_LIMIT = float(2**31 - 1)
+
+
+@dataclass
+class _Rewriter:
+    graph: ir.Graph
+    activation_qparams: dict[str, QParams]
+
+    def __post_init__(self):
+        self.dequantized: dict[tuple, ir.Value] = {}
+        self.weight_qparams: dict[tuple[int, int], QParams] = {}
+
+    # -- constants -----------------------------------------------------------------
+
+    def constant(self, base: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=unique_name(self.graph, base), const_value=ir.tensor(array))
+        value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+        value.shape = ir.Shape(array.shape)
+        self.graph.register_initializer(value)
+        return value
+
+    def dequantized_constant(self, value: ir.Value, qparams: QParams, tag: str) -> ir.Value:
+        """Integer initializer + DequantizeLinear for a constant; shared by readers with equal parameters."""
+        key = (value.name, tag, qparams.scale.tobytes(), qparams.zero_point.tobytes(), qparams.scheme.axis)
+        if key in self.dequantized:
+            return self.dequantized[key]
+        array = constant_array(value)
+        q = self.constant(f"{value.name}_quantized", qparams.quantize(array))
+        scale = self.constant(f"{value.name}_scale", qparams.scale)
+        # DequantizeLinear's zero point defaults to 0 of the input's type: symmetric weights
+        # and int32 biases leave it out (one byte, or four, less per channel in the file).
+        zero_point = (self.constant(f"{value.name}_zero_point", qparams.zero_point)
+                      if qparams.zero_point.any() else None)
+        out = self._dequantize_node(q, scale, zero_point, qparams.scheme.axis, value, f"{value.name}_dequantized")
+        self.graph.insert_before(self.graph.node(0), out.producer())
+        self.dequantized[key] = out
+        return out
+
+    def _dequantize_node(self, q, scale, zero_point, axis, like: ir.Value, name: str) -> ir.Value:
+        attributes = {"axis": axis} if axis is not None else {}
+        inputs = [q, scale] if zero_point is None else [q, scale, zero_point]
+        node = ir.node("DequantizeLinear", inputs, attributes,
+                       name=unique_name(self.graph, f"{name}_DequantizeLinear"))
+        out = node.outputs[0]
+        out.name = unique_name(self.graph, name)
+        out.type = ir.TensorType(ir.DataType.FLOAT)
+        out.shape = like.shape
+        return out
+
+    # -- activations ---------------------------------------------------------------
+
+    def quantize_activation(self, value: ir.Value, qparams: QParams) -> None:
+        scale = self.constant(f"{value.name}_scale", qparams.scale)
+        zero_point = self.constant(f"{value.name}_zero_point", qparams.zero_point)
+        quantize = ir.node("QuantizeLinear", [value, scale, zero_point],
+                           name=unique_name(self.graph, f"{value.name}_QuantizeLinear"))
+        q = quantize.outputs[0]
+        q.name = unique_name(self.graph, f"{value.name}_quantized")
+        q.type = ir.TensorType(qparams.scheme.qtype.onnx_type)
+        q.shape = value.shape
+        dq = self._dequantize_node(q, scale, zero_point, None, value, f"{value.name}_dequantized")
+        readers = [(use.node, use.idx) for use in value.uses() if use.node is not quantize]
+        for node, index in readers:
+            node.replace_input_with(index, dq)
+        producer = value.producer()
+        if producer is None:
+            self.graph.insert_before(self.graph.node(0), [quantize, dq.producer()])
+        else:
+            self.graph.insert_after(producer, [quantize, dq.producer()])
+
+    # -- weights and biases --------------------------------------------------------
+
+    def quantize_weight(self, node: ir.Node, index: int, scheme: QuantScheme, bias: BiasSlot | None) -> None:
+        value = node.inputs[index]
+        observer = MinMaxObserver(scheme.axis)
+        observer.update(constant_array(value))
+        qparams = compute_qparams(*observer.range(), scheme)
+        if bias is not None and bias.input_value.name in self.activation_qparams:
+            qparams = _fit_bias_in_int32(qparams, constant_array(node.inputs[bias.index]),
+                                         self.activation_qparams[bias.input_value.name])
+        self.weight_qparams[(id(node), index)] = qparams
+        node.replace_input_with(index, self.dequantized_constant(value, qparams, "weight"))
+
+    def quantize_bias(self, slot: BiasSlot) -> None:
+        node = slot.node
+        input_qparams = self.activation_qparams.get(slot.input_value.name)
+        weight_qparams = self.weight_qparams.get((id(node), slot.weight_index))
+        if input_qparams is None or weight_qparams is None:
+            return
+        bias = constant_array(node.inputs[slot.index])
+        scale = (input_qparams.scale.astype(np.float64) * weight_qparams.scale.astype(np.float64))
+        scale = np.broadcast_to(scale, bias.shape).astype(np.float32)
+        qparams = QParams(scale, np.zeros(bias.shape, dtype=np.int32), QuantScheme(INT32, True, 0))
+        node.replace_input_with(slot.index, self.dequantized_constant(node.inputs[slot.index], qparams, "bias"))
+
+
+def _fit_bias_in_int32(weight_qparams: QParams, bias: np.ndarray, input_qparams: QParams) -> QParams:
+    """Raise weight scales where bias / (input scale x weight scale) would not fit in int32.
+
+    Happens only for channels with (almost) all-zero weights and a non-zero bias.
+    """
+    needed = np.abs(bias.astype(np.float64)) / (float(input_qparams.scale) * _INT32_LIMIT)
+    scale = weight_qparams.scale.astype(np.float64)
+    if np.all(scale >= needed):
+        return weight_qparams
+    if scale.ndim == 0:
+        needed = needed.max()
+    widened = np.maximum(scale, needed * (1 + 1e-6)).astype(np.float32)
+    return QParams(widened, weight_qparams.zero_point, weight_qparams.scheme)
+
+
+def apply_plan(model: ir.Model, plan: QuantPlan, activation_qparams: dict[str, QParams]) -> None:
+    """Rewrite the model in place: Q/DQ on planned activations, integer weights and biases."""
+    rewriter = _Rewriter(model.graph, activation_qparams)
+    for name, value in plan.activations.items():
+        rewriter.quantize_activation(value, activation_qparams[name])
+    biases = {(id(slot.node), slot.weight_index): slot for slot in plan.biases}
+    for slot in plan.weights:
+        rewriter.quantize_weight(slot.node, slot.index, slot.scheme, biases.get((id(slot.node), slot.index)))
+    for slot in plan.biases:
+        rewriter.quantize_bias(slot)
+    ir.passes.Sequential(
+        ir.passes.common.RemoveUnusedNodesPass(),
+        ir.passes.common.TopologicalSortPass(),
+    )(model)
