@@ -3,8 +3,8 @@
 Checks, each with an error that names the file: the path exists and is an ONNX
 protobuf; external-data files stay inside the model's folder (a location such as
 ``../../etc/passwd`` is refused) and exist; the model passes ``onnx.checker``; the
-opset is at least 13 (per-channel DequantizeLinear), converting older models with
-onnx's version converter. External data is read into memory, so the model can be
+opset is at least 14 (per-channel DequantizeLinear needs 13, HardSwish 14), converting
+older models with onnx's version converter. External data is read into memory, so the model can be
 rewritten and saved elsewhere.
 """
 
@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from ..errors import LowbitError
 
-MIN_OPSET = 13
+MIN_OPSET = 14
 
 
 def load_model(path: str | Path) -> tuple[ir.Model, int]:
@@ -85,5 +85,5 @@ def _ensure_min_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
         return onnx.version_converter.convert_version(proto, MIN_OPSET)
     except Exception as exc:  # the converter raises bare RuntimeErrors from C++
         raise LowbitError(
-            f"{path}: opset {opset} is older than {MIN_OPSET}, which per-channel quantization needs, "
+            f"{path}: opset {opset} is older than {MIN_OPSET}, which lowbit works in, "
             f"and onnx's version converter could not upgrade it ({_first_line(exc)})") from None

