@@ -121,7 +121,10 @@ def opencv_doc_data() -> Path:
     if data.is_dir():
         return data
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["apt-get", "download", "opencv-doc"], cwd=tmp, check=True, capture_output=True)
+        download = ["apt-get", "download", "opencv-doc"]
+        if subprocess.run(download, cwd=tmp, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)  # a fresh machine
+            subprocess.run(download, cwd=tmp, check=True, capture_output=True)
         deb = next(Path(tmp).glob("opencv-doc_*.deb"))
         subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
     return data

@@ -122,7 +122,8 @@ class _Planner:
         self.plan.decisions[node.name] = NodeDecision(node, True)
         self._quantize_inputs(node)
         if node.op_type in SAME_SCALE_OPS:
-            self._quantize_same_scale_outputs(node)
+            if self.target.quantize_outputs:
+                self._quantize_same_scale_outputs(node)
             return
         out = node.outputs[0]
         fused = self._fusable_activation(node)
@@ -147,7 +148,7 @@ class _Planner:
             return "input is not float32"
         if not all(is_float32(out) for out in node.outputs if out is not None):
             return "output is not float32"
-        if op in SAME_SCALE_OPS:
+        if op in SAME_SCALE_OPS and self.target.quantize_outputs:
             if node.inputs[0].name not in self.plan.activations:
                 return "its input is not quantized (data-movement ops follow their input)"
             if op == "Pad" and not _pads_with_zero(node):

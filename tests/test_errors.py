@@ -1,0 +1,147 @@
+"""Bad input: a one-line error naming the culprit, exit code 2, and no output file."""
+
+import numpy as np
+import pytest
+from conftest import random_feeds, write_npy_folder
+
+from lowbit.cli import main
+
+
+def quantize_cli(capsys, *args):
+    code = main(["quantize", *map(str, args), "--quiet"])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def out(tmp_path):
+    return tmp_path / "out" / "q.onnx"
+
+
+@pytest.fixture(autouse=True)
+def out_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+
+
+def check(code, err, out, *culprits):
+    assert code == 2
+    assert err.startswith("lowbit: error: ") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    for culprit in culprits:
+        assert str(culprit) in err
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir()]  # no temporary files either
+
+
+def test_not_an_onnx_file(tmp_path, capsys, out, tiny_calib):
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("this is not a model\n" * 10)
+    check(*quantize_cli(capsys, bad, "-o", out, "--data", tiny_calib), out, bad)
+
+
+def test_truncated_onnx_file(tmp_path, capsys, out, tiny_model, tiny_calib):
+    data = tiny_model.read_bytes()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(data[: len(data) // 2])
+    check(*quantize_cli(capsys, cut, "-o", out, "--data", tiny_calib), out, cut)
+
+
+def test_missing_model(tmp_path, capsys, out, tiny_calib):
+    check(*quantize_cli(capsys, tmp_path / "none.onnx", "-o", out, "--data", tiny_calib), out, "none.onnx")
+
+
+def test_ini_with_unknown_key(tmp_path, capsys, out, tiny_model, tiny_calib):
+    cfg = tmp_path / "q.cfg"
+    cfg.write_text("[full_quant_param]\nper_chanel=false\n")
+    code, err = quantize_cli(capsys, tiny_model, "-o", out, "--config", cfg, "--data", tiny_calib)
+    check(code, err, out, cfg, "per_chanel", "per_channel")
+
+
+def test_value_out_of_range(tmp_path, capsys, out, tiny_model, tiny_calib):
+    cfg = tmp_path / "q.cfg"
+    cfg.write_text("[data_preprocess_param]\ncalibrate_size=0\n")
+    code, err = quantize_cli(capsys, tiny_model, "-o", out, "--config", cfg, "--data", tiny_calib)
+    check(code, err, out, cfg, "calibrate_size", "[1, 65535]")
+
+
+def test_flag_out_of_range(capsys, out, tiny_model, tiny_calib):
+    code, err = quantize_cli(capsys, tiny_model, "-o", out, "--data", tiny_calib, "--min-quant-weight-size", "-5")
+    check(code, err, out, "--min-quant-weight-size", "[0, 65535]")
+
+
+def test_calibration_file_of_wrong_shape(tmp_path, capsys, out, tiny_model):
+    folder = write_npy_folder(tmp_path / "calib", random_feeds(3, shape=(1, 3, 9, 8)))
+    code, err = quantize_cli(capsys, tiny_model, "-o", out, "--data", folder)
+    check(code, err, out, folder / "0000.npy", "[1, 3, 9, 8]", "?x3x8x8")
+
+
+def test_calibration_file_of_wrong_dtype(tmp_path, capsys, out, tiny_model):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    np.save(folder / "a.npy", np.zeros((1, 3, 8, 8), np.float64))
+    code, err = quantize_cli(capsys, tiny_model, "-o", out, "--data", folder)
+    check(code, err, out, folder / "a.npy", "float64", "float32")
+
+
+def test_missing_calibration_folder(tmp_path, capsys, out, tiny_model):
+    code, err = quantize_cli(capsys, tiny_model, "-o", out, "--data", tmp_path / "nowhere")
+    check(code, err, out, tmp_path / "nowhere", "not found")
+
+
+def test_empty_calibration_folder(tmp_path, capsys, out, tiny_model):
+    (tmp_path / "empty").mkdir()
+    code, err = quantize_cli(capsys, tiny_model, "-o", out, "--data", tmp_path / "empty")
+    check(code, err, out, tmp_path / "empty", ".npy")
+
+
+def test_output_folder_does_not_exist(tmp_path, capsys, tiny_model, tiny_calib):
+    missing = tmp_path / "no" / "such" / "q.onnx"
+    code, err = quantize_cli(capsys, tiny_model, "-o", missing, "--data", tiny_calib)
+    assert code == 2 and str(missing.parent) in err
+    assert not (tmp_path / "no").exists()
+
+
+def test_npy_with_python_objects_is_never_unpickled(tmp_path, capsys, out, tiny_model):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    np.save(folder / "evil.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    code, err = quantize_cli(capsys, tiny_model, "-o", out, "--data", folder)
+    check(code, err, out, folder / "evil.npy", "unpickle")
+
+
+def test_npz_missing_an_input(tmp_path, capsys, out, tiny_model):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    np.savez(folder / "s.npz", image=np.zeros((1, 3, 8, 8), np.float32))
+    code, err = quantize_cli(capsys, tiny_model, "-o", out, "--data", folder)
+    check(code, err, out, folder / "s.npz", "image", "input")
+
+
+def test_nan_in_calibration_data(tmp_path, capsys, out, tiny_model):
+    feeds = random_feeds(2)
+    feeds[1]["input"][0, 0, 0, 0] = np.nan
+    folder = write_npy_folder(tmp_path / "calib", feeds)
+    code, err = quantize_cli(capsys, tiny_model, "-o", out, "--data", folder)
+    check(code, err, out, folder / "0001.npy", "NaN")
+
+
+def test_no_calibration_data(capsys, out, tiny_model):
+    code, err = quantize_cli(capsys, tiny_model, "-o", out)
+    check(code, err, out, "--data")
+
+
+def test_calibrate_size_larger_than_the_data(capsys, out, tiny_model, tiny_calib):
+    code, err = quantize_cli(capsys, tiny_model, "-o", out, "--data", tiny_calib, "--calibrate-size", "50")
+    check(code, err, out, "calibrate_size=50", "only 6")
+
+
+def test_unsupported_option_value(capsys, out, tiny_model, tiny_calib):
+    code, err = quantize_cli(capsys, tiny_model, "-o", out, "--data", tiny_calib, "--activation-quant-method", "KL")
+    check(code, err, out, "--activation-quant-method", "not supported yet")
+
+
+def test_success_prints_a_summary(capsys, tmp_path, tiny_model, tiny_calib):
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(tiny_model), "-o", str(out), "--data", str(tiny_calib)]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text and "int8 nodes: 4" in text and "calibration: 6 samples" in text
+    assert out.exists()

@@ -1,0 +1,232 @@
+"""Quantizing small hand-built graphs: placement of Q/DQ, integer weights and biases, targets, options."""
+
+import numpy as np
+import onnx
+import pytest
+from conftest import (
+    conv_relu_pool_model, float_input, initializers, make_model, producers, random_feeds, run, save,
+)
+from onnx import helper, numpy_helper
+
+import lowbit
+from bench.zoo import cosine
+
+
+def quantize(tmp_path, model, feeds=None, **settings):
+    path = save(model, tmp_path / "float.onnx")
+    out = tmp_path / "int8.onnx"
+    result = lowbit.quantize(path, out, data=feeds or random_feeds(8), progress=False, **settings)
+    onnx.checker.check_model(str(out), full_check=True)
+    return path, out, result
+
+
+def dq_source(model, value_name):
+    """(integer initializer, scale, zero point or None, axis) behind a DequantizeLinear output."""
+    node = producers(model)[value_name]
+    assert node.op_type == "DequantizeLinear"
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+    zp = inits.get(node.input[2]) if len(node.input) > 2 else None
+    return inits.get(node.input[0]), inits[node.input[1]], zp, axis
+
+
+def test_cpu_placement_weights_and_bias(tmp_path):
+    src, out, result = quantize(tmp_path, conv_relu_pool_model())
+    model = onnx.load(str(out))
+    nodes = {n.name: n for n in model.graph.node}
+    prod = producers(model)
+    assert {d.domain for d in model.opset_import} <= {"", "ai.onnx"}
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    # graph input and output stay float; the output is computed by the last Conv, not dequantized
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert prod["output"].op_type == "Conv"
+    # Conv -> Relu fused: the Conv output carries no Q/DQ, the Relu output does
+    conv1 = nodes["conv1"]
+    assert nodes["relu1"].input[0] == conv1.output[0] == "c1"
+    assert prod[nodes["pool1"].input[0]].op_type == "DequantizeLinear"
+    # weights: int8 per output channel; bias: int32 with scale = input scale x weight scale
+    w, w_scale, w_zp, w_axis = dq_source(model, conv1.input[1])
+    assert w.dtype == np.int8 and w_scale.shape == (8,) and w_axis == 0 and w_zp is None
+    assert np.abs(w).max() == 127
+    b, b_scale, _, _ = dq_source(model, conv1.input[2])
+    x_q, x_scale, x_zp, _ = dq_source(model, conv1.input[0])
+    assert x_zp.dtype == np.uint8
+    assert b.dtype == np.int32
+    np.testing.assert_allclose(b_scale, x_scale * w_scale, rtol=1e-6)
+    float_w = initializers(src)["w1"]
+    np.testing.assert_allclose(w * w_scale[:, None, None, None], float_w, atol=w_scale.max() / 2 + 1e-7)
+    # MaxPool moves values only: its output shares the scale and zero point of its input
+    _, pool_in_scale, pool_in_zp, _ = dq_source(model, nodes["pool1"].input[0])
+    _, pool_out_scale, pool_out_zp, _ = dq_source(model, nodes["conv2"].input[0])
+    assert pool_in_scale == pool_out_scale and pool_in_zp == pool_out_zp
+    # the result reports it all
+    assert {n.name for n in result.quantized_nodes} == {"conv1", "relu1", "pool1", "conv2"}
+    assert next(n for n in result.quantized_nodes if n.name == "relu1").reason == "fused into conv1"
+    assert result.float_nodes == []
+    assert result.calibration_samples == 8
+    feed = random_feeds(1, seed=99)[0]
+    assert cosine(run(src, feed)[0], run(out, feed)[0]) > 0.99
+
+
+def test_ranges_come_from_calibration(tmp_path):
+    feeds = random_feeds(5)
+    _, _, result = quantize(tmp_path, conv_relu_pool_model(), feeds)
+    lo = min(float(f["input"].min()) for f in feeds)
+    hi = max(float(f["input"].max()) for f in feeds)
+    report = result.tensors["input"]
+    assert (report.min, report.max) == pytest.approx((lo, hi))
+    assert report.scale == pytest.approx((hi - lo) / 255, rel=1e-6)
+    assert report.dtype == "uint8"
+
+
+def test_per_tensor_weights(tmp_path):
+    _, out, _ = quantize(tmp_path, conv_relu_pool_model(), per_channel=False)
+    model = onnx.load(str(out))
+    conv1 = next(n for n in model.graph.node if n.name == "conv1")
+    _, scale, _, axis = dq_source(model, conv1.input[1])
+    assert scale.shape == () and axis is None
+
+
+def test_nvgpu_symmetric_int8_inputs_only(tmp_path):
+    _, out, _ = quantize(tmp_path, conv_relu_pool_model(), target_device="NVGPU")
+    model = onnx.load(str(out))
+    quantized = [n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert sorted(quantized) == ["input", "p1", "r1"]  # inputs of conv1, pool1, conv2
+    for t in model.graph.initializer:
+        if t.name.endswith("_zero_point"):
+            zp = numpy_helper.to_array(t)
+            assert zp.dtype == np.int8 and not zp.any()
+
+
+def test_dsp_uint8_per_tensor_weights(tmp_path):
+    _, out, _ = quantize(tmp_path, conv_relu_pool_model(), target_device="DSP")
+    model = onnx.load(str(out))
+    conv1 = next(n for n in model.graph.node if n.name == "conv1")
+    w, scale, zp, axis = dq_source(model, conv1.input[1])
+    assert w.dtype == np.uint8 and scale.shape == () and axis is None and zp is not None
+
+
+def test_skip_quant_node_and_unknown_name_warning(tmp_path):
+    with pytest.warns(lowbit.LowbitWarning, match="'conv3'.*closest node names: conv2, conv1"):
+        _, out, result = quantize(tmp_path, conv_relu_pool_model(), skip_quant_node="conv2,conv3")
+    model = onnx.load(str(out))
+    conv2 = next(n for n in model.graph.node if n.name == "conv2")
+    assert conv2.input[1] == "w2"  # the float weight, read directly
+    assert [(n.name, n.reason) for n in result.float_nodes] == [("conv2", "listed in skip_quant_node")]
+
+
+def test_min_quant_weight_thresholds(tmp_path):
+    # conv2's weight has 32 elements and 4 channels, conv1's 216 and 8
+    _, _, result = quantize(tmp_path, conv_relu_pool_model(), min_quant_weight_size=100)
+    assert [n.name for n in result.float_nodes] == ["conv2"]
+    _, _, result = quantize(tmp_path, conv_relu_pool_model(), min_quant_weight_channel=4)
+    assert [n.name for n in result.float_nodes] == ["conv2"]
+    assert "min_quant_weight_channel" in result.float_nodes[0].reason
+
+
+def test_batchnorm_is_folded_before_quantization(tmp_path):
+    rng = np.random.default_rng(3)
+    c = 6
+    inits = [("w", rng.normal(size=(c, 3, 3, 3)).astype(np.float32)),
+             ("gamma", rng.uniform(0.5, 2, c).astype(np.float32)), ("beta", rng.normal(size=c).astype(np.float32)),
+             ("mean", rng.normal(size=c).astype(np.float32)), ("var", rng.uniform(0.5, 2, c).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["bn"], name="bn"),
+             helper.make_node("Relu", ["bn"], ["output"], name="relu")]
+    model = make_model(nodes, [float_input("input", [1, 3, 8, 8])], [float_input("output", [1, c, 8, 8])], inits)
+    src, out, result = quantize(tmp_path, model)
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "BatchNormalization" not in ops and ops.count("Conv") == 1
+    feed = random_feeds(1, seed=5)[0]
+    assert cosine(run(src, feed)[0], run(out, feed)[0]) > 0.99
+
+
+def test_weights_in_constant_nodes_are_quantized(tmp_path):
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w)),
+             helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["output"], name="relu")]
+    model = make_model(nodes, [float_input("input", [1, 3, 8, 8])], [float_input("output", [1, 4, 8, 8])])
+    _, out, _ = quantize(tmp_path, model)
+    int8 = [t for t in onnx.load(str(out)).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8) == 1 and list(int8[0].dims) == [4, 3, 1, 1]
+
+
+def test_gemm_matmul_add_concat(tmp_path):
+    rng = np.random.default_rng(6)
+    inits = [("wg", rng.normal(size=(5, 4)).astype(np.float32)),  # Gemm transB=1: [N, K]
+             ("bg", rng.normal(size=5).astype(np.float32)),
+             ("wm", rng.normal(size=(5, 3)).astype(np.float32)),  # MatMul [K, N]
+             ("half", np.array(0.5, np.float32))]
+    nodes = [helper.make_node("Gemm", ["input", "wg", "bg"], ["g"], name="gemm", transB=1),
+             helper.make_node("MatMul", ["g", "wm"], ["m"], name="matmul"),
+             helper.make_node("Mul", ["m", "half"], ["h"], name="mul"),
+             helper.make_node("Transpose", ["h"], ["h_t"], name="transpose"),
+             helper.make_node("MatMul", ["h", "h_t"], ["mm"], name="act_matmul"),
+             helper.make_node("Concat", ["mm", "mm"], ["output"], name="concat", axis=1)]
+    model = make_model(nodes, [float_input("input", [2, 4])], [float_input("output", [2, 4])], inits)
+    feeds = [{"input": rng.normal(size=(2, 4)).astype(np.float32)} for _ in range(8)]
+    src, out, result = quantize(tmp_path, model, feeds)
+    q = onnx.load(str(out))
+    nodes_by_name = {n.name: n for n in q.graph.node}
+    _, _, _, axis = dq_source(q, nodes_by_name["gemm"].input[1])
+    assert axis == 0
+    w, scale, _, axis = dq_source(q, nodes_by_name["matmul"].input[1])
+    assert w.dtype == np.int8 and axis == 1 and scale.shape == (3,)
+    act = nodes_by_name["act_matmul"]
+    assert all(producers(q)[i].op_type == "DequantizeLinear" for i in act.input)
+    assert len(result.float_nodes) == 0
+    feed = {"input": rng.normal(size=(2, 4)).astype(np.float32)}
+    assert cosine(run(src, feed)[0], run(out, feed)[0]) > 0.98
+
+
+def test_in_memory_feeds_and_calibrate_size(tmp_path):
+    path = save(conv_relu_pool_model(), tmp_path / "m.onnx")
+    consumed = []
+
+    def stream():
+        for i, feed in enumerate(random_feeds(50)):
+            consumed.append(i)
+            yield feed
+
+    result = lowbit.quantize(path, tmp_path / "q.onnx", data=stream(), calibrate_size=7, progress=False)
+    assert result.calibration_samples == 7 and len(consumed) == 7
+
+
+def test_external_data_model(tmp_path):
+    model = conv_relu_pool_model()
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    onnx.save(model, str(folder / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    out = tmp_path / "q.onnx"
+    result = lowbit.quantize(folder / "m.onnx", out, data=random_feeds(4), progress=False)
+    assert result.float_bytes == (folder / "m.onnx").stat().st_size + (folder / "m.data").stat().st_size
+    feed = random_feeds(1, seed=8)[0]
+    assert cosine(run(folder / "m.onnx", feed)[0], run(out, feed)[0]) > 0.99
+
+
+def test_external_data_escaping_the_folder_is_refused(tmp_path):
+    model = conv_relu_pool_model()
+    folder = tmp_path / "m"
+    folder.mkdir()
+    onnx.save(model, str(folder / "m.onnx"), save_as_external_data=True, location="w.data", size_threshold=0)
+    proto = onnx.load(str(folder / "m.onnx"), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../w.data"
+    (folder / "w.data").rename(tmp_path / "w.data")
+    onnx.save(proto, str(folder / "m.onnx"))
+    with pytest.raises(lowbit.LowbitError, match="outside the model's folder"):
+        lowbit.quantize(folder / "m.onnx", tmp_path / "q.onnx", data=random_feeds(2), progress=False)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_old_opset_is_upgraded(tmp_path):
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Conv", ["input", "w"], ["output"], name="conv")]
+    model = make_model(nodes, [float_input("input", [1, 3, 8, 8])], [float_input("output", [1, 4, 8, 8])],
+                       [("w", rng.normal(size=(4, 3, 1, 1)).astype(np.float32))], opset=11)
+    _, out, _ = quantize(tmp_path, model)
+    assert onnx.load(str(out)).opset_import[0].version >= 14
