@@ -54,10 +54,10 @@ class _Rewriter:
         array = constant_array(value)
         q = self.constant(f"{value.name}_quantized", qparams.quantize(array))
         scale = self.constant(f"{value.name}_scale", qparams.scale)
-        # DequantizeLinear's zero point defaults to 0 of the input's type: symmetric weights
-        # and int32 biases leave it out (one byte, or four, less per channel in the file).
-        zero_point = (self.constant(f"{value.name}_zero_point", qparams.zero_point)
-                      if qparams.zero_point.any() else None)
+        # An int32 bias leaves out its zero point (0 by default, 4 bytes a channel saved).
+        # Weights keep theirs even when 0: ONNX Runtime fuses DQ -> Gemm into QGemm only then.
+        omit_zero_point = qparams.scheme.qtype is INT32 and not qparams.zero_point.any()
+        zero_point = None if omit_zero_point else self.constant(f"{value.name}_zero_point", qparams.zero_point)
         out = self._dequantize_node(q, scale, zero_point, qparams.scheme.axis, value, f"{value.name}_dequantized")
         self.graph.insert_before(self.graph.node(0), out.producer())
         self.dequantized[key] = out

@@ -1,0 +1,73 @@
+"""One quantization run, in its own process so that its peak memory can be measured from outside.
+
+    python -m bench.job TOOL MODEL CALIB_DIR OUTPUT [--size N]
+
+TOOL is ``lowbit`` (default settings, MAX_MIN) or ``ort-minmax`` / ``ort-entropy`` /
+``ort-percentile`` (onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights,
+uint8 activations: the same layout lowbit writes for the CPU target). Both read the same
+folder of .npy samples, one file at a time. Prints one JSON line: {"seconds": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def run_lowbit(model: Path, calib: Path, output: Path, size: int | None) -> None:
+    import lowbit
+
+    lowbit.quantize(model, output, data=calib, calibrate_size=size, progress=False)
+
+
+def run_onnxruntime(method: str, model: Path, calib: Path, output: Path, size: int | None) -> None:
+    import onnxruntime as ort
+    from onnxruntime.quantization import (
+        CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    files = sorted(calib.glob("*.npy"))[:size]
+    input_name = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+
+    class NpyReader(CalibrationDataReader):
+        def __init__(self):
+            self.files = iter(files)
+
+        def get_next(self):
+            path = next(self.files, None)
+            return None if path is None else {input_name: np.load(path)}
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(model), str(prepared))  # ORT's recommended preprocessing
+        quantize_static(str(prepared), str(output), NpyReader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=methods[method])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("tool")
+    parser.add_argument("model", type=Path)
+    parser.add_argument("calib", type=Path)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--size", type=int)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    if args.tool == "lowbit":
+        run_lowbit(args.model, args.calib, args.output, args.size)
+    else:
+        run_onnxruntime(args.tool.removeprefix("ort-"), args.model, args.calib, args.output, args.size)
+    print(json.dumps({"seconds": time.perf_counter() - start}))
+
+
+if __name__ == "__main__":
+    main()

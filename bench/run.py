@@ -1,0 +1,334 @@
+"""lowbit beside onnxruntime.quantization, on real models and real data, in one run.
+
+    python bench/run.py            # full run: writes bench/RESULTS.md and bench/results.json
+    python bench/run.py --quick    # EfficientNet-Lite0 and the digit CNN, fewer samples
+
+Every quantization runs in a child process, and its peak RSS is read from outside
+(``os.wait4``). Calibration and evaluation data never overlap: the models calibrate on
+Debian opencv-doc photos and evaluate on scikit-image photos, or calibrate and evaluate on
+disjoint sets of the 5000 labelled digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import zoo  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+MEMORY_LIMIT = 18 * 2**30  # a child that needs more fails alone instead of starving the machine
+
+
+@dataclass
+class Case:
+    name: str
+    model: Path
+    input_name: str
+    calib: list[np.ndarray]
+    evaluation: np.ndarray  # N x ... (batch of held-out inputs)
+    labels: np.ndarray | None = None
+    task: str = "classification"  # or "dense": cosine of the whole output only
+
+
+@dataclass
+class Row:
+    tool: str
+    seconds: float | None = None
+    peak_rss_mb: float | None = None
+    size_mb: float | None = None
+    size_ratio: float | None = None
+    agreement: float | None = None
+    accuracy: float | None = None
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
+    latency_b1_ms: float | None = None
+    latency_b8_ms: float | None = None
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# -- data -------------------------------------------------------------------------------
+
+def efficientnet_case(n_calib: int, crops_per_photo: int) -> Case:
+    photos = zoo.opencv_photos()
+    per_photo = max(1, -(-n_calib // len(photos)))
+    calib = [zoo.efficientnet_input(c)[0] for i, p in enumerate(photos.values())
+             for c in zoo.crops(p, per_photo, seed=i)][:n_calib]
+    held = zoo.skimage_photos()
+    evaluation = np.concatenate([zoo.efficientnet_input(c) for i, p in enumerate(held.values())
+                                 for c in zoo.crops(p, crops_per_photo, seed=100 + i)])
+    return Case("EfficientNet-Lite0", zoo.efficientnet_lite0("torchscript"), "input", calib, evaluation)
+
+
+def digits_case(n_calib: int, n_eval: int) -> Case:
+    cells, labels = zoo.opencv_digits()
+    order = np.random.default_rng(0).permutation(len(cells))
+    calib = [zoo.digit_input(cells[i])[0] for i in order[:n_calib]]
+    held = order[n_calib:n_calib + n_eval]
+    evaluation = np.concatenate([zoo.digit_input(cells[i]) for i in held])
+    return Case("digit CNN (MNIST)", zoo.digit_cnn("torchscript"), "input", calib, evaluation, labels[held])
+
+
+def ppocr_rec_case(n_calib: int) -> Case:
+    from PIL import Image
+
+    def strips(names, seed, count):
+        out = []
+        for k, name in enumerate(names):
+            image = np.asarray(Image.open(zoo.opencv_doc_data() / name).convert("RGB"))
+            for crop in zoo.crops(image, count, seed + k):
+                strip = crop[: max(8, crop.shape[0] // 6)]
+                x = np.asarray(Image.fromarray(strip).resize((320, 48), Image.BILINEAR), np.float32) / 255.0
+                out.append(((x - 0.5) / 0.5).transpose(2, 0, 1).astype(np.float32))
+        return out
+
+    calib_images = ["imageTextN.png", "notes.png", "sudoku.png", "pic1.png", "pic3.png"]
+    eval_images = ["text_defocus.jpg", "licenseplate_motion.jpg", "imageTextR.png"]
+    calib = strips([n for n in calib_images if (zoo.opencv_doc_data() / n).exists()], 0, 64)[:n_calib]
+    evaluation = np.stack(strips([n for n in eval_images if (zoo.opencv_doc_data() / n).exists()], 1, 20))
+    return Case("PP-OCRv4 rec", zoo.ppocr_models()["rec"], "x", calib, evaluation, task="dense")
+
+
+# -- measuring --------------------------------------------------------------------------
+
+def quantize_in_child(tool: str, model: Path, calib_dir: Path, output: Path, size: int | None = None) -> Row:
+    command = [sys.executable, "-m", "bench.job", tool, str(model), str(calib_dir), str(output)]
+    if size:
+        command += ["--size", str(size)]
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(command, cwd=HERE.parent, stdout=out, stderr=err, preexec_fn=limit_memory,
+                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        # wait4 reaps this child and returns its own resource usage, peak RSS included
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+    row = Row(tool)
+    if process.returncode != 0:
+        row.error = (stderr.strip().splitlines() or [f"exit code {process.returncode}"])[-1][:200]
+        return row
+    row.seconds = json.loads(stdout.strip().splitlines()[-1])["seconds"]
+    row.peak_rss_mb = usage.ru_maxrss / 1024  # KiB -> MiB
+    return row
+
+
+def model_bytes(path: Path) -> int:
+    total = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return total + (data.stat().st_size if data.exists() else 0)
+
+
+def latency_ms(path: Path, input_name: str, sample: np.ndarray, batch: int, runs: int) -> float:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = np.repeat(sample[np.newaxis], batch, axis=0)
+    for _ in range(3):
+        session.run(None, {input_name: x})
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, {input_name: x})
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
+def outputs(path: Path, case: Case) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {case.input_name: x[np.newaxis]})[0] for x in case.evaluation])
+
+
+def fidelity(row: Row, reference: np.ndarray, got: np.ndarray, case: Case) -> None:
+    cosines = [zoo.cosine(a, b) for a, b in zip(reference, got)]
+    row.cosine_mean, row.cosine_min = float(np.mean(cosines)), float(np.min(cosines))
+    if case.task == "classification":
+        row.agreement = float(np.mean(reference.argmax(-1) == got.argmax(-1)))
+        if case.labels is not None:
+            row.accuracy = float(np.mean(got.argmax(-1) == case.labels))
+
+
+def bench_case(case: Case, tools: list[str], work: Path, runs: int) -> list[Row]:
+    calib_dir = work / "calib"
+    calib_dir.mkdir(parents=True, exist_ok=True)
+    for old in calib_dir.glob("*.npy"):
+        old.unlink()
+    for i, x in enumerate(case.calib):
+        np.save(calib_dir / f"{i:05d}.npy", x[np.newaxis])
+    print(f"== {case.name}: {len(case.calib)} calibration samples, {len(case.evaluation)} held-out inputs",
+          flush=True)
+    reference = outputs(case.model, case)
+    float_row = Row("float32", size_mb=model_bytes(case.model) / 1e6, size_ratio=1.0)
+    fidelity(float_row, reference, reference, case)
+    if case.labels is not None:
+        float_row.accuracy = float(np.mean(reference.argmax(-1) == case.labels))
+    rows = [float_row]
+    for tool in tools:
+        output = work / f"{tool}.onnx"
+        row = quantize_in_child(tool, case.model, calib_dir, output)
+        if row.error is None:
+            row.size_mb = model_bytes(output) / 1e6
+            row.size_ratio = row.size_mb / float_row.size_mb
+            fidelity(row, reference, outputs(output, case), case)
+        rows.append(row)
+        print(f"   {tool}: {row.seconds and round(row.seconds, 1)} s, {row.peak_rss_mb and round(row.peak_rss_mb)} MB"
+              + (f", error: {row.error}" if row.error else ""), flush=True)
+    sample = case.evaluation[0]
+    for row in rows:
+        if row.error is None:
+            path = case.model if row.tool == "float32" else work / f"{row.tool}.onnx"
+            row.latency_b1_ms = latency_ms(path, case.input_name, sample, 1, runs)
+            row.latency_b8_ms = latency_ms(path, case.input_name, sample, 8, max(5, runs // 4))
+    return rows
+
+
+def memory_scaling(case: Case, work: Path, sizes=(32, 256)) -> dict[int, float]:
+    """Peak RSS of lowbit quantize for two calibration sizes (it streams: they should match)."""
+    calib_dir = work / "calib"
+    peaks = {}
+    for size in sizes:
+        if size <= len(case.calib):
+            row = quantize_in_child("lowbit", case.model, calib_dir, work / f"mem{size}.onnx", size)
+            peaks[size] = row.peak_rss_mb
+    return peaks
+
+
+# -- report -----------------------------------------------------------------------------
+
+def _fmt(value, digits=3, suffix=""):
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}{suffix}" if isinstance(value, float) else str(value)
+
+
+def markdown(results: dict) -> str:
+    lines = ["# lowbit bench", "", f"Run {results['date']} on {results['machine']}.", "",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".", "",
+             f"Command: `{results['command']}`. Each quantization runs in its own process; peak RSS is "
+             "that process's, read with wait4. Latency: ONNX Runtime CPU, median of repeated runs.", ""]
+    for case in results["cases"]:
+        lines += [f"## {case['name']}", "",
+                  f"{case['calibration']} calibration samples; {case['evaluation']} held-out inputs.", "",
+                  "| tool | quantize s | peak RSS MB | size MB | size ratio | top-1 agreement | accuracy "
+                  "| cosine mean | cosine min | latency b1 ms | latency b8 ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in case["rows"]:
+            if r["error"]:
+                lines.append(f"| {r['tool']} | failed: {r['error']} |" + " |" * 9)
+                continue
+            lines.append("| " + " | ".join([
+                r["tool"], _fmt(r["seconds"], 1), _fmt(r["peak_rss_mb"], 0), _fmt(r["size_mb"], 2),
+                _fmt(r["size_ratio"], 3), _fmt(r["agreement"]), _fmt(r["accuracy"]), _fmt(r["cosine_mean"], 4),
+                _fmt(r["cosine_min"], 4), _fmt(r["latency_b1_ms"], 2), _fmt(r["latency_b8_ms"], 2)]) + " |")
+        lines.append("")
+        for line in case["ratios"]:
+            lines.append(f"* {line}")
+        lines.append("")
+    if results.get("memory"):
+        m = results["memory"]
+        sizes = sorted(m["peak_rss_mb"], key=int)
+        lines += ["## Memory against the number of calibration samples", "",
+                  f"`lowbit quantize` on {m['model']}: " + ", ".join(
+                      f"{s} samples: {m['peak_rss_mb'][s]:.0f} MB" for s in sizes)
+                  + (f" (ratio {m['ratio']:.3f})." if m.get("ratio") else "."), ""]
+    return "\n".join(lines)
+
+
+def ratios(rows: list[Row]) -> list[str]:
+    by_tool = {r.tool: r for r in rows if r.error is None}
+    lines = []
+    lowbit, ort_minmax, float_row = by_tool.get("lowbit"), by_tool.get("ort-minmax"), by_tool.get("float32")
+    if lowbit and ort_minmax:
+        lines.append(f"lowbit / onnxruntime MinMax: quantize time {lowbit.seconds / ort_minmax.seconds:.2f}x, "
+                     f"peak RSS {lowbit.peak_rss_mb / ort_minmax.peak_rss_mb:.2f}x, "
+                     f"size {lowbit.size_mb / ort_minmax.size_mb:.3f}x")
+    for name in ("ort-entropy", "ort-percentile"):
+        other = by_tool.get(name)
+        if lowbit and other:
+            lines.append(f"lowbit / onnxruntime {name[4:]}: quantize time {lowbit.seconds / other.seconds:.2f}x, "
+                         f"peak RSS {lowbit.peak_rss_mb / other.peak_rss_mb:.2f}x")
+    if lowbit and float_row:
+        lines.append(f"lowbit int8 speed-up over float32: {float_row.latency_b1_ms / lowbit.latency_b1_ms:.2f}x "
+                     f"at batch 1, {float_row.latency_b8_ms / lowbit.latency_b8_ms:.2f}x at batch 8")
+    return lines
+
+
+def describe_machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for package in ("lowbit", "onnxruntime", "onnx", "onnx-ir", "onnxscript", "numpy", "torch"):
+        try:
+            out[package] = md.version(package)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a subset in a few minutes")
+    parser.add_argument("--out", type=Path, default=HERE, help="folder for RESULTS.md and results.json")
+    args = parser.parse_args()
+
+    work = zoo.cache_dir("bench")
+    if args.quick:
+        cases = [efficientnet_case(64, 12), digits_case(64, 1000)]
+        tools, runs = ["lowbit", "ort-minmax"], 20
+    else:
+        cases = [efficientnet_case(256, 34), digits_case(256, 2000), ppocr_rec_case(128)]
+        tools, runs = ["lowbit", "ort-minmax", "ort-entropy", "ort-percentile"], 50
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": describe_machine(), "versions": versions(),
+               "command": "python bench/run.py" + (" --quick" if args.quick else ""), "cases": []}
+    for case in cases:
+        case_work = work / case.name.split()[0].lower()
+        rows = bench_case(case, tools, case_work, runs)
+        results["cases"].append({"name": case.name, "calibration": len(case.calib),
+                                 "evaluation": len(case.evaluation), "rows": [asdict(r) for r in rows],
+                                 "ratios": ratios(rows)})
+        if case is cases[0]:
+            peaks = memory_scaling(case, case_work)
+            if len(peaks) == 2:
+                small, large = sorted(peaks)
+                results["memory"] = {"model": case.name, "peak_rss_mb": {str(k): v for k, v in peaks.items()},
+                                     "ratio": peaks[large] / peaks[small]}
+            elif peaks:
+                results["memory"] = {"model": case.name, "peak_rss_mb": {str(k): v for k, v in peaks.items()}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "RESULTS.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
