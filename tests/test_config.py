@@ -99,12 +99,19 @@ def test_full_quant_is_8_bit(tmp_path):
     ("common_quant_param", "quant_type=WEIGHT_QUANT"),
     ("common_quant_param", "debug_info_save_path=/tmp/debug"),
     ("mixed_bit_weight_quant_param", "init_scale=0.02"),
-    ("data_preprocess_param", "input_type=IMAGE"),
-    ("data_preprocess_param", "resize_width=224"),
 ])
 def test_known_but_unimplemented_keys_are_rejected(tmp_path, section, line):
     with pytest.raises(NotSupportedYetError, match="not supported yet"):
         load_config(write(tmp_path, f"[{section}]\n{line}\n"))
+
+
+def test_lowbit_extension_keys(tmp_path):
+    config = load_config(write(tmp_path, "[data_preprocess_param]\ninput_shape=ids:1,128;mask:1,128\n"
+                                         "input_data_format=NCHW\ncalibrate_batch_size=2\n"))
+    assert config.input_shape == {"ids": (1, 128), "mask": (1, 128)}
+    assert config.input_data_format == "NCHW" and config.calibrate_batch_size == 2
+    with pytest.raises(LowbitError, match="must be positive"):
+        load_config(write(tmp_path, "[data_preprocess_param]\ninput_shape=ids:1,0\n"))
 
 
 def test_dsp_refuses_per_channel(tmp_path):

@@ -22,8 +22,9 @@ from .calibration.collector import collect
 from .calibration.observers import activation_observer
 from .config import QuantConfig, load_config
 from .config.model import CalibrationSource
-from .data.feeds import checked_feeds, input_specs
-from .data.npy_files import file_samples
+from .data.feeds import batched, checked_feeds, input_specs
+from .data.images import ImagePreprocess
+from .data.sources import DataOptions, folder_samples, list_samples
 from .errors import LowbitError, closest
 from .graph.loading import load_model
 from .graph.passes import prepare
@@ -146,7 +147,9 @@ def run(
     observers = {name: activation_observer(config.activation_quant_method) for name in plan.activations}
     samples = 0
     if observers:
-        feeds, total = _calibration_feeds(graph_model, config, data)
+        specs = input_specs(graph_model)
+        feeds, total = _calibration_feeds(specs, config, data, note)
+        feeds = batched(feeds, specs, config.calibrate_batch_size)
         run_stats = collect(graph_model, observers, feeds, total, progress)
         samples = run_stats.samples
     timings["calibrate"] = time.perf_counter() - clock
@@ -184,21 +187,56 @@ def _warn_unknown_skip_nodes(model: ir.Model, names: tuple[str, ...], note: Call
             note(f"skip_quant_node names '{name}', which is not a node of the model{hint}")
 
 
-def _calibration_feeds(model: ir.Model, config: QuantConfig, data: FeedSource | None):
+def _calibration_feeds(specs, config: QuantConfig, data: FeedSource | None, note: Callable[[str], None]):
     """The stream of checked feed dicts and its length (None when unknown)."""
-    specs = input_specs(model)
     size = config.calibrate_size
-    if data is None and config.calibrate_path is None:
-        raise LowbitError("full quantization needs calibration data: give --data FOLDER "
-                          "(or calibrate_path in [data_preprocess_param])")
-    if data is None or isinstance(data, (str, Path)):
-        sources = config.calibrate_path if data is None else (CalibrationSource(Path(data)),)
-        samples = file_samples(sources, specs, size, config.input_type)
-        return samples, len(samples)
-    feeds = checked_feeds(data, specs)
-    if size is not None:
-        feeds = itertools.islice(feeds, size)
-    return feeds, size if size is not None else _len_or_none(data)
+    if data is not None and not isinstance(data, (str, Path)):
+        feeds = checked_feeds(data, specs)
+        if size is not None:
+            feeds = itertools.islice(feeds, size)
+        return feeds, size if size is not None else _len_or_none(data)
+    options = data_options(config)
+    if data is not None:
+        samples = folder_samples((CalibrationSource(Path(data)),), specs, size, options)
+    elif config.data_list is not None:
+        if config.calibrate_path is not None:
+            raise LowbitError(f"give calibrate_path ({config.source('calibrate_path')}) or data_list "
+                              f"({config.source('data_list')}), not both")
+        samples = list_samples(Path(config.data_list), specs, size, options)
+    elif config.calibrate_path is not None:
+        samples = folder_samples(config.calibrate_path, specs, size, options)
+    else:
+        raise LowbitError("full quantization needs calibration data: give --data FOLDER or --data-list FILE "
+                          "(calibrate_path or data_list in [data_preprocess_param])")
+    samples.warn = note
+    return samples, len(samples)
+
+
+def data_options(config: QuantConfig) -> DataOptions:
+    """The data-layer view of the [data_preprocess_param] settings."""
+    return DataOptions(
+        input_type=config.input_type,
+        images=ImagePreprocess(
+            to_format=config.image_to_format,
+            resize=_pair(config, "resize_width", "resize_height"),
+            resize_method=config.resize_method,
+            center_crop=_pair(config, "center_crop_width", "center_crop_height"),
+            mean=config.normalize_mean,
+            std=config.normalize_std,
+        ),
+        input_layout=config.input_layout,
+        bin_layout=config.input_data_format,
+        shapes=config.input_shape or {},
+        skip_bad_samples=config.skip_bad_samples,
+    )
+
+
+def _pair(config: QuantConfig, width_key: str, height_key: str) -> tuple[int, int] | None:
+    width, height = getattr(config, width_key), getattr(config, height_key)
+    if (width is None) != (height is None):
+        given = width_key if width is not None else height_key
+        raise LowbitError(f"{config.source(given)}: {given} needs {width_key} and {height_key} together")
+    return None if width is None else (width, height)
 
 
 def _len_or_none(data: Any) -> int | None:

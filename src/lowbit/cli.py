@@ -84,6 +84,8 @@ def _show_value(value) -> str:
         return "(unset)"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, dict):
+        return ";".join(f"{name}:{','.join(map(str, dims))}" for name, dims in value.items())
     if isinstance(value, tuple):
         return ",".join(
             (f"{v.input_name}:{v.folder}" if v.input_name else str(v.folder)) if hasattr(v, "folder") else str(v)

@@ -35,24 +35,29 @@ def collect(
     total: int | None = None,
     progress: bool = True,
 ) -> CalibrationRun:
-    """Run the model on every feed and update the observer of each named tensor."""
+    """Run the model on every feed (a sample or a batch) and update the observer of each named tensor.
+
+    ``total`` is the number of samples, for the progress bar.
+    """
     graph_inputs = {v.name for v in model.graph.inputs}
     from_outputs = [name for name in observers if name not in graph_inputs]
     session = make_session(model, from_outputs)
     start = time.perf_counter()
     samples = 0
-    bar = tqdm(feeds, total=total, desc="calibrating", unit="sample", disable=None if progress else True)
-    for feed in bar:
+    bar = tqdm(total=total, desc="calibrating", unit="sample", disable=None if progress else True)
+    for feed in feeds:
         try:
             arrays = session.run(from_outputs, feed) if from_outputs else []
         except Exception as exc:  # ORT raises its own exception types for bad feeds
-            raise LowbitError(f"calibration sample {samples + 1}: ONNX Runtime failed: "
+            raise LowbitError(f"calibration batch from sample {samples + 1}: ONNX Runtime failed: "
                               f"{str(exc).splitlines()[0]}") from None
         for name, array in zip(from_outputs, arrays):
             observers[name].update(array)
         for name in graph_inputs & observers.keys():
             observers[name].update(feed[name])
-        samples += 1
+        rows = next(iter(feed.values())).shape[0] if feed else 1
+        samples += rows
+        bar.update(rows)
     bar.close()
     if samples == 0:
         raise LowbitError("no calibration samples: full quantization needs at least one")

@@ -29,6 +29,7 @@ class Kind(Enum):
     STR_LIST = "comma-separated names"
     VECTOR = "vector like [1.0, 2.0, 3.0]"
     PATH_MAP = "folder, or input_name:folder,input_name:folder"
+    SHAPES = "input_name:d0,d1,...;input_name:d0,d1,..."
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class Field:
     high: float | None = None
     open_interval: bool = False
     unsupported: Callable[[Any], str | None] | None = None
+    extension: bool = False  # a lowbit key, not MindSpore's
+
 
     def allowed(self) -> str:
         """Human-readable description of the values this key accepts."""
@@ -80,8 +83,6 @@ MIXED_BIT = "mixed_bit_weight_quant_param"
 FULL = "full_quant_param"
 DATA = "data_preprocess_param"
 SECTIONS = (COMMON, MIXED_BIT, FULL, DATA)
-
-_IMAGE_PIPELINE = always_unsupported("image preprocessing (input_type=IMAGE)")
 
 FIELDS: tuple[Field, ...] = (
     # [common_quant_param]
@@ -135,24 +136,34 @@ FIELDS: tuple[Field, ...] = (
     Field(DATA, "calibrate_size", Kind.INT, None,
           "number of calibration samples (default: all files found)", low=1, high=65535),
     Field(DATA, "input_type", Kind.ENUM, None,
-          "calibration file type (default: taken from the files: .npy or .npz)",
-          choices=("IMAGE", "BIN", "NPY", "NPZ"),
-          unsupported=unsupported_values({
-              "IMAGE": "calibration images (input_type=IMAGE) are not supported yet; give .npy/.npz files",
-              "BIN": "raw .bin calibration buffers (input_type=BIN) are not supported yet; give .npy/.npz files",
-          })),
-    Field(DATA, "image_to_format", Kind.ENUM, None, "colour format of preprocessed images",
-          choices=("RGB", "GRAY", "BGR"), unsupported=_IMAGE_PIPELINE),
-    Field(DATA, "normalize_mean", Kind.VECTOR, None, "dst = (src - mean) / std", unsupported=_IMAGE_PIPELINE),
-    Field(DATA, "normalize_std", Kind.VECTOR, None, "dst = (src - mean) / std", unsupported=_IMAGE_PIPELINE),
-    Field(DATA, "resize_width", Kind.INT, None, "resize width", low=1, high=65535, unsupported=_IMAGE_PIPELINE),
-    Field(DATA, "resize_height", Kind.INT, None, "resize height", low=1, high=65535, unsupported=_IMAGE_PIPELINE),
-    Field(DATA, "resize_method", Kind.ENUM, None, "resize interpolation",
-          choices=("LINEAR", "NEAREST", "CUBIC"), aliases={"NEARST": "NEAREST"}, unsupported=_IMAGE_PIPELINE),
-    Field(DATA, "center_crop_width", Kind.INT, None, "center crop width", low=1, high=65535,
-          unsupported=_IMAGE_PIPELINE),
-    Field(DATA, "center_crop_height", Kind.INT, None, "center crop height", low=1, high=65535,
-          unsupported=_IMAGE_PIPELINE),
+          "calibration file type (default: from each file's extension)",
+          choices=("IMAGE", "BIN", "NPY", "NPZ")),
+    Field(DATA, "image_to_format", Kind.ENUM, None, "colour format of preprocessed images (decoded as BGR)",
+          choices=("RGB", "GRAY", "BGR")),
+    Field(DATA, "normalize_mean", Kind.VECTOR, None, "dst = (src - mean) / std; 1 value or 1 per channel"),
+    Field(DATA, "normalize_std", Kind.VECTOR, None, "dst = (src - mean) / std; 1 value or 1 per channel"),
+    Field(DATA, "resize_width", Kind.INT, None, "resize width", low=1, high=65535),
+    Field(DATA, "resize_height", Kind.INT, None, "resize height", low=1, high=65535),
+    Field(DATA, "resize_method", Kind.ENUM, "LINEAR", "resize interpolation",
+          choices=("LINEAR", "NEAREST", "CUBIC"), aliases={"NEARST": "NEAREST"}),
+    Field(DATA, "center_crop_width", Kind.INT, None, "center crop width", low=1, high=65535),
+    Field(DATA, "center_crop_height", Kind.INT, None, "center crop height", low=1, high=65535),
+    # lowbit's own keys for the same section
+    Field(DATA, "data_list", Kind.STR, None,
+          "a file listing one sample per line (comma-separated paths for multi-input models)", extension=True),
+    Field(DATA, "input_shape", Kind.SHAPES, None,
+          "shapes for inputs with free dimensions, e.g. input:1,3,224,224 (needed by .bin data)", extension=True),
+    Field(DATA, "input_layout", Kind.ENUM, None,
+          "layout of the model's 4-D inputs (default: from their shape)", choices=("NCHW", "NHWC"),
+          extension=True),
+    Field(DATA, "input_data_format", Kind.ENUM, "NHWC",
+          "layout of 4-D .bin buffers (MindSpore converter's inputDataFormat)", choices=("NHWC", "NCHW"),
+          extension=True),
+    Field(DATA, "calibrate_batch_size", Kind.INT, 4,
+          "samples per calibration run where the model's batch dimension is free", low=1, high=1024,
+          extension=True),
+    Field(DATA, "skip_bad_samples", Kind.BOOL, False,
+          "skip unreadable calibration files with a warning instead of stopping", extension=True),
 )
 
 FIELDS_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}

@@ -118,7 +118,31 @@ def parse_value(field: Field, raw: Any, where: str) -> Any:
         return vector
     if field.kind is Kind.PATH_MAP:
         return _parse_path_map(text, bad)
+    if field.kind is Kind.SHAPES:
+        return _parse_shapes(text, bad)
     return str(text)
+
+
+def _parse_shapes(text: Any, bad) -> dict[str, tuple[int, ...]]:
+    if isinstance(text, dict):
+        items = text.items()
+    else:
+        items = []
+        for part in str(text).split(";"):
+            name, sep, dims = part.strip().partition(":")
+            if not sep or not name.strip():
+                raise bad("expected input_name:d0,d1,...")
+            items.append((name.strip(), dims.split(",")))
+    shapes = {}
+    for name, dims in items:
+        try:
+            shape = tuple(int(d) for d in dims)
+        except (TypeError, ValueError):
+            raise bad(f"dimensions of '{name}' are not integers") from None
+        if not shape or any(d < 1 for d in shape):
+            raise bad(f"dimensions of '{name}' must be positive")
+        shapes[name] = shape
+    return shapes
 
 
 def _check_range(field: Field, value: float, bad) -> float:

@@ -82,3 +82,31 @@ def checked_feeds(feeds: Iterable[dict[str, np.ndarray]], specs: list[InputSpec]
             raise LowbitError(f"calibration sample {i}: expected a dict of input name to array, "
                               f"got {type(feed).__name__}")
         yield check_sample(feed, specs, f"calibration sample {i}")
+
+
+def batched(feeds: Iterable[dict[str, np.ndarray]], specs: list[InputSpec], batch_size: int) -> Iterator[dict]:
+    """Concatenate consecutive samples into batches of up to ``batch_size`` rows.
+
+    Only where every input's batch dimension is free; a model with a fixed batch runs
+    sample by sample. Samples of different shapes (images of several sizes) are not mixed.
+    """
+    if batch_size <= 1 or any(s.shape is None or not s.shape or s.shape[0] is not None for s in specs):
+        yield from feeds
+        return
+    pending: list[dict[str, np.ndarray]] = []
+    rows = 0
+
+    def flush():
+        return {name: np.concatenate([f[name] for f in pending]) for name in pending[0]}
+
+    for feed in feeds:
+        if pending and any(feed[k].shape[1:] != pending[0][k].shape[1:] for k in feed):
+            yield flush()
+            pending, rows = [], 0
+        pending.append(feed)
+        rows += next(iter(feed.values())).shape[0]
+        if rows >= batch_size:
+            yield flush()
+            pending, rows = [], 0
+    if pending:
+        yield flush()

@@ -98,9 +98,16 @@ class PlanOptions:
 
 
 def plan_quantization(model: ir.Model, target: Target, options: PlanOptions) -> QuantPlan:
+    """Decide nodes forward, demote dead ends backward, then place tensors (see the module docstring)."""
     planner = _Planner(model.graph, target, options)
-    for node in model.graph:
-        planner.visit(node)
+    nodes = list(model.graph)
+    for node in nodes:
+        planner.decide(node)
+    if target.quantize_outputs:
+        for node in reversed(nodes):
+            planner.demote_dead_end(node)
+    for node in nodes:
+        planner.place(node)
     return planner.plan
 
 
@@ -111,7 +118,7 @@ class _Planner:
         self.options = options
         self.plan = QuantPlan(target)
 
-    def visit(self, node: ir.Node) -> None:
+    def decide(self, node: ir.Node) -> None:
         if node.name in self.plan.decisions:  # already decided as a fused activation
             return
         reason = self._why_float(node)
@@ -120,18 +127,56 @@ class _Planner:
                 self.plan.decisions[node.name] = NodeDecision(node, False, reason)
             return
         self.plan.decisions[node.name] = NodeDecision(node, True)
-        self._quantize_inputs(node)
-        if node.op_type in SAME_SCALE_OPS:
-            if self.target.quantize_outputs:
-                self._quantize_same_scale_outputs(node)
-            return
-        out = node.outputs[0]
         fused = self._fusable_activation(node)
         if fused is not None:
             self.plan.decisions[fused.name] = NodeDecision(fused, True, fused_into=node.name)
-            out = fused.outputs[0]
-        if self.target.quantize_outputs and not out.is_graph_output():
+
+    def demote_dead_end(self, node: ir.Node) -> None:
+        """An element-wise or data-movement op whose result only float ops read stays float.
+
+        Its int8 form would add a rounding step and give no int8 kernel (ORT runs
+        DQ -> op -> Q only when a quantized op reads the result). Walking the graph
+        backwards lets a whole dead-end chain (Mul -> Add -> Softmax) fall back to float.
+        """
+        decision = self.plan.decisions.get(node.name)
+        if decision is None or not decision.quantized or decision.fused_into or node.op_type in WEIGHTED_OPS:
+            return
+        if any(self._read_by_quantized(out) for out in self._results(node)):
+            return
+        reason = "only float ops read its output, so int8 would add rounding without an int8 kernel"
+        self.plan.decisions[node.name] = NodeDecision(node, False, reason)
+        fused = self._fusable_activation(node)
+        if fused is not None:
+            self.plan.decisions[fused.name] = NodeDecision(fused, False, f"follows {node.name}, which stays float")
+
+    def place(self, node: ir.Node) -> None:
+        """Record the tensors of a quantized node: inputs always, outputs on CPU/DSP targets."""
+        decision = self.plan.decisions.get(node.name)
+        if decision is None or not decision.quantized or decision.fused_into:
+            return
+        self._quantize_inputs(node)
+        if not self.target.quantize_outputs:
+            return
+        if node.op_type in SAME_SCALE_OPS:
+            self._quantize_same_scale_outputs(node)
+            return
+        out = self._results(node)[0]
+        # QLinearConv needs a quantized output; MatMul/Gemm have int8 kernels with float outputs.
+        keep = node.op_type in ("Conv", "ConvTranspose") or self._read_by_quantized(out)
+        if keep and not out.is_graph_output():
             self._mark(out)
+
+    def _results(self, node: ir.Node) -> list[ir.Value]:
+        """The node's outputs, or its fused activation's output."""
+        fused = self._fusable_activation(node)
+        return [fused.outputs[0]] if fused is not None else [v for v in node.outputs if v is not None]
+
+    def _read_by_quantized(self, value: ir.Value) -> bool:
+        for use in value.uses():
+            decision = self.plan.decisions.get(use.node.name)
+            if decision is not None and decision.quantized:
+                return True
+        return False
 
     # -- decisions -------------------------------------------------------------------
 
@@ -149,7 +194,9 @@ class _Planner:
         if not all(is_float32(out) for out in node.outputs if out is not None):
             return "output is not float32"
         if op in SAME_SCALE_OPS and self.target.quantize_outputs:
-            if node.inputs[0].name not in self.plan.activations:
+            producer = node.inputs[0].producer()
+            decision = self.plan.decisions.get(producer.name) if producer is not None else None
+            if decision is None or not decision.quantized:
                 return "its input is not quantized (data-movement ops follow their input)"
             if op == "Pad" and not _pads_with_zero(node):
                 return "pads with a non-zero constant"
@@ -232,7 +279,7 @@ class _Planner:
     def _quantize_same_scale_outputs(self, node: ir.Node) -> None:
         source = node.inputs[0].name
         for out in node.outputs:
-            if out is not None and not out.is_graph_output():
+            if out is not None and not out.is_graph_output() and self._read_by_quantized(out):
                 self._mark(out)
                 self.plan.share_scale(source, out.name)
 
