@@ -47,8 +47,10 @@ def test_defaults_follow_mindspore_and_target():
     assert config.per_channel is True and config.target == "CPU"
     # MindSpore applies min_quant_weight_channel only to weight quantization
     assert config.min_quant_weight_channel == 0 and config.source("min_quant_weight_channel") == "default for FULL_QUANT"
+    assert config.bias_correction is True  # MindSpore's default
     dsp = load_config(overrides={"target_device": "DSP"})
     assert dsp.per_channel is False and dsp.source("per_channel") == "default for target_device=DSP"
+    assert dsp.bias_correction is False and dsp.source("bias_correction") == "default for target_device=DSP"
 
 
 def test_overrides_win_over_the_file(tmp_path):
@@ -95,7 +97,6 @@ def test_full_quant_is_8_bit(tmp_path):
 
 @pytest.mark.parametrize("section, line", [
     ("full_quant_param", "activation_quant_method=KL"),
-    ("full_quant_param", "bias_correction=true"),
     ("common_quant_param", "quant_type=WEIGHT_QUANT"),
     ("common_quant_param", "debug_info_save_path=/tmp/debug"),
     ("mixed_bit_weight_quant_param", "init_scale=0.02"),

@@ -28,11 +28,13 @@ from .data.sources import DataOptions, folder_samples, list_samples
 from .errors import LowbitError, closest
 from .graph.loading import load_model
 from .graph.passes import prepare
+from .graph.query import constant_array
 from .graph.saving import check_output_path, save_atomically
 from .quantizers.plan import PlanOptions, QuantPlan, plan_quantization
 from .quantizers.qdq import apply_plan
 from .quantizers.qparams import QParams, compute_qparams
 from .quantizers.targets import TARGETS
+from .recovery.bias_correction import BiasCorrectionReport, Layer, correct_biases, correctable
 
 
 class LowbitWarning(UserWarning):
@@ -70,6 +72,7 @@ class QuantizeResult:
     calibration_samples: int
     float_bytes: int
     output_bytes: int
+    bias_correction: BiasCorrectionReport | None = None
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -146,18 +149,30 @@ def run(
     clock = time.perf_counter()
     observers = {name: activation_observer(config.activation_quant_method) for name in plan.activations}
     samples = 0
+    specs = input_specs(graph_model)
     if observers:
-        specs = input_specs(graph_model)
         feeds, total = _calibration_feeds(specs, config, data, note)
-        feeds = batched(feeds, specs, config.calibrate_batch_size)
-        run_stats = collect(graph_model, observers, feeds, total, progress)
+        run_stats = collect(graph_model, observers, batched(feeds, specs, config.calibrate_batch_size), total,
+                            progress)
         samples = run_stats.samples
     timings["calibrate"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     qparams = _activation_qparams(plan, observers)
+    layers = _correctable_layers(plan) if config.bias_correction else []
     apply_plan(graph_model, plan, qparams)
     timings["rewrite"] = time.perf_counter() - clock
+
+    correction = None
+    if layers:
+        if data is not None and not isinstance(data, (str, Path)) and iter(data) is data:
+            note("bias_correction needs a second pass over the calibration data, and an iterator "
+                 "can be read once; pass a list or a folder (bias correction was skipped)")
+        else:
+            feeds, total = _calibration_feeds(specs, config, data, note)
+            correction = correct_biases(graph_model, layers, batched(feeds, specs, config.calibrate_batch_size),
+                                        total, progress)
+            timings["bias_correction"] = correction.seconds
 
     clock = time.perf_counter()
     output_bytes = save_atomically(graph_model, output_path)
@@ -171,6 +186,7 @@ def run(
         float_nodes=[NodeReport(d.node.name, d.node.op_type, d.reason) for d in plan.float_nodes],
         tensors=_tensor_reports(observers, qparams),
         calibration_samples=samples,
+        bias_correction=correction,
         float_bytes=float_bytes,
         output_bytes=output_bytes,
         timings=timings,
@@ -244,6 +260,17 @@ def _len_or_none(data: Any) -> int | None:
         return len(data)
     except TypeError:
         return None
+
+
+def _correctable_layers(plan: QuantPlan) -> list[Layer]:
+    """The int8 Conv/Gemm layers, with their float weight and bias as they are before the rewrite."""
+    layers = []
+    for slot in plan.weights:
+        node = slot.node
+        if slot.index == 1 and correctable(node):
+            bias = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
+            layers.append(Layer(node, constant_array(node.inputs[1]), bias))
+    return layers
 
 
 def _activation_qparams(plan: QuantPlan, observers: dict) -> dict[str, QParams]:

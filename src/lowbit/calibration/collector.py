@@ -14,12 +14,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from tqdm import tqdm
 
 from ..errors import LowbitError
 from ..graph.runtime import make_session
-from .observers import Observer
+from .observers import Observer, RangeObserver
 
 
 @dataclass
@@ -29,27 +30,29 @@ class CalibrationRun:
 
 
 def collect(
-    model: ir.Model,
+    model: ir.Model | onnx.ModelProto,
     observers: Mapping[str, Observer],
     feeds: Iterable[dict[str, np.ndarray]],
     total: int | None = None,
     progress: bool = True,
+    description: str = "calibrating",
 ) -> CalibrationRun:
     """Run the model on every feed (a sample or a batch) and update the observer of each named tensor.
 
     ``total`` is the number of samples, for the progress bar.
     """
-    graph_inputs = {v.name for v in model.graph.inputs}
+    graph_inputs = {v.name for v in model.graph.input} if isinstance(model, onnx.ModelProto) else \
+        {v.name for v in model.graph.inputs}
     from_outputs = [name for name in observers if name not in graph_inputs]
     session = make_session(model, from_outputs)
     start = time.perf_counter()
     samples = 0
-    bar = tqdm(total=total, desc="calibrating", unit="sample", disable=None if progress else True)
+    bar = tqdm(total=total, desc=description, unit="sample", disable=None if progress else True)
     for feed in feeds:
         try:
             arrays = session.run(from_outputs, feed) if from_outputs else []
         except Exception as exc:  # ORT raises its own exception types for bad feeds
-            raise LowbitError(f"calibration batch from sample {samples + 1}: ONNX Runtime failed: "
+            raise LowbitError(f"{description}: the batch from sample {samples + 1} failed in ONNX Runtime: "
                               f"{str(exc).splitlines()[0]}") from None
         for name, array in zip(from_outputs, arrays):
             observers[name].update(array)
@@ -61,11 +64,11 @@ def collect(
     bar.close()
     if samples == 0:
         raise LowbitError("no calibration samples: full quantization needs at least one")
-    _check_finite(observers)
+    _check_finite({k: v for k, v in observers.items() if isinstance(v, RangeObserver)})
     return CalibrationRun(samples, time.perf_counter() - start)
 
 
-def _check_finite(observers: Mapping[str, Observer]) -> None:
+def _check_finite(observers: Mapping[str, RangeObserver]) -> None:
     for name, observer in observers.items():
         lo, hi = observer.range()
         if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):

@@ -1,8 +1,9 @@
 """Observers: one small class per statistic, all behind one interface.
 
-An observer sees a tensor batch by batch (``update``), can absorb another observer of
-the same kind (``merge``, for statistics collected by several workers or runs), and
-reports the real range it would quantize (``range``). Scales and zero points are not
+An observer sees a tensor batch by batch (``update``) and can absorb another observer of
+the same kind (``merge``, for statistics collected by several workers or runs). Range
+observers also report the real range they would quantize (``range``); other statistics
+(per-channel means for bias correction) report their own value. Scales and zero points are not
 computed here but in :func:`lowbit.quantizers.qparams.compute_qparams`, whatever the
 observer. Observers keep running aggregates only, so memory does not grow with the
 number of calibration samples.
@@ -32,10 +33,6 @@ class Observer(ABC):
     def merge(self, other: Observer) -> None:
         """Fold another observer's statistic (same kind, same tensor) into this one."""
 
-    @abstractmethod
-    def range(self) -> tuple[np.ndarray, np.ndarray]:
-        """The (min, max) to quantize: scalars, or 1-D along ``axis``."""
-
     def _reduce_axes(self, x: np.ndarray) -> tuple[int, ...] | None:
         if self.axis is None:
             return None
@@ -43,7 +40,15 @@ class Observer(ABC):
         return tuple(i for i in range(x.ndim) if i != axis)
 
 
-class MinMaxObserver(Observer):
+class RangeObserver(Observer):
+    """An observer whose statistic is the real range to quantize."""
+
+    @abstractmethod
+    def range(self) -> tuple[np.ndarray, np.ndarray]:
+        """The (min, max) to quantize: scalars, or 1-D along ``axis``."""
+
+
+class MinMaxObserver(RangeObserver):
     """The smallest and largest value seen (MindSpore's MAX_MIN, ONNX Runtime's MinMax)."""
 
     def __init__(self, axis: int | None = None):
@@ -77,11 +82,42 @@ class MinMaxObserver(Observer):
         return self.min, self.max
 
 
-ACTIVATION_OBSERVERS: dict[str, type[Observer]] = {
+class MeanObserver(Observer):
+    """The running mean, per channel along ``axis`` (or of the whole tensor)."""
+
+    def __init__(self, axis: int | None = None):
+        super().__init__(axis)
+        self.total: np.ndarray | None = None
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        axes = self._reduce_axes(x)
+        total = np.asarray(np.sum(x, axis=axes, dtype=np.float64))
+        self._fold(total, x.size // (total.size or 1))
+        self.batches += 1
+
+    def merge(self, other: Observer) -> None:
+        if not isinstance(other, MeanObserver):
+            raise TypeError(f"cannot merge {type(other).__name__} into MeanObserver")
+        if other.total is not None:
+            self._fold(other.total, other.count)
+        self.batches += other.batches
+
+    def _fold(self, total: np.ndarray, count: int) -> None:
+        self.total = total if self.total is None else self.total + total
+        self.count += count
+
+    def mean(self) -> np.ndarray:
+        if self.total is None:
+            raise ValueError("observer saw no data")
+        return self.total / self.count
+
+
+ACTIVATION_OBSERVERS: dict[str, type[RangeObserver]] = {
     "MAX_MIN": MinMaxObserver,
 }
 
 
-def activation_observer(method: str) -> Observer:
+def activation_observer(method: str) -> RangeObserver:
     """A fresh per-tensor observer for the configured activation_quant_method."""
     return ACTIVATION_OBSERVERS[method]()

@@ -122,10 +122,9 @@ FIELDS: tuple[Field, ...] = (
               "KL": "activation_quant_method=KL is not supported yet",
               "REMOVAL_OUTLIER": "activation_quant_method=REMOVAL_OUTLIER is not supported yet",
           })),
-    Field(FULL, "bias_correction", Kind.BOOL, False,
-          "correct the per-channel output shift caused by quantization "
-          "(MindSpore's default is true; lowbit defaults to false until bias correction lands)",
-          unsupported=unsupported_values({True: "bias_correction=true is not supported yet"})),
+    Field(FULL, "bias_correction", Kind.BOOL, True,
+          "fold the per-channel output shift that weight rounding causes into each int8 Conv/Gemm bias, "
+          "measured on the calibration data; DSP defaults to false"),
     Field(FULL, "per_channel", Kind.BOOL, True,
           "weights per output channel (true) or per tensor (false); DSP defaults to false"),
     Field(FULL, "target_device", Kind.ENUM, None,

@@ -199,8 +199,10 @@ def _apply_dependent_defaults(settings: dict[str, Setting]) -> None:
     quant_type = settings["quant_type"].value
     if quant_type != "WEIGHT_QUANT" and settings["min_quant_weight_channel"].source == DEFAULT:
         settings["min_quant_weight_channel"] = Setting(0, f"{DEFAULT} for {quant_type}")
-    if settings["target_device"].value == "DSP" and settings["per_channel"].source == DEFAULT:
-        settings["per_channel"] = Setting(False, f"{DEFAULT} for target_device=DSP")
+    if settings["target_device"].value == "DSP":
+        for key in ("per_channel", "bias_correction"):
+            if settings[key].source == DEFAULT:
+                settings[key] = Setting(False, f"{DEFAULT} for target_device=DSP")
 
 
 def _check_combinations(settings: dict[str, Setting]) -> None:

@@ -28,6 +28,10 @@ def format_summary(result: QuantizeResult) -> str:
     for reason, count in reasons.most_common():
         lines.append(f"    {count} x {reason}")
     t = result.timings
+    if result.bias_correction is not None and result.bias_correction.layers:
+        bc = result.bias_correction
+        lines.append(f"  bias correction: {bc.layers} layers on {bc.samples} samples, largest shift "
+                     f"{bc.largest_shift:.4g}, {bc.seconds:.1f} s")
     lines.append(
         f"  calibration: {result.calibration_samples} samples, {len(result.tensors)} tensors, "
         f"{t.get('calibrate', 0):.1f} s; total {sum(t.values()):.1f} s"

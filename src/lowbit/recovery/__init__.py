@@ -1,0 +1,1 @@
+"""Accuracy recovery passes that run after quantization: bias correction (more to come)."""
