@@ -2,7 +2,8 @@
 
     python -m bench.job TOOL MODEL CALIB_DIR OUTPUT [--size N]
 
-TOOL is ``lowbit`` (default settings, MAX_MIN) or ``ort-minmax`` / ``ort-entropy`` /
+TOOL is ``lowbit`` (default settings: MAX_MIN with bias correction), ``lowbit-no-bc`` (MAX_MIN
+alone, the same method as onnxruntime's MinMax) or ``ort-minmax`` / ``ort-entropy`` /
 ``ort-percentile`` (onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights,
 uint8 activations: the same layout lowbit writes for the CPU target). Both read the same
 folder of .npy samples, one file at a time. Prints one JSON line: {"seconds": ...}.
@@ -19,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 
-def run_lowbit(model: Path, calib: Path, output: Path, size: int | None) -> None:
+def run_lowbit(model: Path, calib: Path, output: Path, size: int | None, **settings) -> None:
     import lowbit
 
-    lowbit.quantize(model, output, data=calib, calibrate_size=size, progress=False)
+    lowbit.quantize(model, output, data=calib, calibrate_size=size, progress=False, **settings)
 
 
 def run_onnxruntime(method: str, model: Path, calib: Path, output: Path, size: int | None) -> None:
@@ -67,6 +68,8 @@ def main() -> None:
     start = time.perf_counter()
     if args.tool == "lowbit":
         run_lowbit(args.model, args.calib, args.output, args.size)
+    elif args.tool == "lowbit-no-bc":
+        run_lowbit(args.model, args.calib, args.output, args.size, bias_correction=False)
     else:
         run_onnxruntime(args.tool.removeprefix("ort-"), args.model, args.calib, args.output, args.size)
     print(json.dumps({"seconds": time.perf_counter() - start}))

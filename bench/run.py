@@ -229,6 +229,8 @@ def markdown(results: dict) -> str:
     for case in results["cases"]:
         lines += [f"## {case['name']}", "",
                   f"{case['calibration']} calibration samples; {case['evaluation']} held-out inputs.", "",
+                  "Tools: `lowbit` = default settings (MAX_MIN + bias correction); `lowbit-no-bc` = MAX_MIN "
+                  "alone; `ort-*` = onnxruntime.quantization.quantize_static, QDQ, per-channel, U8S8.", "",
                   "| tool | quantize s | peak RSS MB | size MB | size ratio | top-1 agreement | accuracy "
                   "| cosine mean | cosine min | latency b1 ms | latency b8 ms |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -258,6 +260,15 @@ def ratios(rows: list[Row]) -> list[str]:
     by_tool = {r.tool: r for r in rows if r.error is None}
     lines = []
     lowbit, ort_minmax, float_row = by_tool.get("lowbit"), by_tool.get("ort-minmax"), by_tool.get("float32")
+    plain = by_tool.get("lowbit-no-bc")
+    if plain and ort_minmax and plain.agreement is not None:
+        lines.append(f"same method (MAX_MIN, no bias correction): top-1 agreement lowbit {plain.agreement:.3f} vs "
+                     f"onnxruntime MinMax {ort_minmax.agreement:.3f}; mean cosine {plain.cosine_mean:.4f} vs "
+                     f"{ort_minmax.cosine_mean:.4f}")
+    if lowbit and plain and lowbit.cosine_mean is not None:
+        lines.append(f"bias correction: output error (1 - cosine) {1 - plain.cosine_mean:.4f} -> "
+                     f"{1 - lowbit.cosine_mean:.4f}" + (f", top-1 agreement {plain.agreement:.3f} -> "
+                                                        f"{lowbit.agreement:.3f}" if lowbit.agreement else ""))
     if lowbit and ort_minmax:
         lines.append(f"lowbit / onnxruntime MinMax: quantize time {lowbit.seconds / ort_minmax.seconds:.2f}x, "
                      f"peak RSS {lowbit.peak_rss_mb / ort_minmax.peak_rss_mb:.2f}x, "
@@ -306,10 +317,10 @@ def main() -> None:
     work = zoo.cache_dir("bench")
     if args.quick:
         cases = [efficientnet_case(64, 12), digits_case(64, 1000)]
-        tools, runs = ["lowbit", "ort-minmax"], 20
+        tools, runs = ["lowbit", "lowbit-no-bc", "ort-minmax"], 20
     else:
         cases = [efficientnet_case(256, 34), digits_case(256, 2000), ppocr_rec_case(128)]
-        tools, runs = ["lowbit", "ort-minmax", "ort-entropy", "ort-percentile"], 50
+        tools, runs = ["lowbit", "lowbit-no-bc", "ort-minmax", "ort-entropy", "ort-percentile"], 50
     results = {"date": time.strftime("%Y-%m-%d"), "machine": describe_machine(), "versions": versions(),
                "command": "python bench/run.py" + (" --quick" if args.quick else ""), "cases": []}
     for case in cases:

@@ -158,7 +158,7 @@ FIELDS: tuple[Field, ...] = (
     Field(DATA, "input_data_format", Kind.ENUM, "NHWC",
           "layout of 4-D .bin buffers (MindSpore converter's inputDataFormat)", choices=("NHWC", "NCHW"),
           extension=True),
-    Field(DATA, "calibrate_batch_size", Kind.INT, 4,
+    Field(DATA, "calibrate_batch_size", Kind.INT, 1,
           "samples per calibration run where the model's batch dimension is free", low=1, high=1024,
           extension=True),
     Field(DATA, "skip_bad_samples", Kind.BOOL, False,

@@ -72,21 +72,21 @@ def correct_biases(model: ir.Model, layers: list[Layer], feeds: Iterable[dict[st
     """Measure each layer's output shift on ``feeds`` and fold it into its int32 bias, in place."""
     start = time.perf_counter()
     layers = [layer for layer in layers if _scales(layer.node) is not None]
-    proto = ir.serde.serialize_model(model)
+    proto = _with_dequantized_constants(ir.serde.serialize_model(model))
     observers: dict[str, MeanObserver] = {}
     for i, layer in enumerate(layers):
         node = layer.node
-        axis = 1 if node.op_type == "Conv" else -1
-        shadow_out = f"lowbit_bias_correction_{i}"
-        weight_name = f"{shadow_out}_float_weight"
+        shadow_out, difference = f"lowbit_bias_correction_{i}_float", f"lowbit_bias_correction_{i}"
+        weight_name = f"{shadow_out}_weight"
         proto.graph.initializer.append(numpy_helper.from_array(layer.float_weight, weight_name))
-        attributes = [ir.serde.serialize_attribute(a) for a in node.attributes.values()]
         shadow = onnx.helper.make_node(node.op_type, [node.inputs[0].name, weight_name], [shadow_out],
                                        name=f"{shadow_out}_node")
-        shadow.attribute.extend(attributes)
-        proto.graph.node.append(shadow)
-        observers[node.outputs[0].name] = MeanObserver(axis)
-        observers[shadow_out] = MeanObserver(axis)
+        shadow.attribute.extend(ir.serde.serialize_attribute(a) for a in node.attributes.values())
+        # one output per layer: (quantized output) - (float weight on the same input)
+        subtract = onnx.helper.make_node("Sub", [node.outputs[0].name, shadow_out], [difference],
+                                         name=f"{difference}_node")
+        proto.graph.node.extend([shadow, subtract])
+        observers[difference] = MeanObserver(1 if node.op_type == "Conv" else -1)
     if not layers:
         return BiasCorrectionReport(0, 0, 0.0, 0.0)
     run = collect(proto, observers, feeds, total, progress, description="bias correction")
@@ -94,15 +94,40 @@ def correct_biases(model: ir.Model, layers: list[Layer], feeds: Iterable[dict[st
     largest = 0.0
     for i, layer in enumerate(layers):
         node = layer.node
-        quantized_mean = observers[node.outputs[0].name].mean()
-        float_mean = observers[f"lowbit_bias_correction_{i}"].mean()
-        current = _current_bias(node, quantized_mean.shape[0])
+        # mean of Conv(x_q, W_q) + current bias - Conv(x_q, W): the shift, plus the bias in place now
+        shift_plus_bias = observers[f"lowbit_bias_correction_{i}"].mean()
+        current = _current_bias(node, shift_plus_bias.shape[0])
         float_bias = layer.float_bias if layer.float_bias is not None else np.zeros_like(current)
-        # Conv(x_q, W_q) = quantized output - current bias; aim for Conv(x_q, W) + float bias
-        target = float_mean + float_bias - (quantized_mean - current)
-        largest = max(largest, float(np.max(np.abs(target - float_bias))))
-        _set_bias(model.graph, node, target)
+        shift = shift_plus_bias - current
+        largest = max(largest, float(np.max(np.abs(shift))))
+        _set_bias(model.graph, node, float_bias - shift)
     return BiasCorrectionReport(len(layers), run.samples, time.perf_counter() - start, largest)
+
+
+def _with_dequantized_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The measuring model with weights and biases stored dequantized (the same float values).
+
+    ONNX Runtime would otherwise run every weight's DequantizeLinear on every batch: the
+    layers under measurement are not fused into integer kernels, so nothing folds them.
+    """
+    constants = {t.name: t for t in proto.graph.initializer}
+    kept = []
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and all(name in constants for name in node.input):
+            q, scale, *zero = (numpy_helper.to_array(constants[name]) for name in node.input)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            if scale.ndim == 1 and q.ndim > 1:
+                shape = [1] * q.ndim
+                shape[axis] = -1
+                scale = scale.reshape(shape)
+                zero = [z.reshape(shape) for z in zero]
+            values = (q.astype(np.float64) - (zero[0].astype(np.float64) if zero else 0)) * scale
+            proto.graph.initializer.append(numpy_helper.from_array(values.astype(np.float32), node.output[0]))
+        else:
+            kept.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    return proto
 
 
 def _scales(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
