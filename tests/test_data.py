@@ -263,3 +263,26 @@ def test_data_list_with_a_missing_file(tmp_path, capsys):
     (tmp_path / "list.txt").write_text("missing.npy\n")
     code, err = cli(capsys, model, "-o", tmp_path / "q.onnx", "--data-list", tmp_path / "list.txt")
     assert code == 2 and "list.txt, line 1" in err and "missing.npy" in err
+
+
+@pytest.mark.parametrize("kind", ["NPY", "NPZ", "BIN"])
+def test_each_input_type_from_an_ini(tmp_path, kind):
+    model = save(conv_relu_pool_model(), tmp_path / "m.onnx")
+    folder = tmp_path / kind.lower()
+    folder.mkdir()
+    for i, feed in enumerate(random_feeds(4)):
+        x = feed["input"]
+        if kind == "NPY":
+            np.save(folder / f"{i}.npy", x)
+        elif kind == "NPZ":
+            np.savez(folder / f"{i}.npz", input=x)
+        else:
+            x.transpose(0, 2, 3, 1).tofile(folder / f"{i}.bin")  # NHWC, MindSpore's default for .bin
+    cfg = tmp_path / "q.cfg"
+    path_line = f"calibrate_path={folder}" if kind == "NPZ" else f"calibrate_path=input:{folder}"
+    cfg.write_text(f"[common_quant_param]\nquant_type=FULL_QUANT\n\n[data_preprocess_param]\n{path_line}\n"
+                   f"calibrate_size=4\ninput_type={kind}\n")
+    assert main(["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--config", str(cfg), "-q"]) == 0
+    result = lowbit.quantize(model, tmp_path / "q2.onnx", config=cfg, progress=False)
+    lo = min(float(f["input"].min()) for f in random_feeds(4))
+    assert result.calibration_samples == 4 and result.tensors["input"].min == pytest.approx(lo)

@@ -196,7 +196,8 @@ def test_in_memory_feeds_and_calibrate_size(tmp_path):
             consumed.append(i)
             yield feed
 
-    result = lowbit.quantize(path, tmp_path / "q.onnx", data=stream(), calibrate_size=7, progress=False)
+    with pytest.warns(lowbit.LowbitWarning, match="bias correction was skipped"):
+        result = lowbit.quantize(path, tmp_path / "q.onnx", data=stream(), calibrate_size=7, progress=False)
     assert result.calibration_samples == 7 and len(consumed) == 7
 
 

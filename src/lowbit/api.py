@@ -2,7 +2,8 @@
 
 Stages: resolve the configuration; load and prepare the graph; plan what to quantize;
 stream the calibration data through the float model into the plan's observers; turn
-ranges into scales and zero points; rewrite the graph; write it atomically.
+ranges into scales and zero points; rewrite the graph; correct biases with a second
+streaming pass; write it atomically.
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ def quantize(
 
     ``config`` is a MindSpore-style INI file; ``settings`` override its keys by name
     (``per_channel=False``, ``target_device="NVGPU"`` ...). ``data`` is the calibration
-    data: a folder of .npy/.npz files, or an iterable of feed dicts (input name to
-    array); without it, ``calibrate_path`` from the config is used.
+    data: a folder (.npy, .npz, .bin or image files), or an iterable of feed dicts (input
+    name to array; a list, since bias correction reads the data twice). Without it,
+    ``calibrate_path`` or ``data_list`` from the configuration is used.
     """
     resolved = load_config(config, settings, describe=lambda key: f"argument {key}=")
     return run(model, output, resolved, data, progress=progress)
