@@ -28,6 +28,28 @@ from .qparams import INT32, QParams, QuantScheme, compute_qparams
 _INT32_LIMIT = float(2**31 - 1)
 
 
+def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer named after ``base`` (made unique)."""
+    value = ir.Value(name=unique_name(graph, base), const_value=ir.tensor(np.asarray(array, order="C")))
+    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    value.shape = ir.Shape(array.shape)
+    graph.register_initializer(value)
+    return value
+
+
+def dequantize_node(graph: ir.Graph, q: ir.Value, scale: ir.Value, zero_point: ir.Value | None,
+                    axis: int | None, name: str, shape: ir.Shape | None = None) -> ir.Value:
+    """A new DequantizeLinear node (not yet inserted in the graph); returns its float output."""
+    attributes = {"axis": axis} if axis is not None else {}
+    inputs = [q, scale] if zero_point is None else [q, scale, zero_point]
+    node = ir.node("DequantizeLinear", inputs, attributes, name=unique_name(graph, f"{name}_DequantizeLinear"))
+    out = node.outputs[0]
+    out.name = unique_name(graph, name)
+    out.type = ir.TensorType(ir.DataType.FLOAT)
+    out.shape = shape
+    return out
+
+
 @dataclass
 class _Rewriter:
     graph: ir.Graph
@@ -39,53 +61,37 @@ class _Rewriter:
 
     # -- constants -----------------------------------------------------------------
 
-    def constant(self, base: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=unique_name(self.graph, base), const_value=ir.tensor(array))
-        value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
-        value.shape = ir.Shape(array.shape)
-        self.graph.register_initializer(value)
-        return value
-
     def dequantized_constant(self, value: ir.Value, qparams: QParams, tag: str) -> ir.Value:
         """Integer initializer + DequantizeLinear for a constant; shared by readers with equal parameters."""
         key = (value.name, tag, qparams.scale.tobytes(), qparams.zero_point.tobytes(), qparams.scheme.axis)
         if key in self.dequantized:
             return self.dequantized[key]
         array = constant_array(value)
-        q = self.constant(f"{value.name}_quantized", qparams.quantize(array))
-        scale = self.constant(f"{value.name}_scale", qparams.scale)
+        q = add_initializer(self.graph, f"{value.name}_quantized", qparams.quantize(array))
+        scale = add_initializer(self.graph, f"{value.name}_scale", qparams.scale)
         # An int32 bias leaves out its zero point (0 by default, 4 bytes a channel saved).
         # Weights keep theirs even when 0: ONNX Runtime fuses DQ -> Gemm into QGemm only then.
         omit_zero_point = qparams.scheme.qtype is INT32 and not qparams.zero_point.any()
-        zero_point = None if omit_zero_point else self.constant(f"{value.name}_zero_point", qparams.zero_point)
-        out = self._dequantize_node(q, scale, zero_point, qparams.scheme.axis, value, f"{value.name}_dequantized")
+        zero_point = (None if omit_zero_point
+                      else add_initializer(self.graph, f"{value.name}_zero_point", qparams.zero_point))
+        out = dequantize_node(self.graph, q, scale, zero_point, qparams.scheme.axis, f"{value.name}_dequantized",
+                              value.shape)
         self.graph.insert_before(self.graph.node(0), out.producer())
         self.dequantized[key] = out
-        return out
-
-    def _dequantize_node(self, q, scale, zero_point, axis, like: ir.Value, name: str) -> ir.Value:
-        attributes = {"axis": axis} if axis is not None else {}
-        inputs = [q, scale] if zero_point is None else [q, scale, zero_point]
-        node = ir.node("DequantizeLinear", inputs, attributes,
-                       name=unique_name(self.graph, f"{name}_DequantizeLinear"))
-        out = node.outputs[0]
-        out.name = unique_name(self.graph, name)
-        out.type = ir.TensorType(ir.DataType.FLOAT)
-        out.shape = like.shape
         return out
 
     # -- activations ---------------------------------------------------------------
 
     def quantize_activation(self, value: ir.Value, qparams: QParams) -> None:
-        scale = self.constant(f"{value.name}_scale", qparams.scale)
-        zero_point = self.constant(f"{value.name}_zero_point", qparams.zero_point)
+        scale = add_initializer(self.graph, f"{value.name}_scale", qparams.scale)
+        zero_point = add_initializer(self.graph, f"{value.name}_zero_point", qparams.zero_point)
         quantize = ir.node("QuantizeLinear", [value, scale, zero_point],
                            name=unique_name(self.graph, f"{value.name}_QuantizeLinear"))
         q = quantize.outputs[0]
         q.name = unique_name(self.graph, f"{value.name}_quantized")
         q.type = ir.TensorType(qparams.scheme.qtype.onnx_type)
         q.shape = value.shape
-        dq = self._dequantize_node(q, scale, zero_point, None, value, f"{value.name}_dequantized")
+        dq = dequantize_node(self.graph, q, scale, zero_point, None, f"{value.name}_dequantized", value.shape)
         readers = [(use.node, use.idx) for use in value.uses() if use.node is not quantize]
         for node, index in readers:
             node.replace_input_with(index, dq)

@@ -31,6 +31,7 @@ from onnx import numpy_helper
 from ..calibration.collector import collect
 from ..calibration.observers import MeanObserver
 from ..graph.query import attribute, constant_array
+from ..quantizers.qdq import add_initializer, dequantize_node
 from ..quantizers.qparams import INT32
 
 CORRECTABLE = ("Conv", "Gemm")
@@ -152,8 +153,6 @@ def _current_bias(node: ir.Node, channels: int) -> np.ndarray:
 
 def _set_bias(graph: ir.Graph, node: ir.Node, bias: np.ndarray) -> None:
     """Store the corrected bias as int32 with scale = input scale x weight scale."""
-    from ..graph.passes import unique_name
-
     dq = _dequantize_source(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
     own_dq = dq is not None and len(dq.outputs[0].uses()) == 1 and constant_array(dq.inputs[0]) is not None
     if own_dq:
@@ -165,16 +164,10 @@ def _set_bias(graph: ir.Graph, node: ir.Node, bias: np.ndarray) -> None:
     if own_dq:
         dq.inputs[0].const_value = ir.tensor(quantized, name=dq.inputs[0].name)
         return
-    values = []
-    for base, array in ((f"{node.name}_bias_quantized", quantized), (f"{node.name}_bias_scale", scale)):
-        value = ir.Value(name=unique_name(graph, base), const_value=ir.tensor(np.ascontiguousarray(array)))
-        value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
-        value.shape = ir.Shape(array.shape)
-        graph.register_initializer(value)
-        values.append(value)
-    dequantize = ir.node("DequantizeLinear", values, {"axis": 0}, name=unique_name(graph, f"{node.name}_bias_dq"))
-    dequantize.outputs[0].name = unique_name(graph, f"{node.name}_bias_dequantized")
-    graph.insert_before(node, dequantize)
+    q = add_initializer(graph, f"{node.name}_bias_quantized", quantized)
+    scale_value = add_initializer(graph, f"{node.name}_bias_scale", scale)
+    dequantized = dequantize_node(graph, q, scale_value, None, 0, f"{node.name}_bias_dequantized")
+    graph.insert_before(node, dequantized.producer())
     if len(node.inputs) < 3:
         node.resize_inputs(3)
-    node.replace_input_with(2, dequantize.outputs[0])
+    node.replace_input_with(2, dequantized)
