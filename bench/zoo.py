@@ -180,6 +180,64 @@ def opencv_digits() -> tuple[np.ndarray, np.ndarray]:
     return cells, labels
 
 
+def stdlib_sentences() -> list[str]:
+    """Real English sentences: the first paragraph of the public docstrings of stdlib modules (sorted)."""
+    import argparse
+    import asyncio
+    import collections
+    import csv
+    import datetime
+    import email
+    import functools
+    import http.client
+    import inspect
+    import itertools
+    import json
+    import logging
+    import os
+    import pathlib
+    import re
+    import shutil
+    import socket
+    import string
+    import subprocess
+    import tarfile
+    import textwrap
+    import threading
+    import typing
+    import unittest
+    import urllib.request
+    import zipfile
+
+    modules = (json, os, collections, string, textwrap, pathlib, argparse, re, itertools, inspect, shutil,
+               subprocess, threading, logging, datetime, functools, typing, email, http.client, urllib.request,
+               unittest, csv, zipfile, tarfile, socket, asyncio)
+    sentences = set()
+    for module in modules:
+        for name, obj in inspect.getmembers(module):
+            doc = inspect.getdoc(obj)
+            if doc and not name.startswith("_"):
+                first = doc.strip().split("\n\n")[0].replace("\n", " ")
+                if 20 < len(first) < 400:
+                    sentences.add(first)
+    return sorted(sentences)
+
+
+def magika_model() -> Path:
+    """magika's byte-level file-type classifier (input 'bytes': int32 N x 2048)."""
+    spec = importlib.util.find_spec("magika")
+    return Path(spec.origin).parent / "models" / "standard_v3_3" / "model.onnx"
+
+
+def magika_input(data: bytes, block: int = 1024, padding: int = 256) -> np.ndarray:
+    """magika's features: the first and last ``block`` bytes (whitespace-stripped), padded with 256."""
+    stripped = data.strip()
+    head = list(stripped[:block]) + [padding] * max(0, block - len(stripped[:block]))
+    tail_bytes = stripped[-block:] if stripped else b""
+    tail = [padding] * max(0, block - len(tail_bytes)) + list(tail_bytes)
+    return np.array([head + tail], dtype=np.int32)
+
+
 # -- preprocessing --------------------------------------------------------------------
 
 def efficientnet_input(image: np.ndarray) -> np.ndarray:

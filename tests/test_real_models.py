@@ -143,35 +143,11 @@ def test_ppocr_rec(tmp_path):
     assert np.mean(cosines) > 0.9
 
 
-def _stdlib_sentences() -> list[str]:
-    """Real English sentences: the first paragraph of public docstrings in a few stdlib modules."""
-    import argparse
-    import collections
-    import inspect
-    import itertools
-    import json
-    import os
-    import pathlib
-    import re
-    import string
-    import textwrap
-
-    sentences = set()
-    for module in (json, os, collections, string, textwrap, pathlib, argparse, re, itertools):
-        for name, obj in inspect.getmembers(module):
-            doc = inspect.getdoc(obj)
-            if doc and not name.startswith("_"):
-                first = doc.strip().split("\n\n")[0].replace("\n", " ")
-                if 20 < len(first) < 300:
-                    sentences.add(first)
-    return sorted(sentences)
-
-
 def test_minilm_npz_multi_input(tmp_path):
     """Three int64 inputs from .npz samples; the embeddings stay close to the float model's."""
     from bench import minilm
 
-    sentences = _stdlib_sentences()
+    sentences = zoo.stdlib_sentences()
     tokenize = minilm.WordPiece()
     folder = tmp_path / "calib"
     folder.mkdir()

@@ -31,6 +31,7 @@ from .graph.loading import load_model
 from .graph.passes import prepare
 from .graph.query import constant_array
 from .graph.saving import check_output_path, save_atomically
+from .quantizers.dynamic import DynamicOptions, apply_dynamic, plan_dynamic
 from .quantizers.plan import PlanOptions, QuantPlan, plan_quantization
 from .quantizers.qdq import apply_plan
 from .quantizers.qparams import QParams, compute_qparams
@@ -137,32 +138,59 @@ def run(
     graph_model = prepare(graph_model)
     timings["load"] = time.perf_counter() - clock
 
-    target = TARGETS[config.target]
     _warn_unknown_skip_nodes(graph_model, config.skip_quant_node, note)
-    plan = plan_quantization(graph_model, target, PlanOptions(
+    if config.quant_type == "DYNAMIC_QUANT":
+        target_name = "CPU, dynamic"
+        plan, samples, tensors, correction = _dynamic(graph_model, config, data, note, timings)
+    else:
+        target_name = config.target
+        plan, samples, tensors, correction = _full(graph_model, config, data, progress, note, timings)
+    if not plan.quantized_nodes:
+        note(f"nothing in {model_path} can be quantized for target {target_name}; the output is the float model")
+
+    clock = time.perf_counter()
+    output_bytes = save_atomically(graph_model, output_path)
+    timings["save"] = time.perf_counter() - clock
+
+    return QuantizeResult(
+        output_path=output_path,
+        target=target_name,
+        quantized_nodes=[NodeReport(d.node.name, d.node.op_type, f"fused into {d.fused_into}" if d.fused_into else "")
+                         for d in plan.quantized_nodes],
+        float_nodes=[NodeReport(d.node.name, d.node.op_type, d.reason) for d in plan.float_nodes],
+        tensors=tensors,
+        calibration_samples=samples,
+        bias_correction=correction,
+        float_bytes=float_bytes,
+        output_bytes=output_bytes,
+        timings=timings,
+        warnings=notes,
+    )
+
+
+def _full(model: ir.Model, config: QuantConfig, data, progress: bool, note, timings: dict):
+    """Weights and activations int8: plan, calibrate, rewrite, correct biases."""
+    target = TARGETS[config.target]
+    plan = plan_quantization(model, target, PlanOptions(
         per_channel=config.per_channel,
         skip_nodes=frozenset(config.skip_quant_node),
         min_weight_size=config.min_quant_weight_size,
         min_weight_channels=config.min_quant_weight_channel,
     ))
-    if not plan.quantized_nodes:
-        note(f"nothing in {model_path} can be quantized for target {target.name}; the output is the float model")
-
     clock = time.perf_counter()
     observers = {name: activation_observer(config.activation_quant_method) for name in plan.activations}
     samples = 0
-    specs = input_specs(graph_model)
+    specs = input_specs(model)
     if observers:
         feeds, total = _calibration_feeds(specs, config, data, note)
-        run_stats = collect(graph_model, observers, batched(feeds, specs, config.calibrate_batch_size), total,
-                            progress)
+        run_stats = collect(model, observers, batched(feeds, specs, config.calibrate_batch_size), total, progress)
         samples = run_stats.samples
     timings["calibrate"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     qparams = _activation_qparams(plan, observers)
     layers = _correctable_layers(plan) if config.bias_correction else []
-    apply_plan(graph_model, plan, qparams)
+    apply_plan(model, plan, qparams)
     timings["rewrite"] = time.perf_counter() - clock
 
     correction = None
@@ -172,28 +200,29 @@ def run(
                  "can be read once; pass a list or a folder (bias correction was skipped)")
         else:
             feeds, total = _calibration_feeds(specs, config, data, note)
-            correction = correct_biases(graph_model, layers, batched(feeds, specs, config.calibrate_batch_size),
+            correction = correct_biases(model, layers, batched(feeds, specs, config.calibrate_batch_size),
                                         total, progress)
             timings["bias_correction"] = correction.seconds
+    return plan, samples, _tensor_reports(observers, qparams), correction
 
+
+def _dynamic(model: ir.Model, config: QuantConfig, data, note, timings: dict):
+    """int8 weights, activations quantized at run time: no calibration."""
+    if data is not None or config.calibrate_path is not None or config.data_list is not None:
+        note("DYNAMIC_QUANT computes activation scales at run time; the calibration data is not used")
     clock = time.perf_counter()
-    output_bytes = save_atomically(graph_model, output_path)
-    timings["save"] = time.perf_counter() - clock
-
-    return QuantizeResult(
-        output_path=output_path,
-        target=target.name,
-        quantized_nodes=[NodeReport(d.node.name, d.node.op_type, f"fused into {d.fused_into}" if d.fused_into else "")
-                         for d in plan.quantized_nodes],
-        float_nodes=[NodeReport(d.node.name, d.node.op_type, d.reason) for d in plan.float_nodes],
-        tensors=_tensor_reports(observers, qparams),
-        calibration_samples=samples,
-        bias_correction=correction,
-        float_bytes=float_bytes,
-        output_bytes=output_bytes,
-        timings=timings,
-        warnings=notes,
+    options = DynamicOptions(
+        per_channel=config.per_channel,
+        skip_nodes=frozenset(config.skip_quant_node),
+        min_weight_size=config.min_quant_weight_size,
+        min_weight_channels=config.min_quant_weight_channel,
+        activation_matmul=config.dynamic_quant_activation_matmul,
+        granularity=config.dynamic_quant_granularity,
     )
+    plan = plan_dynamic(model, options)
+    apply_dynamic(model, plan, options)
+    timings["rewrite"] = time.perf_counter() - clock
+    return plan, 0, {}, None
 
 
 def _warn_unknown_skip_nodes(model: ir.Model, names: tuple[str, ...], note: Callable[[str], None]) -> None:

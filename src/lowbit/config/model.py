@@ -203,15 +203,28 @@ def _apply_dependent_defaults(settings: dict[str, Setting]) -> None:
         for key in ("per_channel", "bias_correction"):
             if settings[key].source == DEFAULT:
                 settings[key] = Setting(False, f"{DEFAULT} for target_device=DSP")
+    if quant_type != "FULL_QUANT" and settings["bias_correction"].source == DEFAULT:
+        settings["bias_correction"] = Setting(False, f"{DEFAULT} for {quant_type}")
 
 
 def _check_combinations(settings: dict[str, Setting]) -> None:
     def where(key: str) -> str:
         return settings[key].source
 
-    if settings["quant_type"].value == "FULL_QUANT" and settings["bit_num"].value != 8:
+    quant_type = settings["quant_type"].value
+    if quant_type in ("FULL_QUANT", "DYNAMIC_QUANT") and settings["bit_num"].value != 8:
         raise LowbitError(
-            f"{where('bit_num')}: bit_num={settings['bit_num'].value}: FULL_QUANT supports bit_num=8 only")
+            f"{where('bit_num')}: bit_num={settings['bit_num'].value}: {quant_type} supports bit_num=8 only")
+    if quant_type == "DYNAMIC_QUANT":
+        if settings["bias_correction"].value:
+            raise LowbitError(f"{where('bias_correction')}: bias_correction=true applies to FULL_QUANT only; "
+                              "dynamic quantization has no calibration pass to measure it on")
+        if settings["target_device"].value not in (None, "CPU"):
+            raise LowbitError(f"{where('target_device')}: target_device={settings['target_device'].value}: "
+                              "DYNAMIC_QUANT targets ONNX Runtime on CPU; leave target_device unset")
+    elif settings["dynamic_quant_activation_matmul"].value:
+        raise LowbitError(f"{where('dynamic_quant_activation_matmul')}: dynamic_quant_activation_matmul "
+                          "applies to quant_type=DYNAMIC_QUANT only")
     if settings["target_device"].value == "DSP" and settings["per_channel"].value:
         raise LowbitError(
             f"{where('per_channel')}: per_channel=true: target_device=DSP quantizes weights per tensor "

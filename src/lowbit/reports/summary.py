@@ -32,8 +32,9 @@ def format_summary(result: QuantizeResult) -> str:
         bc = result.bias_correction
         lines.append(f"  bias correction: {bc.layers} layers on {bc.samples} samples, largest shift "
                      f"{bc.largest_shift:.4g}, {bc.seconds:.1f} s")
-    lines.append(
-        f"  calibration: {result.calibration_samples} samples, {len(result.tensors)} tensors, "
-        f"{t.get('calibrate', 0):.1f} s; total {sum(t.values()):.1f} s"
-    )
+    if result.calibration_samples:
+        lines.append(f"  calibration: {result.calibration_samples} samples, {len(result.tensors)} tensors, "
+                     f"{t.get('calibrate', 0):.1f} s; total {sum(t.values()):.1f} s")
+    else:
+        lines.append(f"  no calibration (activation scales are computed at run time); total {sum(t.values()):.1f} s")
     return "\n".join(lines)
