@@ -234,11 +234,10 @@ def stdlib_sentences() -> list[str]:
 
     sentences = set()
     for module in modules:
-        with warnings.catch_warnings():  # getmembers touches deprecated aliases such as typing.io
+        with warnings.catch_warnings():  # reading members touches deprecated aliases such as typing.io
             warnings.simplefilter("ignore", DeprecationWarning)
-            members = inspect.getmembers(module)
-        for name, obj in members:
-            doc = inspect.getdoc(obj)
+            docs = [(name, inspect.getdoc(obj)) for name, obj in inspect.getmembers(module)]
+        for name, doc in docs:
             if doc and not name.startswith("_"):
                 first = doc.strip().split("\n\n")[0].replace("\n", " ")
                 if 20 < len(first) < 400:

@@ -140,7 +140,10 @@ def _dynamic_input(graph: ir.Graph, value: ir.Value, name: str, new_nodes: list)
 
 
 def _per_token_input(graph: ir.Graph, x: ir.Value, k: int, name: str, new: list, opset: int) -> tuple:
-    """x -> (uint8 rows [M, K] around 128, row scales [M, 1], zero point 128): symmetric per row."""
+    """x -> (uint8 rows [M, K] around 128, row scales [M, 1], zero point 128): symmetric per row.
+
+    One QuantizeLinear along axis 0 rounds, shifts and saturates every row with its own scale.
+    """
     def op(op_type, inputs, attributes=None):
         node = _new_node(graph, op_type, inputs, attributes, name=name)
         new.append(node)
@@ -151,14 +154,14 @@ def _per_token_input(graph: ir.Graph, x: ir.Value, k: int, name: str, new: list,
 
     rows = op("Reshape", [x, const("rows_shape", np.array([-1, k], np.int64))])
     if opset >= 18:
-        absmax = op("ReduceMax", [op("Abs", [rows]), const("axes", np.array([1], np.int64))], {"keepdims": 1})
+        absmax = op("ReduceMax", [op("Abs", [rows]), const("axes", np.array([1], np.int64))], {"keepdims": 0})
     else:
-        absmax = op("ReduceMax", [op("Abs", [rows])], {"axes": [1], "keepdims": 1})
+        absmax = op("ReduceMax", [op("Abs", [rows])], {"axes": [1], "keepdims": 0})
     scale = op("Div", [op("Max", [absmax, const("tiny", np.float32(1e-12))]), const("q127", np.float32(127))])
-    shifted = op("Add", [op("Round", [op("Div", [rows, scale])]), const("c128", np.float32(128))])
-    clipped = op("Clip", [shifted, const("lo", np.float32(1)), const("hi", np.float32(255))])
-    q = op("Cast", [clipped], {"to": ir.DataType.UINT8})
-    return q, scale, const("zero_point", np.uint8(128))
+    zero_point = const("zero_point", np.uint8(128))
+    row_zero_points = op("Expand", [zero_point, op("Shape", [scale])])
+    q = op("QuantizeLinear", [rows, scale, row_zero_points], {"axis": 0})
+    return q, op("Unsqueeze", [scale, const("column", np.array([1], np.int64))]), zero_point
 
 
 def _quantize_matmul(graph: ir.Graph, node: ir.Node, options: DynamicOptions, opset: int) -> None:
