@@ -142,32 +142,34 @@ def model_bytes(path: Path) -> int:
 
 
 def quiet_session(path: Path) -> ort.InferenceSession:
-    """A session for computing outputs: its threads do not spin after a run, so they cannot
-    steal the two cores from a session being timed afterwards."""
+    """A session whose threads do not spin after a run, so that it cannot steal the cores
+    from another session being timed (outputs and latencies both use these)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def timing_session(path: Path) -> ort.InferenceSession:
-    gc.collect()  # sessions no longer used are gone before the clock starts
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def compare_latency(paths: dict[str, Path], feed: dict[str, np.ndarray], runs: int, rounds: int = 5) -> dict[str, float]:
+    """Latency in ms of each model on ``feed``: models take turns, ``rounds`` times ``runs`` runs each.
 
-
-def latency_ms(path: Path, input_name: str, sample: np.ndarray, batch: int, runs: int) -> float:
-    session = timing_session(path)
-    x = np.repeat(sample[np.newaxis], batch, axis=0)
-    for _ in range(3):
-        session.run(None, {input_name: x})
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, {input_name: x})
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
+    A shared VM's speed drifts over minutes; taking turns exposes every model to the same
+    drift, and the best of the per-round medians discards rounds that a neighbour slowed down.
+    """
+    gc.collect()
+    sessions = {name: quiet_session(path) for name, path in paths.items()}
+    for session in sessions.values():
+        session.run(None, feed)
+    best = {name: float("inf") for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                session.run(None, feed)
+                times.append(time.perf_counter() - start)
+            best[name] = min(best[name], float(np.median(times) * 1000))
+    return best
 
 
 def outputs(path: Path, case: Case) -> np.ndarray:
@@ -209,12 +211,13 @@ def bench_case(case: Case, tools: list[str], work: Path, runs: int) -> list[Row]
         rows.append(row)
         print(f"   {tool}: {row.seconds and round(row.seconds, 1)} s, {row.peak_rss_mb and round(row.peak_rss_mb)} MB"
               + (f", error: {row.error}" if row.error else ""), flush=True)
-    sample = case.evaluation[0]
+    paths = {r.tool: case.model if r.tool == "float32" else work / f"{r.tool}.onnx" for r in rows if r.error is None}
+    sample = case.evaluation[:1]
+    b1 = compare_latency(paths, {case.input_name: sample}, max(5, runs // 5))
+    b8 = compare_latency(paths, {case.input_name: np.repeat(sample, 8, axis=0)}, max(3, runs // 10))
     for row in rows:
         if row.error is None:
-            path = case.model if row.tool == "float32" else work / f"{row.tool}.onnx"
-            row.latency_b1_ms = latency_ms(path, case.input_name, sample, 1, runs)
-            row.latency_b8_ms = latency_ms(path, case.input_name, sample, 8, max(5, runs // 4))
+            row.latency_b1_ms, row.latency_b8_ms = b1[row.tool], b8[row.tool]
     return rows
 
 
@@ -242,22 +245,11 @@ def text_case(work: Path, count: int, runs: int) -> dict:
         session = quiet_session(path)
         return np.concatenate([minilm.mean_pool(session.run(None, b)[0], b["attention_mask"]) for b in batches])
 
-    def timed(path: Path, batch: dict, repeat: int) -> float:
-        session = timing_session(path)
-        session.run(None, batch)
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            session.run(None, batch)
-            times.append(time.perf_counter() - start)
-        return float(np.median(times) * 1000)
-
     print(f"== MiniLM-L6 dynamic: {len(sentences)} sentences", flush=True)
     work.mkdir(parents=True, exist_ok=True)
     reference = embed(model)
     b8, b1 = tokenize(sentences[:8], 128), tokenize(sentences[:1], 128)
-    rows = [Row("float32", size_mb=model_bytes(model) / 1e6, size_ratio=1.0, cosine_mean=1.0, cosine_min=1.0,
-                latency_b1_ms=timed(model, b1, runs), latency_b8_ms=timed(model, b8, max(5, runs // 4)))]
+    rows = [Row("float32", size_mb=model_bytes(model) / 1e6, size_ratio=1.0, cosine_mean=1.0, cosine_min=1.0)]
     for tool in ("lowbit-dynamic", "lowbit-dynamic-tensor", "ort-dynamic", "ort-dynamic-per-channel"):
         output = work / f"{tool}.onnx"
         row = quantize_in_child(tool, model, work, output)
@@ -266,10 +258,14 @@ def text_case(work: Path, count: int, runs: int) -> dict:
             row.cosine_mean, row.cosine_min = float(cosines.mean()), float(cosines.min())
             row.size_mb = model_bytes(output) / 1e6
             row.size_ratio = row.size_mb / rows[0].size_mb
-            row.latency_b1_ms = timed(output, b1, runs)
-            row.latency_b8_ms = timed(output, b8, max(5, runs // 4))
         print(f"   {tool}: cosine {row.cosine_mean}, {row.error or ''}", flush=True)
         rows.append(row)
+    paths = {r.tool: model if r.tool == "float32" else work / f"{r.tool}.onnx" for r in rows if r.error is None}
+    latency_b1 = compare_latency(paths, b1, max(5, runs // 5))
+    latency_b8 = compare_latency(paths, b8, 3)
+    for row in rows:
+        if row.error is None:
+            row.latency_b1_ms, row.latency_b8_ms = latency_b1[row.tool], latency_b8[row.tool]
     return {"name": "MiniLM-L6 sentence encoder, dynamic quantization", "sentences": len(sentences),
             "rows": [asdict(r) for r in rows]}
 
@@ -335,7 +331,8 @@ def markdown(results: dict) -> str:
     lines = ["# lowbit bench", "", f"Run {results['date']} on {results['machine']}.", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".", "",
              f"Command: `{results['command']}`. Each quantization runs in its own process; peak RSS is "
-             "that process's, read by GNU time. Latency: ONNX Runtime CPU, median of repeated runs.", ""]
+             "that process's, read by GNU time. Latency: ONNX Runtime CPU (threads not spinning); the models take "
+             "turns for 5 rounds and each reports the best of its per-round medians.", ""]
     for case in results["cases"]:
         lines += [f"## {case['name']}", "",
                   f"{case['calibration']} calibration samples; {case['evaluation']} held-out inputs.", "",
