@@ -13,9 +13,7 @@ from ..errors import LowbitError
 _PROTOBUF_LIMIT = 2**31 - 2**26  # stay clear of protobuf's 2 GB message limit
 
 
-def make_session(
-    model: ir.Model | onnx.ModelProto, extra_outputs: Sequence[str] = (), threads: int = 0
-) -> ort.InferenceSession:
+def make_session(model: ir.Model | onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> ort.InferenceSession:
     """An ORT CPU session of the model whose outputs also include ``extra_outputs`` (float32 tensors).
 
     Models over 2 GB are passed to ORT through a temporary file with external data.
@@ -31,7 +29,6 @@ def make_session(
             proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.intra_op_num_threads = threads
     try:
         if proto.ByteSize() < _PROTOBUF_LIMIT:
             return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])

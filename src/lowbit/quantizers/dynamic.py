@@ -25,7 +25,7 @@ No calibration data is needed: each activation's scale is computed by
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -33,7 +33,7 @@ import onnx_ir as ir
 from ..calibration.observers import MinMaxObserver
 from ..graph.passes import unique_name
 from ..graph.query import STANDARD_DOMAINS, attribute, constant_array, is_activation, is_float32
-from .plan import NodeDecision
+from .plan import Decisions, NodeDecision
 from .qdq import add_initializer, dequantize_node
 from .qparams import INT8, QuantScheme, compute_qparams
 
@@ -50,21 +50,8 @@ class DynamicOptions:
     activation_matmul: bool = False
 
 
-@dataclass
-class DynamicPlan:
-    decisions: dict[str, NodeDecision] = field(default_factory=dict)
-
-    @property
-    def quantized_nodes(self) -> list[NodeDecision]:
-        return [d for d in self.decisions.values() if d.quantized]
-
-    @property
-    def float_nodes(self) -> list[NodeDecision]:
-        return [d for d in self.decisions.values() if not d.quantized]
-
-
-def plan_dynamic(model: ir.Model, options: DynamicOptions) -> DynamicPlan:
-    plan = DynamicPlan()
+def plan_dynamic(model: ir.Model, options: DynamicOptions) -> Decisions:
+    plan = Decisions()
     for node in model.graph:
         if not any(is_activation(v) for v in node.outputs):
             continue
@@ -105,7 +92,7 @@ def _why_float(node: ir.Node, options: DynamicOptions) -> str | None:
     return None
 
 
-def apply_dynamic(model: ir.Model, plan: DynamicPlan, options: DynamicOptions) -> None:
+def apply_dynamic(model: ir.Model, plan: Decisions, options: DynamicOptions) -> None:
     graph = model.graph
     for decision in plan.quantized_nodes:
         node = decision.node

@@ -53,9 +53,23 @@ class BiasSlot:
 
 
 @dataclass
-class QuantPlan:
-    target: Target
+class Decisions:
+    """Per-node decisions of any quantization mode, in graph order."""
+
     decisions: dict[str, NodeDecision] = field(default_factory=dict)
+
+    @property
+    def quantized_nodes(self) -> list[NodeDecision]:
+        return [d for d in self.decisions.values() if d.quantized]
+
+    @property
+    def float_nodes(self) -> list[NodeDecision]:
+        return [d for d in self.decisions.values() if not d.quantized]
+
+
+@dataclass
+class QuantPlan(Decisions):
+    target: Target | None = None
     activations: dict[str, ir.Value] = field(default_factory=dict)
     weights: list[WeightSlot] = field(default_factory=list)
     biases: list[BiasSlot] = field(default_factory=list)
@@ -79,14 +93,6 @@ class QuantPlan:
         for name in self.activations:
             out.setdefault(self.group_of(name), []).append(name)
         return out
-
-    @property
-    def quantized_nodes(self) -> list[NodeDecision]:
-        return [d for d in self.decisions.values() if d.quantized]
-
-    @property
-    def float_nodes(self) -> list[NodeDecision]:
-        return [d for d in self.decisions.values() if not d.quantized]
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,7 @@ class _Planner:
         self.graph = graph
         self.target = target
         self.options = options
-        self.plan = QuantPlan(target)
+        self.plan = QuantPlan(target=target)
 
     def decide(self, node: ir.Node) -> None:
         if node.name in self.plan.decisions:  # already decided as a fused activation
