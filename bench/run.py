@@ -327,6 +327,30 @@ def _fmt(value, digits=3, suffix=""):
     return f"{value:.{digits}f}{suffix}" if isinstance(value, float) else str(value)
 
 
+_COMMON = [("quantize s", "seconds", 1), ("peak RSS MB", "peak_rss_mb", 0), ("size MB", "size_mb", 2),
+           ("size ratio", "size_ratio", 3)]
+_LATENCY = [("latency b1 ms", "latency_b1_ms", 2), ("latency b8 ms", "latency_b8_ms", 2)]
+IMAGE_COLUMNS = [*_COMMON, ("top-1 agreement", "agreement", 3), ("accuracy", "accuracy", 3),
+                 ("cosine mean", "cosine_mean", 4), ("cosine min", "cosine_min", 4), *_LATENCY]
+TEXT_COLUMNS = [*_COMMON, ("cosine mean", "cosine_mean", 4), ("cosine min", "cosine_min", 4), *_LATENCY,
+                ("speed-up b8 (x)", "speedup_b8", 2)]
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str, int]]) -> list[str]:
+    """Markdown rows: one per tool, a failed tool's error in its second cell."""
+    lines = ["| tool | " + " | ".join(header for header, _, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    base = rows[0].get("latency_b8_ms")
+    for r in rows:
+        if r["error"]:
+            lines.append(f"| {r['tool']} | failed: {r['error']} |" + " |" * (len(columns) - 1))
+            continue
+        values = dict(r, speedup_b8=base / r["latency_b8_ms"] if base and r.get("latency_b8_ms") else None)
+        lines.append("| " + " | ".join([r["tool"], *(_fmt(values.get(key), digits) for _, key, digits in columns)])
+                     + " |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     lines = ["# lowbit bench", "", f"Run {results['date']} on {results['machine']}.", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".", "",
@@ -338,17 +362,7 @@ def markdown(results: dict) -> str:
                   f"{case['calibration']} calibration samples; {case['evaluation']} held-out inputs.", "",
                   "Tools: `lowbit` = default settings (MAX_MIN + bias correction); `lowbit-no-bc` = MAX_MIN "
                   "alone; `ort-*` = onnxruntime.quantization.quantize_static, QDQ, per-channel, U8S8.", "",
-                  "| tool | quantize s | peak RSS MB | size MB | size ratio | top-1 agreement | accuracy "
-                  "| cosine mean | cosine min | latency b1 ms | latency b8 ms |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in case["rows"]:
-            if r["error"]:
-                lines.append(f"| {r['tool']} | failed: {r['error']} |" + " |" * 9)
-                continue
-            lines.append("| " + " | ".join([
-                r["tool"], _fmt(r["seconds"], 1), _fmt(r["peak_rss_mb"], 0), _fmt(r["size_mb"], 2),
-                _fmt(r["size_ratio"], 3), _fmt(r["agreement"]), _fmt(r["accuracy"]), _fmt(r["cosine_mean"], 4),
-                _fmt(r["cosine_min"], 4), _fmt(r["latency_b1_ms"], 2), _fmt(r["latency_b8_ms"], 2)]) + " |")
+                  *_table(case["rows"], IMAGE_COLUMNS)]
         lines.append("")
         for line in case["ratios"]:
             lines.append(f"* {line}")
@@ -358,20 +372,7 @@ def markdown(results: dict) -> str:
         lines += [f"## {t['name']}", "",
                   f"{t['sentences']} sentences (stdlib docstrings), padded to 128 tokens; cosine of the mean-pooled "
                   "embedding against float32. Latency: batch 8 x 128 tokens and batch 1 x 128.", "",
-                  "| tool | quantize s | peak RSS MB | size MB | size ratio | cosine mean | cosine min "
-                  "| latency b1 ms | latency b8 ms | speed-up b8 |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        base = t["rows"][0]["latency_b8_ms"]
-        for r in t["rows"]:
-            if r["error"]:
-                lines.append(f"| {r['tool']} | failed: {r['error']} |" + " |" * 8)
-                continue
-            lines.append("| " + " | ".join([
-                r["tool"], _fmt(r["seconds"], 1), _fmt(r["peak_rss_mb"], 0), _fmt(r["size_mb"], 2),
-                _fmt(r["size_ratio"], 3), _fmt(r["cosine_mean"], 4), _fmt(r["cosine_min"], 4),
-                _fmt(r["latency_b1_ms"], 2), _fmt(r["latency_b8_ms"], 2),
-                _fmt(base / r["latency_b8_ms"], 2) + "x"]) + " |")
-        lines.append("")
+                  *_table(t["rows"], TEXT_COLUMNS), ""]
     if results.get("images"):
         m = results["images"]
         lines += ["## Image calibration data", "",

@@ -135,7 +135,12 @@ def run(
     clock = time.perf_counter()
     check_output_path(output_path, model_path)
     graph_model, float_bytes = load_model(model_path)
-    graph_model = prepare(graph_model)
+    try:
+        graph_model = prepare(graph_model)
+    except ir.passes.PassError as exc:  # shape inference or a folding rule rejected the graph
+        cause = exc.__cause__ or exc
+        raise LowbitError(f"{model_path}: the graph could not be prepared for quantization "
+                          f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from None
     timings["load"] = time.perf_counter() - clock
 
     _warn_unknown_skip_nodes(graph_model, config.skip_quant_node, note)
