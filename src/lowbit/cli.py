@@ -75,7 +75,8 @@ def format_config(config: QuantConfig) -> str:
         if field.section != section:
             section = field.section
             lines.append(f"[{section}]")
-        lines.append(f"{field.key:<{width}} = {_show_value(setting.value):<24} # {setting.source}")
+        origin = setting.source + (" (a lowbit key, not MindSpore's)" if field.extension else "")
+        lines.append(f"{field.key:<{width}} = {_show_value(setting.value):<24} # {origin}")
     return "\n".join(lines)
 
 
