@@ -125,6 +125,8 @@ def run(
     notes: list[str] = []
 
     def note(message: str) -> None:
+        if message in notes:  # the bias-correction pass reads the data again: say things once
+            return
         notes.append(message)
         if warn is not None:
             warn(message)

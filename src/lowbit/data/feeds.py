@@ -24,9 +24,12 @@ class InputSpec:
     dtype: np.dtype
     shape: tuple[int | None, ...] | None
 
+    def dims(self) -> str:
+        """The shape as 1x3x224x224, with ? for free dimensions."""
+        return "?" if self.shape is None else "x".join("?" if d is None else str(d) for d in self.shape)
+
     def describe(self) -> str:
-        dims = "?" if self.shape is None else "x".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name} ({self.dtype}, {dims})"
+        return f"{self.name} ({self.dtype}, {self.dims()})"
 
 
 def input_specs(model: ir.Model) -> list[InputSpec]:
@@ -69,7 +72,7 @@ def _check_array(array: np.ndarray, spec: InputSpec, origin: str) -> np.ndarray:
             want is not None and want != got for want, got in zip(spec.shape, array.shape)
         ):
             raise LowbitError(f"{origin}: input '{spec.name}' has shape {list(array.shape)}, the model expects "
-                              f"{spec.describe().split(', ')[1].rstrip(')')}")
+                              f"{spec.dims()}")
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         raise LowbitError(f"{origin}: input '{spec.name}' contains NaN or infinite values")
     return array

@@ -25,9 +25,6 @@ from ..graph.query import constant_array
 from .plan import BiasSlot, QuantPlan
 from .qparams import INT32, QParams, QuantScheme, compute_qparams
 
-_INT32_LIMIT = float(2**31 - 1)
-
-
 def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as a new initializer named after ``base`` (made unique)."""
     value = ir.Value(name=unique_name(graph, base), const_value=ir.tensor(np.asarray(array, order="C")))
@@ -132,7 +129,7 @@ def _fit_bias_in_int32(weight_qparams: QParams, bias: np.ndarray, input_qparams:
 
     Happens only for channels with (almost) all-zero weights and a non-zero bias.
     """
-    needed = np.abs(bias.astype(np.float64)) / (float(input_qparams.scale) * _INT32_LIMIT)
+    needed = np.abs(bias.astype(np.float64)) / (float(input_qparams.scale) * INT32.qmax)
     scale = weight_qparams.scale.astype(np.float64)
     if np.all(scale >= needed):
         return weight_qparams
