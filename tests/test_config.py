@@ -43,7 +43,8 @@ def test_reads_every_section(tmp_path):
 
 def test_defaults_follow_mindspore_and_target():
     config = load_config()
-    assert (config.quant_type, config.bit_num, config.activation_quant_method) == ("FULL_QUANT", 8, "MAX_MIN")
+    assert (config.quant_type, config.bit_num) == ("FULL_QUANT", 8)
+    assert config.activation_quant_method is None  # no method: search MAX_MIN, REMOVAL_OUTLIER, KL, MSE
     assert config.per_channel is True and config.target == "CPU"
     # MindSpore applies min_quant_weight_channel only to weight quantization
     assert config.min_quant_weight_channel == 0 and config.source("min_quant_weight_channel") == "default for FULL_QUANT"
@@ -96,7 +97,6 @@ def test_full_quant_is_8_bit(tmp_path):
 
 
 @pytest.mark.parametrize("section, line", [
-    ("full_quant_param", "activation_quant_method=KL"),
     ("common_quant_param", "quant_type=WEIGHT_QUANT"),
     ("common_quant_param", "debug_info_save_path=/tmp/debug"),
     ("mixed_bit_weight_quant_param", "init_scale=0.02"),

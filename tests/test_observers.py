@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lowbit.calibration.observers import MinMaxObserver, activation_observer
+from lowbit.calibration.observers import MinMaxObserver
 
 
 def test_minmax_per_tensor_over_batches():
@@ -40,6 +40,3 @@ def test_empty_observer_raises():
     with pytest.raises(ValueError):
         MinMaxObserver().range()
 
-
-def test_method_registry():
-    assert isinstance(activation_observer("MAX_MIN"), MinMaxObserver)

@@ -13,6 +13,8 @@ from bench.zoo import cosine
 
 
 def quantize(tmp_path, model, feeds=None, **settings):
+    """Quantize with MAX_MIN unless told otherwise: these tests check exact ranges and placement."""
+    settings.setdefault("activation_quant_method", "MAX_MIN")
     path = save(model, tmp_path / "float.onnx")
     out = tmp_path / "int8.onnx"
     result = lowbit.quantize(path, out, data=feeds or random_feeds(8), progress=False, **settings)

@@ -155,11 +155,12 @@ def test_minilm_npz_multi_input(tmp_path):
     src = zoo.minilm_encoder()
     out = tmp_path / "minilm_int8.onnx"
     result = quantize_and_check(src, out, folder)
-    assert result.calibration_samples == 32
+    # the default search held 1 sample in 8 back to compare methods on
+    assert result.search.samples == 4 and result.calibration_samples == 28
     assert {"input_ids", "attention_mask", "token_type_ids"} <= {i.name for i in session(out).get_inputs()}
     held = tokenize(sentences[100:228], 64)
     reference = minilm.mean_pool(session(src).run(None, held)[0], held["attention_mask"])
     got = minilm.mean_pool(session(out).run(None, held)[0], held["attention_mask"])
     cosines = (reference * got).sum(1)
-    # measured: mean 0.986, min 0.975 (W8A8 with MAX_MIN; dynamic quantization is the better mode for text)
+    # measured: mean 0.986, min 0.975 with MAX_MIN (dynamic quantization is the better mode for text)
     assert cosines.mean() > 0.97 and cosines.min() > 0.9

@@ -20,12 +20,15 @@ import numpy as np
 import onnx_ir as ir
 
 from .calibration.collector import collect
-from .calibration.observers import activation_observer
+from .calibration.histogram import HistogramObserver
+from .calibration.observers import MinMaxObserver
+from .calibration.ranges import Range
 from .config import QuantConfig, load_config
 from .config.model import CalibrationSource
 from .data.feeds import batched, checked_feeds, input_specs
 from .data.images import ImagePreprocess
 from .data.sources import DataOptions, folder_samples, list_samples
+from .data.split import SampleSplit
 from .errors import LowbitError, closest
 from .graph.loading import load_model
 from .graph.passes import prepare
@@ -33,10 +36,24 @@ from .graph.query import constant_array
 from .graph.saving import check_output_path, save_atomically
 from .quantizers.dynamic import DynamicOptions, apply_dynamic, plan_dynamic
 from .quantizers.plan import PlanOptions, QuantPlan, plan_quantization
-from .quantizers.qdq import apply_plan
-from .quantizers.qparams import QParams, compute_qparams
+from .quantizers.qdq import activation_qparams, apply_plan
+from .quantizers.qparams import QParams
 from .quantizers.targets import TARGETS
-from .recovery.bias_correction import BiasCorrectionReport, Layer, correct_biases, correctable
+from .recovery.bias_correction import (
+    BiasCorrectionReport,
+    Layer,
+    correct_biases,
+    correctable,
+)
+from .search.modelwise import (
+    Candidate,
+    SearchOptions,
+    SearchReport,
+    candidates,
+    choose_ranges,
+)
+
+MIN_SAMPLES_TO_SEARCH = 8
 
 
 class LowbitWarning(UserWarning):
@@ -55,8 +72,10 @@ class TensorReport:
     """Calibrated range and quantization parameters of one activation tensor."""
 
     name: str
-    min: float
+    min: float  # the values seen in calibration
     max: float
+    range_min: float  # the range quantized (after clipping, before the group's union)
+    range_max: float
     scale: float
     zero_point: int
     dtype: str
@@ -75,6 +94,7 @@ class QuantizeResult:
     float_bytes: int
     output_bytes: int
     bias_correction: BiasCorrectionReport | None = None
+    search: SearchReport | None = None
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -149,9 +169,10 @@ def run(
     if config.quant_type == "DYNAMIC_QUANT":
         target_name = "CPU, dynamic"
         plan, samples, tensors, correction = _dynamic(graph_model, config, data, note, timings)
+        search = None
     else:
         target_name = config.target
-        plan, samples, tensors, correction = _full(graph_model, config, data, progress, note, timings)
+        plan, samples, tensors, correction, search = _full(graph_model, config, data, progress, note, timings)
     if not plan.quantized_nodes:
         note(f"nothing in {model_path} can be quantized for target {target_name}; the output is the float model")
 
@@ -168,6 +189,7 @@ def run(
         tensors=tensors,
         calibration_samples=samples,
         bias_correction=correction,
+        search=search,
         float_bytes=float_bytes,
         output_bytes=output_bytes,
         timings=timings,
@@ -176,26 +198,43 @@ def run(
 
 
 def _full(model: ir.Model, config: QuantConfig, data, progress: bool, note, timings: dict):
-    """Weights and activations int8: plan, calibrate, rewrite, correct biases."""
+    """Weights and activations int8: plan, calibrate, choose ranges, rewrite, correct biases."""
     target = TARGETS[config.target]
-    plan = plan_quantization(model, target, PlanOptions(
+    plan_options = PlanOptions(
         per_channel=config.per_channel,
         skip_nodes=frozenset(config.skip_quant_node),
         min_weight_size=config.min_quant_weight_size,
         min_weight_channels=config.min_quant_weight_channel,
-    ))
+    )
+    plan = plan_quantization(model, target, plan_options)
     clock = time.perf_counter()
-    observers = {name: activation_observer(config.activation_quant_method) for name in plan.activations}
-    samples = 0
+    samples, ranges, search, observers = 0, {}, None, {}
     specs = input_specs(model)
-    if observers:
+    if plan.activations:
         feeds, total = _calibration_feeds(specs, config, data, note)
-        run_stats = collect(model, observers, batched(feeds, specs, config.calibrate_batch_size), total, progress)
+        candidate_list, fallback = _candidates(config, total, note)
+        compare = len(candidate_list) > 1
+        tune = any(c.method == "AUTO_TUNE" for c in candidate_list) or (config.layerwise_search and compare)
+        histograms = any(c.method != "MAX_MIN" for c in candidate_list)
+        observers = {name: HistogramObserver(config.max_num_bin) if histograms else MinMaxObserver()
+                     for name in plan.activations}
+        split = SampleSplit(feeds, total, config.search_samples, hold_back=compare, keep_for_tuning=tune)
+        run_stats = collect(model, observers, batched(split, specs, config.calibrate_batch_size),
+                            split.statistics_total, progress)
         samples = run_stats.samples
-    timings["calibrate"] = time.perf_counter() - clock
+        if fallback:  # said once the data has proved readable, so that it never precedes an error
+            note(fallback)
+        timings["calibrate"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        ranges, search = choose_ranges(
+            model, plan, observers,
+            SearchOptions(config.search_metric, config.layerwise_search, config.tune_num),
+            candidate_list, split.tuning, split.held_back,
+            build=lambda candidate: _quantized_copy(model, target, plan_options, candidate))
+        timings["search"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    qparams = _activation_qparams(plan, observers)
+    qparams = activation_qparams(plan, ranges)
     layers = _correctable_layers(plan) if config.bias_correction else []
     apply_plan(model, plan, qparams)
     timings["rewrite"] = time.perf_counter() - clock
@@ -210,7 +249,32 @@ def _full(model: ir.Model, config: QuantConfig, data, progress: bool, note, timi
             correction = correct_biases(model, layers, batched(feeds, specs, config.calibrate_batch_size),
                                         total, progress)
             timings["bias_correction"] = correction.seconds
-    return plan, samples, _tensor_reports(observers, qparams), correction
+    return plan, samples, _tensor_reports(observers, ranges, qparams), correction, search
+
+
+def _candidates(config: QuantConfig, total: int | None, note: Callable[[str], None]) -> tuple[list[Candidate], str]:
+    """The activation-range candidates, and a message when the default search had to fall back.
+
+    The default search holds back 1 sample in 8 to compare methods, so it needs 8 samples.
+    """
+    methods, fallback = config.activation_quant_method, ""
+    if methods is None and total is not None and total < MIN_SAMPLES_TO_SEARCH:
+        fallback = (f"with {total} calibration samples lowbit does not search activation_quant_method (it holds "
+                    f"back 1 sample in 8 to compare methods, from {MIN_SAMPLES_TO_SEARCH} samples on): using MAX_MIN")
+        methods = ("MAX_MIN",)
+    found = candidates(methods, config.num_bin, config.max_percentile)
+    if config.layerwise_search and len(found) < 2:
+        note("layerwise_search chooses among several activation_quant_method candidates; with one there is "
+             "nothing to choose")
+    return found, fallback
+
+
+def _quantized_copy(model: ir.Model, target, plan_options: PlanOptions, ranges: dict[str, Range]):
+    """The model quantized with ``ranges``, as a new proto; ``model`` itself is left float."""
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    plan = plan_quantization(copy, target, plan_options)
+    apply_plan(copy, plan, activation_qparams(plan, ranges))
+    return ir.serde.serialize_model(copy)
 
 
 def _dynamic(model: ir.Model, config: QuantConfig, data, note, timings: dict):
@@ -311,22 +375,11 @@ def _correctable_layers(plan: QuantPlan) -> list[Layer]:
     return layers
 
 
-def _activation_qparams(plan: QuantPlan, observers: dict) -> dict[str, QParams]:
-    """One set of parameters per scale-sharing group, from the union of its members' ranges."""
-    qparams: dict[str, QParams] = {}
-    for members in plan.groups().values():
-        lows, highs = zip(*(observers[name].range() for name in members))
-        shared = compute_qparams(min(lows), max(highs), plan.target.activation)
-        for name in members:
-            qparams[name] = shared
-    return qparams
-
-
-def _tensor_reports(observers: dict, qparams: dict[str, QParams]) -> dict[str, TensorReport]:
+def _tensor_reports(observers: dict, ranges: dict[str, Range], qparams: dict[str, QParams]) -> dict[str, TensorReport]:
     reports = {}
     for name, observer in observers.items():
         lo, hi = observer.range()
         q = qparams[name]
-        reports[name] = TensorReport(name, float(lo), float(hi), float(q.scale), int(q.zero_point),
+        reports[name] = TensorReport(name, float(lo), float(hi), *ranges[name], float(q.scale), int(q.zero_point),
                                      q.scheme.qtype.name)
     return reports

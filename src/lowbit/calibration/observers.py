@@ -8,7 +8,9 @@ computed here but in :func:`lowbit.quantizers.qparams.compute_qparams`, whatever
 observer. Observers keep running aggregates only, so memory does not grow with the
 number of calibration samples.
 
-A new calibration method (histogram KL, percentile, MSE ...) is a new subclass here.
+Range observers keep what the range methods need: :class:`MinMaxObserver` the exact
+extremes (enough for MAX_MIN), :class:`~lowbit.calibration.histogram.HistogramObserver`
+a histogram that every clipping method (KL, percentile, MSE, ACIQ) reads.
 """
 
 from __future__ import annotations
@@ -112,12 +114,3 @@ class MeanObserver(Observer):
             raise ValueError("observer saw no data")
         return self.total / self.count
 
-
-ACTIVATION_OBSERVERS: dict[str, type[RangeObserver]] = {
-    "MAX_MIN": MinMaxObserver,
-}
-
-
-def activation_observer(method: str) -> RangeObserver:
-    """A fresh per-tensor observer for the configured activation_quant_method."""
-    return ACTIVATION_OBSERVERS[method]()

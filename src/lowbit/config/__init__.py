@@ -23,6 +23,9 @@ def load_config(
     ``describe`` names where an override came from (a CLI flag, an API argument).
     """
     layers = read_ini(path) if path is not None else []
+    if path is not None and not any("activation_quant_method" in values for values, _ in layers):
+        # MindSpore documents MAX_MIN as its default; lowbit's own default (no INI) is the search.
+        layers.insert(0, ({"activation_quant_method": "MAX_MIN"}, "default of MindSpore INI files"))
     for key, value in (overrides or {}).items():
         if value is not None:
             layers.append(({key: value}, describe(key)))

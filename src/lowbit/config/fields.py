@@ -52,10 +52,14 @@ class Field:
     open_interval: bool = False
     unsupported: Callable[[Any], str | None] | None = None
     extension: bool = False  # a lowbit key, not MindSpore's
-
+    many: bool = False  # one value or several, comma separated: candidates for the search
 
     def allowed(self) -> str:
         """Human-readable description of the values this key accepts."""
+        one = self._allowed_one()
+        return f"{one} (one, or several separated by commas)" if self.many else one
+
+    def _allowed_one(self) -> str:
         if self.kind is Kind.ENUM:
             return "one of " + ", ".join(self.choices)
         if self.low is not None and self.high is not None:
@@ -118,14 +122,35 @@ FIELDS: tuple[Field, ...] = (
           "search init_scale for an output cosine similarity of about 0.995",
           unsupported=always_unsupported("mixed-bit weight quantization (auto_tune)")),
     # [full_quant_param]
-    Field(FULL, "activation_quant_method", Kind.ENUM, "MAX_MIN",
-          "how activation ranges are chosen from calibration data",
-          choices=("MAX_MIN", "KL", "REMOVAL_OUTLIER"),
-          aliases={"REMOVALOUTLIER": "REMOVAL_OUTLIER"},
-          unsupported=unsupported_values({
-              "KL": "activation_quant_method=KL is not supported yet",
-              "REMOVAL_OUTLIER": "activation_quant_method=REMOVAL_OUTLIER is not supported yet",
-          })),
+    Field(FULL, "activation_quant_method", Kind.ENUM, None,
+          "how activation ranges are chosen: MAX_MIN, KL (TensorRT entropy), REMOVAL_OUTLIER (percentile), "
+          "MSE, ACIQ, AUTO_TUNE (KL refined per op, tpu-mlir); several = keep the best (modelwise search); "
+          "unset = search MAX_MIN,REMOVAL_OUTLIER,KL,MSE (a MindSpore INI without the key means MAX_MIN)",
+          choices=("MAX_MIN", "KL", "REMOVAL_OUTLIER", "MSE", "ACIQ", "AUTO_TUNE"),
+          aliases={"REMOVALOUTLIER": "REMOVAL_OUTLIER", "PERCENTILE": "REMOVAL_OUTLIER", "MAX": "MAX_MIN",
+                   "AUTOTUNE": "AUTO_TUNE"},
+          many=True),
+    Field(FULL, "num_bin", Kind.INT, (1024,),
+          "KL: histogram bins the divergence is computed on (TensorRT uses 2048)", low=129, high=65536,
+          many=True, extension=True),
+    Field(FULL, "max_num_bin", Kind.INT, 16384,
+          "KL, REMOVAL_OUTLIER, MSE, ACIQ: bins of the streaming histogram (at least num_bin)",
+          low=256, high=1 << 20, extension=True),
+    Field(FULL, "max_percentile", Kind.FLOAT, (0.9999,),
+          "REMOVAL_OUTLIER: fraction of values kept; the rest, the most extreme, are clipped",
+          low=0.5, high=1.0, many=True, extension=True),
+    Field(FULL, "tune_num", Kind.INT, 10,
+          "AUTO_TUNE: candidate thresholds tried per tensor between the KL threshold and |x|max",
+          low=1, high=1000, extension=True),
+    Field(FULL, "layerwise_search", Kind.BOOL, False,
+          "per op, keep the candidate method whose int8 op output is closest to the float one "
+          "(by search_metric), then score the whole model", extension=True),
+    Field(FULL, "search_metric", Kind.ENUM, "cosine-similarity",
+          "how candidates are compared with the float model",
+          choices=("cosine-similarity", "mse", "mae", "mre", "sqnr", "chebyshev"), extension=True),
+    Field(FULL, "search_samples", Kind.INT, None,
+          "calibration samples held back from the statistics to score search candidates "
+          "(default: 1 in 8, between 1 and 32)", low=1, high=4096, extension=True),
     Field(FULL, "bias_correction", Kind.BOOL, True,
           "fold the per-channel output shift that weight rounding causes into each int8 Conv/Gemm bias, "
           "measured on the calibration data (FULL_QUANT; DSP defaults to false)"),

@@ -19,6 +19,10 @@ from .fields import FIELDS, FIELDS_BY_KEY, Field, Kind
 
 DEFAULT = "default"
 
+# Keys that only steer the calibration of activation ranges (full quantization).
+CALIBRATION_KEYS = ("activation_quant_method", "num_bin", "max_num_bin", "max_percentile", "tune_num",
+                    "layerwise_search", "search_metric", "search_samples")
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -72,6 +76,17 @@ def parse_value(field: Field, raw: Any, where: str) -> Any:
 
     if raw is None:
         return None
+    if field.many:
+        items = raw.split(",") if isinstance(raw, str) else list(raw) if isinstance(raw, (list, tuple)) else [raw]
+        items = [item for item in items if not (isinstance(item, str) and not item.strip())]
+        if not items:
+            raise bad("empty")
+        values = tuple(dict.fromkeys(_parse_one(field, item, bad) for item in items))  # drop repeats, keep order
+        return values
+    return _parse_one(field, raw, bad)
+
+
+def _parse_one(field: Field, raw: Any, bad) -> Any:
     text = raw.strip() if isinstance(raw, str) else raw
     if field.kind is Kind.BOOL:
         if isinstance(text, bool):
@@ -99,11 +114,12 @@ def parse_value(field: Field, raw: Any, where: str) -> Any:
             raise bad("not a finite number")
         return _check_range(field, value, bad)
     if field.kind is Kind.ENUM:
+        choices = {c.upper(): c for c in field.choices}
         upper = str(text).upper()
         upper = field.aliases.get(upper, upper)
-        if upper not in field.choices:
-            raise bad("unknown value" + did_you_mean(upper, field.choices))
-        return upper
+        if upper not in choices:
+            raise bad("unknown value" + did_you_mean(str(text), field.choices))
+        return choices[upper]
     if field.kind is Kind.STR_LIST:
         items = text.split(",") if isinstance(text, str) else list(text)
         return tuple(str(item).strip() for item in items if str(item).strip())
@@ -225,6 +241,15 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
     elif settings["dynamic_quant_activation_matmul"].value:
         raise LowbitError(f"{where('dynamic_quant_activation_matmul')}: dynamic_quant_activation_matmul "
                           "applies to quant_type=DYNAMIC_QUANT only")
+    if quant_type != "FULL_QUANT":
+        for key in CALIBRATION_KEYS:
+            if not settings[key].source.startswith(DEFAULT):
+                raise LowbitError(f"{where(key)}: {key} applies to quant_type=FULL_QUANT only "
+                                  f"(activation ranges are calibrated there); remove it for {quant_type}")
+    if settings["max_num_bin"].value < max(settings["num_bin"].value):
+        raise LowbitError(f"{where('max_num_bin')}: max_num_bin={settings['max_num_bin'].value} is below "
+                          f"num_bin={max(settings['num_bin'].value)} ({where('num_bin')}); "
+                          "the streaming histogram needs at least num_bin bins")
     if settings["target_device"].value == "DSP" and settings["per_channel"].value:
         raise LowbitError(
             f"{where('per_channel')}: per_channel=true: target_device=DSP quantizes weights per tensor "

@@ -25,6 +25,14 @@ from ..graph.query import constant_array
 from .plan import BiasSlot, QuantPlan
 from .qparams import INT32, QParams, QuantScheme, compute_qparams
 
+
+def weight_qparams(array: np.ndarray, scheme: QuantScheme) -> QParams:
+    """Parameters of a constant: its own min/max (per channel along ``scheme.axis``), no clipping."""
+    observer = MinMaxObserver(scheme.axis)
+    observer.update(array)
+    return compute_qparams(*observer.range(), scheme)
+
+
 def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as a new initializer named after ``base`` (made unique)."""
     value = ir.Value(name=unique_name(graph, base), const_value=ir.tensor(np.asarray(array, order="C")))
@@ -102,9 +110,7 @@ class _Rewriter:
 
     def quantize_weight(self, node: ir.Node, index: int, scheme: QuantScheme, bias: BiasSlot | None) -> None:
         value = node.inputs[index]
-        observer = MinMaxObserver(scheme.axis)
-        observer.update(constant_array(value))
-        qparams = compute_qparams(*observer.range(), scheme)
+        qparams = weight_qparams(constant_array(value), scheme)
         if bias is not None and bias.input_value.name in self.activation_qparams:
             qparams = _fit_bias_in_int32(qparams, constant_array(node.inputs[bias.index]),
                                          self.activation_qparams[bias.input_value.name])
@@ -137,6 +143,17 @@ def _fit_bias_in_int32(weight_qparams: QParams, bias: np.ndarray, input_qparams:
         needed = needed.max()
     widened = np.maximum(scale, needed * (1 + 1e-6)).astype(np.float32)
     return QParams(widened, weight_qparams.zero_point, weight_qparams.scheme)
+
+
+def activation_qparams(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> dict[str, QParams]:
+    """One set of parameters per scale-sharing group, from the union of its members' ranges."""
+    qparams: dict[str, QParams] = {}
+    for members in plan.groups().values():
+        lows, highs = zip(*(ranges[name] for name in members))
+        shared = compute_qparams(min(lows), max(highs), plan.target.activation)
+        for name in members:
+            qparams[name] = shared
+    return qparams
 
 
 def apply_plan(model: ir.Model, plan: QuantPlan, activation_qparams: dict[str, QParams]) -> None:

@@ -32,6 +32,17 @@ def format_summary(result: QuantizeResult) -> str:
         bc = result.bias_correction
         lines.append(f"  bias correction: {bc.layers} layers on {bc.samples} samples, largest shift "
                      f"{bc.largest_shift:.4g}, {bc.seconds:.1f} s")
+    search = result.search
+    if search is not None:
+        tuned = f", {search.tuned_tensors} tensors tuned per op" if search.tuned_tensors else ""
+        if search.rows:
+            lines.append(f"  activation ranges: search by {search.metric} on {search.samples} held-back samples, "
+                         f"kept {search.chosen}{tuned}")
+            for row in search.rows:
+                mark = "*" if row.label == search.chosen else " "
+                lines.append(f"   {mark} {row.label:<40} {row.score:.6g}")
+        else:
+            lines.append(f"  activation ranges: {search.chosen}{tuned}")
     if result.calibration_samples:
         lines.append(f"  calibration: {result.calibration_samples} samples, {len(result.tensors)} tensors, "
                      f"{t.get('calibrate', 0):.1f} s; total {sum(t.values()):.1f} s")

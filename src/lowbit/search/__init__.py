@@ -1,0 +1,1 @@
+"""Choosing among calibration candidates: metrics, model-wise and layer-wise search."""

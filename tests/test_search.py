@@ -1,0 +1,161 @@
+"""Metrics, candidate lists, the model-wise and layer-wise searches and AUTO_TUNE, on small graphs."""
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from conftest import conv_relu_pool_model, random_feeds, run, save
+
+import lowbit
+from lowbit import LowbitError, load_config
+from lowbit.cli import main
+from lowbit.search.metrics import METRICS, PairStats, compare
+from lowbit.search.modelwise import candidates
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+def test_metrics_against_hand_computed_values():
+    a = np.array([1.0, 2.0, 2.0])
+    b = np.array([1.0, 2.0, 4.0])
+    assert compare(a, b, "cosine-similarity") == pytest.approx(13 / math.sqrt(9 * 21))
+    assert compare(a, b, "mse") == pytest.approx(4 / 3)
+    assert compare(a, b, "mae") == pytest.approx(2 / 3)
+    assert compare(a, b, "mre") == pytest.approx(2 / 7)
+    assert compare(a, b, "sqnr") == pytest.approx(10 * math.log10(21 / 4))
+    assert compare(a, b, "chebyshev") == 2.0
+    assert compare(b, b, "sqnr") == math.inf and compare(b, b, "cosine-similarity") == pytest.approx(1.0)
+
+
+def test_metric_sums_stream_and_merge():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=100), rng.normal(size=100)
+    whole = PairStats()
+    whole.update(a, b)
+    first, second = PairStats(), PairStats()
+    first.update(a[:30], b[:30])
+    second.update(a[30:], b[30:])
+    first.add(second)
+    for name, metric in METRICS.items():
+        assert metric.value(first) == pytest.approx(metric.value(whole)), name
+
+
+def test_metric_direction():
+    assert METRICS["cosine-similarity"].best([0.9, 0.99, 0.95]) == 1
+    assert METRICS["mse"].best([0.3, 0.1, 0.2]) == 1
+    assert METRICS["sqnr"].better(30.0, 20.0) and not METRICS["sqnr"].better(float("nan"), 20.0)
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def test_candidate_lists_from_ini_flags_and_api(tmp_path):
+    ini = tmp_path / "q.cfg"
+    ini.write_text("[full_quant_param]\nactivation_quant_method=KL,REMOVAL_OUTLIER\nnum_bin=1024,2048\n"
+                   "max_percentile=0.999,0.9999\n")
+    config = load_config(ini)
+    found = [c.label for c in candidates(config.activation_quant_method, config.num_bin, config.max_percentile)]
+    assert found == ["KL num_bin=1024", "KL num_bin=2048", "REMOVAL_OUTLIER max_percentile=0.999",
+                     "REMOVAL_OUTLIER max_percentile=0.9999"]
+    assert load_config(overrides={"activation_quant_method": ["mse", "aciq"]}).activation_quant_method == ("MSE", "ACIQ")
+    default = candidates(None, (1024,), (0.9999,))
+    assert [c.method for c in default] == ["MAX_MIN", "REMOVAL_OUTLIER", "KL", "MSE"]
+
+
+def test_an_ini_without_the_method_keeps_mindspore_max_min(tmp_path):
+    ini = tmp_path / "q.cfg"
+    ini.write_text("[full_quant_param]\nbias_correction=true\n")
+    config = load_config(ini)
+    assert config.activation_quant_method == ("MAX_MIN",) and config.source("activation_quant_method").startswith("default")
+    assert load_config().activation_quant_method is None  # no INI: lowbit's default search
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"num_bin": "128"}, "num_bin"),
+    ({"max_percentile": "0.4"}, "max_percentile"),
+    ({"num_bin": "4096", "max_num_bin": "2048"}, "max_num_bin=2048 is below num_bin=4096"),
+    ({"activation_quant_method": "KLD"}, "did you mean"),
+    ({"search_metric": "cosine"}, "cosine-similarity"),
+    ({"quant_type": "DYNAMIC_QUANT", "activation_quant_method": "KL", "bias_correction": "false"},
+     "applies to quant_type=FULL_QUANT only"),
+])
+def test_bad_search_settings(overrides, message):
+    with pytest.raises(LowbitError, match=message):
+        load_config(overrides=overrides)
+
+
+# -- the searches on a small model ------------------------------------------------------------------
+
+
+def outlier_feeds(n, seed=0, spikes=True):
+    """Small inputs; in calibration, every 8th has a large spike (noisy data): MAX_MIN spends its levels on it."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for i in range(n):
+        x = rng.laplace(scale=0.3, size=(1, 3, 8, 8)).astype(np.float32)
+        if spikes and i % 8 == 0:
+            x[0, 0, 0, 0] = 40.0
+        feeds.append({"input": x})
+    return feeds
+
+
+def output_error(src, out, feeds):
+    return float(np.mean([np.mean((run(src, f)[0] - run(out, f)[0]) ** 2) for f in feeds]))
+
+
+def test_modelwise_search_reports_every_candidate_and_keeps_the_best(tmp_path):
+    src = save(conv_relu_pool_model(), tmp_path / "m.onnx")
+    result = lowbit.quantize(src, tmp_path / "q.onnx", data=outlier_feeds(40), progress=False, bias_correction=False,
+                             search_metric="mse")
+    search = result.search
+    assert [row.label for row in search.rows] == ["MAX_MIN", "REMOVAL_OUTLIER max_percentile=0.9999",
+                                                  "KL num_bin=1024", "MSE"]
+    assert search.samples == 5 and result.calibration_samples == 35
+    scores = [row.score for row in search.rows]
+    assert search.chosen == search.rows[int(np.argmin(scores))].label
+    assert search.chosen != "MAX_MIN"  # the spike makes MAX_MIN the worst choice here
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+    # the kept model is the one that scored best: it beats MAX_MIN on fresh data too
+    max_min = lowbit.quantize(src, tmp_path / "mm.onnx", data=outlier_feeds(40), progress=False,
+                              bias_correction=False, activation_quant_method="MAX_MIN")
+    assert max_min.search.rows == []
+    fresh = outlier_feeds(20, seed=7, spikes=False)
+    assert output_error(src, tmp_path / "q.onnx", fresh) < output_error(src, tmp_path / "mm.onnx", fresh)
+    # and the summary shows the table
+    assert "search" in result.summary() and "MAX_MIN" in result.summary()
+
+
+def test_layerwise_search_and_auto_tune(tmp_path):
+    src = save(conv_relu_pool_model(), tmp_path / "m.onnx")
+    feeds = outlier_feeds(40)
+    layerwise = lowbit.quantize(src, tmp_path / "l.onnx", data=feeds, progress=False, bias_correction=False,
+                                activation_quant_method="MAX_MIN,KL", layerwise_search=True)
+    assert [row.label for row in layerwise.search.rows] == ["MAX_MIN", "KL num_bin=1024", "layerwise"]
+    assert layerwise.search.tuned_tensors >= 1
+    tuned = lowbit.quantize(src, tmp_path / "t.onnx", data=feeds, progress=False, bias_correction=False,
+                            activation_quant_method="AUTO_TUNE", tune_num=5)
+    kl = lowbit.quantize(src, tmp_path / "k.onnx", data=feeds, progress=False, bias_correction=False,
+                         activation_quant_method="KL")
+    for name, report in tuned.tensors.items():  # tuning only moves ranges from KL towards the seen range
+        assert report.range_max >= kl.tensors[name].range_max - 1e-6
+        assert report.range_max <= report.max + 1e-6
+    for path in ("l.onnx", "t.onnx"):
+        onnx.checker.check_model(str(tmp_path / path), full_check=True)
+        feed = random_feeds(1, seed=3)[0]
+        assert np.isfinite(run(tmp_path / path, feed)[0]).all()
+
+
+def test_too_few_samples_fall_back_to_max_min(tmp_path, capsys):
+    src = save(conv_relu_pool_model(), tmp_path / "m.onnx")
+    with pytest.warns(lowbit.LowbitWarning, match="using MAX_MIN"):
+        result = lowbit.quantize(src, tmp_path / "q.onnx", data=random_feeds(4), progress=False)
+    assert result.calibration_samples == 4 and result.search.chosen == "MAX_MIN"
+    # an explicit list is an order, not a preference: too few samples is an error, before anything is written
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    np.save(folder / "a.npy", random_feeds(1)[0]["input"])
+    code = main(["quantize", str(src), "-o", str(tmp_path / "x.onnx"), "--data", str(folder),
+                 "--activation-quant-method", "KL,MSE"])
+    assert code == 2 and "holds back 1 of the 1" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
