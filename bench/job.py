@@ -2,8 +2,10 @@
 
     python -m bench.job TOOL MODEL CALIB_DIR OUTPUT [--size N]
 
-TOOL is ``lowbit`` (default settings: MAX_MIN with bias correction), ``lowbit-no-bc`` (MAX_MIN
-alone, the same method as onnxruntime's MinMax) or ``ort-minmax`` / ``ort-entropy`` /
+TOOL is ``lowbit`` (default settings: the search among MAX_MIN, REMOVAL_OUTLIER, KL and MSE, then
+bias correction), ``lowbit-no-bc`` (the same search, no bias correction), ``lowbit-METHOD`` (one
+activation_quant_method alone, no bias correction: ``lowbit-MAX_MIN`` is the method of
+onnxruntime's MinMax, ``lowbit-KL`` that of its Entropy) or ``ort-minmax`` / ``ort-entropy`` /
 ``ort-percentile`` (onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights,
 uint8 activations: the same layout lowbit writes for the CPU target). Both read the same
 folder of .npy samples, one file at a time. Dynamic quantization: ``lowbit-dynamic``
@@ -22,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+METHODS = ("MAX_MIN", "KL", "REMOVAL_OUTLIER", "MSE", "ACIQ", "AUTO_TUNE")
+
 
 def run_lowbit(model: Path, calib: Path, output: Path, size: int | None, **settings) -> None:
     import lowbit
@@ -32,7 +36,11 @@ def run_lowbit(model: Path, calib: Path, output: Path, size: int | None, **setti
 def run_onnxruntime(method: str, model: Path, calib: Path, output: Path, size: int | None) -> None:
     import onnxruntime as ort
     from onnxruntime.quantization import (
-        CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static,
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -79,6 +87,9 @@ def main() -> None:
         run_lowbit(args.model, args.calib, args.output, args.size)
     elif args.tool == "lowbit-no-bc":
         run_lowbit(args.model, args.calib, args.output, args.size, bias_correction=False)
+    elif args.tool.removeprefix("lowbit-") in METHODS:
+        run_lowbit(args.model, args.calib, args.output, args.size, bias_correction=False,
+                   activation_quant_method=args.tool.removeprefix("lowbit-"))
     elif args.tool.startswith("lowbit-dynamic"):
         import lowbit
 

@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import zoo  # noqa: E402
+from bench import job, zoo  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MEMORY_LIMIT = 18 * 2**30  # a child that needs more fails alone instead of starving the machine
@@ -360,8 +360,10 @@ def markdown(results: dict) -> str:
     for case in results["cases"]:
         lines += [f"## {case['name']}", "",
                   f"{case['calibration']} calibration samples; {case['evaluation']} held-out inputs.", "",
-                  "Tools: `lowbit` = default settings (MAX_MIN + bias correction); `lowbit-no-bc` = MAX_MIN "
-                  "alone; `ort-*` = onnxruntime.quantization.quantize_static, QDQ, per-channel, U8S8.", "",
+                  "Tools: `lowbit` = default settings (search among MAX_MIN, REMOVAL_OUTLIER, KL, MSE on held-back "
+                  "samples, then bias correction); `lowbit-no-bc` = the same search without bias correction; "
+                  "`lowbit-METHOD` = one activation_quant_method, no bias correction; `ort-*` = "
+                  "onnxruntime.quantization.quantize_static, QDQ, per-channel, U8S8.", "",
                   *_table(case["rows"], IMAGE_COLUMNS)]
         lines.append("")
         for line in case["ratios"]:
@@ -394,24 +396,34 @@ def ratios(rows: list[Row]) -> list[str]:
     by_tool = {r.tool: r for r in rows if r.error is None}
     lines = []
     lowbit, ort_minmax, float_row = by_tool.get("lowbit"), by_tool.get("ort-minmax"), by_tool.get("float32")
-    plain = by_tool.get("lowbit-no-bc")
-    if plain and ort_minmax and plain.agreement is not None:
-        lines.append(f"same method (MAX_MIN, no bias correction): top-1 agreement lowbit {plain.agreement:.3f} vs "
-                     f"onnxruntime MinMax {ort_minmax.agreement:.3f}; mean cosine {plain.cosine_mean:.4f} vs "
+    plain, max_min, kl = by_tool.get("lowbit-no-bc"), by_tool.get("lowbit-MAX_MIN"), by_tool.get("lowbit-KL")
+    if max_min and ort_minmax and max_min.agreement is not None:
+        lines.append(f"same method (MAX_MIN, no bias correction): top-1 agreement lowbit {max_min.agreement:.3f} vs "
+                     f"onnxruntime MinMax {ort_minmax.agreement:.3f}; mean cosine {max_min.cosine_mean:.4f} vs "
                      f"{ort_minmax.cosine_mean:.4f}")
+    if lowbit and ort_minmax and lowbit.cosine_mean is not None:
+        lines.append(f"output error (1 - cosine), lowbit default / onnxruntime MinMax: {1 - lowbit.cosine_mean:.4f} / "
+                     f"{1 - ort_minmax.cosine_mean:.4f} = {(1 - lowbit.cosine_mean) / (1 - ort_minmax.cosine_mean):.2f}")
     if lowbit and plain and lowbit.cosine_mean is not None:
         lines.append(f"bias correction: output error (1 - cosine) {1 - plain.cosine_mean:.4f} -> "
                      f"{1 - lowbit.cosine_mean:.4f}" + (f", top-1 agreement {plain.agreement:.3f} -> "
                                                         f"{lowbit.agreement:.3f}" if lowbit.agreement else ""))
+    if kl and max_min:
+        lines.append(f"KL / MAX_MIN (lowbit, same data): quantize time {kl.seconds / max_min.seconds:.2f}x, "
+                     f"peak RSS {kl.peak_rss_mb / max_min.peak_rss_mb:.2f}x ({kl.peak_rss_mb:.0f} MB)")
+    if kl and by_tool.get("ort-entropy"):
+        other = by_tool["ort-entropy"]
+        lines.append(f"KL, lowbit / onnxruntime Entropy: quantize time {kl.seconds / other.seconds:.2f}x, "
+                     f"peak RSS {kl.peak_rss_mb / other.peak_rss_mb:.3f}x")
+    percentile = by_tool.get("lowbit-REMOVAL_OUTLIER")
+    if percentile and by_tool.get("ort-percentile"):
+        other = by_tool["ort-percentile"]
+        lines.append(f"percentile, lowbit / onnxruntime Percentile: quantize time {percentile.seconds / other.seconds:.2f}x, "
+                     f"peak RSS {percentile.peak_rss_mb / other.peak_rss_mb:.3f}x")
     if lowbit and ort_minmax:
-        lines.append(f"lowbit / onnxruntime MinMax: quantize time {lowbit.seconds / ort_minmax.seconds:.2f}x, "
+        lines.append(f"lowbit default / onnxruntime MinMax: quantize time {lowbit.seconds / ort_minmax.seconds:.2f}x, "
                      f"peak RSS {lowbit.peak_rss_mb / ort_minmax.peak_rss_mb:.2f}x, "
                      f"size {lowbit.size_mb / ort_minmax.size_mb:.3f}x")
-    for name in ("ort-entropy", "ort-percentile"):
-        other = by_tool.get(name)
-        if lowbit and other:
-            lines.append(f"lowbit / onnxruntime {name[4:]}: quantize time {lowbit.seconds / other.seconds:.2f}x, "
-                         f"peak RSS {lowbit.peak_rss_mb / other.peak_rss_mb:.2f}x")
     if lowbit and float_row:
         lines.append(f"lowbit int8 speed-up over float32: {float_row.latency_b1_ms / lowbit.latency_b1_ms:.2f}x "
                      f"at batch 1, {float_row.latency_b8_ms / lowbit.latency_b8_ms:.2f}x at batch 8")
@@ -451,10 +463,11 @@ def main() -> None:
     work = zoo.cache_dir("bench")
     if args.quick:
         cases = [efficientnet_case(64, 12), digits_case(64, 1000)]
-        tools, runs = ["lowbit", "lowbit-no-bc", "ort-minmax"], 20
+        tools, runs = ["lowbit", "lowbit-no-bc", "lowbit-MAX_MIN", "lowbit-KL", "ort-minmax"], 20
     else:
         cases = [efficientnet_case(256, 34), digits_case(256, 2000), ppocr_rec_case(128)]
-        tools, runs = ["lowbit", "lowbit-no-bc", "ort-minmax", "ort-entropy", "ort-percentile"], 50
+        tools, runs = ["lowbit", "lowbit-no-bc", *(f"lowbit-{m}" for m in job.METHODS),
+                       "ort-minmax", "ort-entropy", "ort-percentile"], 50
     results = {"date": time.strftime("%Y-%m-%d"), "machine": describe_machine(), "versions": versions(),
                "command": "python bench/run.py" + (" --quick" if args.quick else ""), "cases": []}
     for case in cases:
