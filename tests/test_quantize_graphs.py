@@ -239,3 +239,29 @@ def test_old_opset_is_upgraded(tmp_path):
                        [("w", rng.normal(size=(4, 3, 1, 1)).astype(np.float32))], opset=11)
     _, out, _ = quantize(tmp_path, model)
     assert onnx.load(str(out)).opset_import[0].version >= 14
+
+
+def test_a_skipped_conv_stays_float_in_onnx_runtime(tmp_path):
+    """A float Conv must not read a DequantizeLinear: ONNX Runtime would quantize its weight per tensor itself."""
+    from onnx import helper
+
+    from conftest import float_input, make_model
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(8, 3, 3, 3)).astype(np.float32) * 0.3
+    # depthwise weights whose channels differ by 1000x: per-tensor int8 rounding zeroes the small ones
+    w2 = (rng.normal(size=(8, 1, 3, 3)) * np.logspace(-3, 0, 8)[:, None, None, None]).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c1", "w2"], ["output"], name="depthwise", group=8, pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [float_input("input", ["N", 3, 8, 8])], [float_input("output", ["N", 8, 8, 8])],
+                       [("w1", w1), ("w2", w2)])
+    src, out, result = quantize(tmp_path, model, skip_quant_node="depthwise", bias_correction=False)
+    assert [n.name for n in result.float_nodes] == ["depthwise"]
+    graph = onnx.load(str(out)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    depthwise = next(n for n in graph.node if n.name == "depthwise")
+    assert depthwise.input[0] not in producer or producer[depthwise.input[0]].op_type != "DequantizeLinear"
+    feed = random_feeds(1, seed=5)[0]
+    reference, got = run(src, feed)[0], run(out, feed)[0]
+    for channel in range(8):  # every channel survives, the smallest included
+        assert cosine(reference[:, channel], got[:, channel]) > 0.99

@@ -55,10 +55,15 @@ def dequantize_node(graph: ir.Graph, q: ir.Value, scale: ir.Value, zero_point: i
     return out
 
 
+# Float ops that ONNX Runtime quantizes by itself when their input is dequantized.
+RUNTIME_REQUANTIZED = frozenset({"Conv", "ConvTranspose", "Gemm"})
+
+
 @dataclass
 class _Rewriter:
     graph: ir.Graph
     activation_qparams: dict[str, QParams]
+    plan: QuantPlan
 
     def __post_init__(self):
         self.dequantized: dict[tuple, ir.Value] = {}
@@ -97,7 +102,8 @@ class _Rewriter:
         q.type = ir.TensorType(qparams.scheme.qtype.onnx_type)
         q.shape = value.shape
         dq = dequantize_node(self.graph, q, scale, zero_point, None, f"{value.name}_dequantized", value.shape)
-        readers = [(use.node, use.idx) for use in value.uses() if use.node is not quantize]
+        readers = [(use.node, use.idx) for use in value.uses()
+                   if use.node is not quantize and not self._keeps_float_input(use.node, use.idx)]
         for node, index in readers:
             node.replace_input_with(index, dq)
         producer = value.producer()
@@ -105,6 +111,19 @@ class _Rewriter:
             self.graph.insert_before(self.graph.node(0), [quantize, dq.producer()])
         else:
             self.graph.insert_after(producer, [quantize, dq.producer()])
+
+    def _keeps_float_input(self, node: ir.Node, index: int) -> bool:
+        """A float Conv/ConvTranspose/Gemm reads the float tensor, not the dequantized one.
+
+        ONNX Runtime's WeightBiasQuantization rewrites any such op whose data input comes
+        from a DequantizeLinear: it quantizes the float weight to int8 *per tensor*, which
+        on a depthwise convolution wrecks the output (EfficientNet-Lite0 with its first
+        depthwise convolution in skip_quant_node: cosine 0.99 -> 0.92). Reading the float
+        tensor keeps the node float in every runtime.
+        """
+        decision = self.plan.decisions.get(node.name)
+        return (index == 0 and node.op_type in RUNTIME_REQUANTIZED
+                and (decision is None or not decision.quantized))
 
     # -- weights and biases --------------------------------------------------------
 
@@ -158,7 +177,7 @@ def activation_qparams(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) 
 
 def apply_plan(model: ir.Model, plan: QuantPlan, activation_qparams: dict[str, QParams]) -> None:
     """Rewrite the model in place: Q/DQ on planned activations, integer weights and biases."""
-    rewriter = _Rewriter(model.graph, activation_qparams)
+    rewriter = _Rewriter(model.graph, activation_qparams, plan)
     for name, value in plan.activations.items():
         rewriter.quantize_activation(value, activation_qparams[name])
     biases = {(id(slot.node), slot.weight_index): slot for slot in plan.biases}
