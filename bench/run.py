@@ -402,11 +402,11 @@ def ratios(rows: list[Row]) -> list[str]:
                      f"onnxruntime MinMax {ort_minmax.agreement:.3f}; mean cosine {max_min.cosine_mean:.4f} vs "
                      f"{ort_minmax.cosine_mean:.4f}")
     if lowbit and ort_minmax and lowbit.cosine_mean is not None:
-        lines.append(f"output error (1 - cosine), lowbit default / onnxruntime MinMax: {1 - lowbit.cosine_mean:.4f} / "
-                     f"{1 - ort_minmax.cosine_mean:.4f} = {(1 - lowbit.cosine_mean) / (1 - ort_minmax.cosine_mean):.2f}")
+        lines.append(f"output error (1 - cosine), lowbit default / onnxruntime MinMax: {1 - lowbit.cosine_mean:.3g} / "
+                     f"{1 - ort_minmax.cosine_mean:.3g} = {(1 - lowbit.cosine_mean) / (1 - ort_minmax.cosine_mean):.2f}")
     if lowbit and plain and lowbit.cosine_mean is not None:
-        lines.append(f"bias correction: output error (1 - cosine) {1 - plain.cosine_mean:.4f} -> "
-                     f"{1 - lowbit.cosine_mean:.4f}" + (f", top-1 agreement {plain.agreement:.3f} -> "
+        lines.append(f"bias correction: output error (1 - cosine) {1 - plain.cosine_mean:.3g} -> "
+                     f"{1 - lowbit.cosine_mean:.3g}" + (f", top-1 agreement {plain.agreement:.3f} -> "
                                                         f"{lowbit.agreement:.3f}" if lowbit.agreement else ""))
     if kl and max_min:
         lines.append(f"KL / MAX_MIN (lowbit, same data): quantize time {kl.seconds / max_min.seconds:.2f}x, "
