@@ -115,6 +115,7 @@ class _ScoringGraph:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.outputs: list[str] = []
+        self.output_types: dict[str, int] = {}
         self.rounded_weights: dict[tuple[str, int], str] = {}
         self.reference_stats: dict[str, dict[str, str]] = {}
         self.slots = {(slot.node.name, slot.index): slot for slot in plan.weights}
@@ -159,10 +160,8 @@ class _ScoringGraph:
         self.proto.graph.initializer.extend(self.initializers)
         self.proto.graph.node.extend(self.nodes)
         del self.proto.graph.output[:]
-        self.proto.graph.output.extend(
-            helper.make_tensor_value_info(name, onnx.TensorProto.INT64 if "_Size" in name else onnx.TensorProto.FLOAT,
-                                          [])
-            for name in self.outputs)
+        self.proto.graph.output.extend(helper.make_tensor_value_info(name, self.output_types[name], [])
+                                       for name in self.outputs)
         return self.proto
 
     def _reference_stats(self, reference: str) -> dict[str, str]:
@@ -193,6 +192,7 @@ class _ScoringGraph:
         attributes = {} if op == "Size" else {"keepdims": 0}
         self.nodes.append(helper.make_node(op, [source], [name], **attributes))
         self.outputs.append(name)
+        self.output_types[name] = onnx.TensorProto.INT64 if op == "Size" else onnx.TensorProto.FLOAT
         return name
 
     def _rounded_weight(self, node: ir.Node, index: int) -> str:
