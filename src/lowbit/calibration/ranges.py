@@ -99,16 +99,14 @@ def mse(hist: HistogramObserver, scheme: QuantScheme, settings: RangeSettings) -
     lo, hi = _seen(hist)
     if lo == hi:
         return lo, hi
-    centres = hist.edges()[:-1] + hist.width / 2
-    counts = hist.counts
     alphas = np.arange(1, 201) / 200.0
     if scheme.symmetric:
-        absmax = max(-lo, hi)
-        folded, width = abs_histogram(hist)
-        centres, counts = np.arange(len(folded)) * width + width / 2, folded
-        highs, lows = alphas * absmax, np.zeros_like(alphas)
+        counts, width = abs_histogram(hist)
+        centres = (np.arange(len(counts)) + 0.5) * width
+        highs, lows = alphas * max(-lo, hi), np.zeros_like(alphas)
         steps = 2 * highs / (scheme.qmax - scheme.qmin)
     else:
+        counts, centres = hist.counts, _centres(hist)
         lows, highs = alphas * min(lo, 0.0), alphas * max(hi, 0.0)
         steps = (highs - lows) / (scheme.qmax - scheme.qmin)
     above = _tail_cost(centres, counts, highs, upper=True)
@@ -134,7 +132,7 @@ def aciq(hist: HistogramObserver, scheme: QuantScheme, settings: RangeSettings) 
     if lo == hi:
         return lo, hi
     bits = scheme.qtype.bits
-    centres = hist.edges()[:-1] + hist.width / 2
+    centres = _centres(hist)
     weights = hist.counts / hist.counts.sum()
     if lo >= 0 or hi <= 0:
         sign = 1.0 if lo >= 0 else -1.0
@@ -297,6 +295,10 @@ def _count_outside(centres, counts, lows, highs, symmetric: bool) -> np.ndarray:
         return above
     below = cumulative[np.searchsorted(centres, lows, side="left")]
     return above + below
+
+
+def _centres(hist: HistogramObserver) -> np.ndarray:
+    return hist.edges()[:-1] + hist.width / 2
 
 
 def _seen(hist: HistogramObserver) -> Range:

@@ -57,15 +57,14 @@ class OpScores:
     best: int
 
 
-def tuned_readers(plan: QuantPlan, tensor: str, model: ir.Model) -> list[ir.Node]:
+def tuned_readers(plan: QuantPlan, tensor: str) -> list[ir.Node]:
     """The int8 ops whose error depends on T's range (data-movement ops only pass it on)."""
     readers = []
-    for node in model.graph:
-        decision = plan.decisions.get(node.name)
+    for use in plan.activations[tensor].uses():
+        decision = plan.decisions.get(use.node.name)
         if (decision is not None and decision.quantized and not decision.fused_into
-                and node.op_type not in SAME_SCALE_OPS
-                and any(v is not None and v.name == tensor for v in node.inputs)):
-            readers.append(node)
+                and use.node.op_type not in SAME_SCALE_OPS and use.node not in readers):
+            readers.append(use.node)
     return readers
 
 
@@ -81,7 +80,7 @@ def score_candidates(
     graph = _ScoringGraph(ir.serde.serialize_model(model), plan, measure.needs)
     layout = []  # (tensor, op, {field: output name}) per candidate, in candidate order
     for tensor, ranges in candidates.items():
-        for node in tuned_readers(plan, tensor, model):
+        for node in tuned_readers(plan, tensor):
             for lo, hi in ranges:
                 layout.append((tensor, node.name, graph.add_candidate(node, tensor, (lo, hi))))
     session = make_session(graph.finish())
