@@ -96,14 +96,20 @@ def test_full_quant_is_8_bit(tmp_path):
         load_config(write(tmp_path, "[common_quant_param]\nquant_type=FULL_QUANT\nbit_num=4\n"))
 
 
-@pytest.mark.parametrize("section, line", [
-    ("common_quant_param", "quant_type=WEIGHT_QUANT"),
-    ("common_quant_param", "debug_info_save_path=/tmp/debug"),
-    ("mixed_bit_weight_quant_param", "init_scale=0.02"),
-])
-def test_known_but_unimplemented_keys_are_rejected(tmp_path, section, line):
+def test_known_but_unimplemented_keys_are_rejected(tmp_path):
     with pytest.raises(NotSupportedYetError, match="not supported yet"):
-        load_config(write(tmp_path, f"[{section}]\n{line}\n"))
+        load_config(write(tmp_path, "[common_quant_param]\ndebug_info_save_path=/tmp/debug\n"))
+
+
+def test_mindspore_mixed_bit_weight_quant_file(tmp_path):
+    """MindSpore's mixed_bit_weight_quant.cfg, as its documentation gives it."""
+    config = load_config(write(tmp_path, "[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num=0\n"
+                                         "min_quant_weight_size=5000\nmin_quant_weight_channel=5\n"
+                                         "[mixed_bit_weight_quant_param]\ninit_scale=0.05\nauto_tune=false\n"))
+    assert (config.quant_type, config.bit_num, config.init_scale, config.auto_tune) == ("WEIGHT_QUANT", 0, 0.05, False)
+    assert config.min_quant_weight_channel == 5 and config.bias_correction  # applied when data is given
+    with pytest.raises(LowbitError, match="init_scale applies to quant_type=WEIGHT_QUANT only"):
+        load_config(write(tmp_path, "[mixed_bit_weight_quant_param]\ninit_scale=0.05\n"))
 
 
 def test_lowbit_extension_keys(tmp_path):

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from tqdm import tqdm
 
 from .calibration.collector import collect
 from .calibration.histogram import HistogramObserver
@@ -30,20 +31,40 @@ from .data.images import ImagePreprocess
 from .data.sources import DataOptions, folder_samples, list_samples
 from .data.split import SampleSplit
 from .errors import LowbitError, closest
-from .graph.loading import load_model
+from .graph.loading import load_model, with_opset
 from .graph.passes import prepare
 from .graph.query import constant_array
+from .graph.runtime import make_session
 from .graph.saving import check_output_path, save_atomically
 from .quantizers.dynamic import DynamicOptions, apply_dynamic, plan_dynamic
 from .quantizers.plan import PlanOptions, QuantPlan, plan_quantization
 from .quantizers.qdq import activation_qparams, apply_plan
 from .quantizers.qparams import QParams
 from .quantizers.targets import TARGETS
+from .quantizers.weight_only import (
+    StoredWeight,
+    WeightOnlyOptions,
+    WeightOnlyPlan,
+    apply_weight_only,
+    plan_weight_only,
+)
 from .recovery.bias_correction import (
     BiasCorrectionReport,
     Layer,
     correct_biases,
     correctable,
+)
+from .search.metrics import METRICS, PairStats
+from .search.mixed_bits import (
+    LayerBits,
+    MixedBitReport,
+    OutputProbe,
+    allocate,
+    output_errors,
+    shares_of,
+    tune_init_scale,
+    weight_errors,
+    widths,
 )
 from .search.modelwise import (
     Candidate,
@@ -54,6 +75,8 @@ from .search.modelwise import (
 )
 
 MIN_SAMPLES_TO_SEARCH = 8
+WEIGHT_SAMPLES = 16  # calibration samples the weight-only mode measures output errors and cosine on
+INT4_OPSET = 21  # DequantizeLinear reads int4 and int16 from this opset on
 
 
 class LowbitWarning(UserWarning):
@@ -95,6 +118,10 @@ class QuantizeResult:
     output_bytes: int
     bias_correction: BiasCorrectionReport | None = None
     search: SearchReport | None = None
+    weights: list[StoredWeight] = field(default_factory=list)  # WEIGHT_QUANT: how each weight is stored
+    mixed_bits: MixedBitReport | None = None
+    output_cosine: float | None = None  # WEIGHT_QUANT with data: output cosine vs float on a few samples
+    output_cosine_samples: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -166,10 +193,14 @@ def run(
     timings["load"] = time.perf_counter() - clock
 
     _warn_unknown_skip_nodes(graph_model, config.skip_quant_node, note)
+    search, weight_only = None, None
     if config.quant_type == "DYNAMIC_QUANT":
         target_name = "CPU, dynamic"
         plan, samples, tensors, correction = _dynamic(graph_model, config, data, note, timings)
-        search = None
+    elif config.quant_type == "WEIGHT_QUANT":
+        target_name = "any runtime, weights only" if not config.matmul_nbits else "ONNX Runtime, weights only"
+        graph_model, weight_only = _weight(graph_model, config, data, progress, note, timings)
+        plan, samples, tensors, correction = weight_only.plan, weight_only.samples, {}, weight_only.correction
     else:
         target_name = config.target
         plan, samples, tensors, correction, search = _full(graph_model, config, data, progress, note, timings)
@@ -190,6 +221,10 @@ def run(
         calibration_samples=samples,
         bias_correction=correction,
         search=search,
+        weights=weight_only.stored if weight_only else [],
+        mixed_bits=weight_only.mixed_bits if weight_only else None,
+        output_cosine=weight_only.cosine if weight_only else None,
+        output_cosine_samples=len(weight_only.probe_samples) if weight_only else 0,
         float_bytes=float_bytes,
         output_bytes=output_bytes,
         timings=timings,
@@ -275,6 +310,136 @@ def _quantized_copy(model: ir.Model, target, plan_options: PlanOptions, ranges: 
     plan = plan_quantization(copy, target, plan_options)
     apply_plan(copy, plan, activation_qparams(plan, ranges))
     return ir.serde.serialize_model(copy)
+
+
+@dataclass
+class _WeightOnlyRun:
+    plan: WeightOnlyPlan
+    stored: list[StoredWeight]
+    samples: int = 0
+    probe_samples: list[dict[str, np.ndarray]] = field(default_factory=list)
+    mixed_bits: MixedBitReport | None = None
+    correction: BiasCorrectionReport | None = None
+    cosine: float | None = None
+
+
+def _weight(model: ir.Model, config: QuantConfig, data, progress: bool, note, timings: dict):
+    """Weights only: plan, choose widths (fixed, or mixed by init_scale / auto_tune), rewrite, correct biases.
+
+    Data is optional. Given, it measures mixed-bit output errors, drives bias correction,
+    and gives the output cosine against the float model on its first WEIGHT_SAMPLES samples.
+    """
+    has_data = data is not None or config.calibrate_path is not None or config.data_list is not None
+    if config.auto_tune and not has_data:
+        raise LowbitError(f"{config.source('auto_tune')}: auto_tune measures the model's output cosine on "
+                          "calibration data: give --data FOLDER (or calibrate_path / data_list)")
+    if not has_data and not config.is_default("bias_correction") and config.bias_correction:
+        raise LowbitError(f"{config.source('bias_correction')}: bias_correction is measured on calibration "
+                          "data: give --data FOLDER (or calibrate_path / data_list), or leave it unset")
+    opset21 = False
+    if config.bit_num <= 4 or config.bit_num > 8:  # 0 (mixed) may choose 4 or 16 bits
+        upgraded = with_opset(model, INT4_OPSET)
+        if upgraded is not None:
+            model, opset21 = upgraded, True
+        elif config.bit_num > 8:
+            raise LowbitError(f"bit_num={config.bit_num} stores weights in int16, which DequantizeLinear reads "
+                              f"from opset {INT4_OPSET} on, and onnx's converter could not take the model there")
+        else:
+            note(f"the model could not be converted to opset {INT4_OPSET}, which int4 and int16 weights need: "
+                 "weights are stored in int8" + (" (the mixed-bit search keeps 8 bits)" if config.bit_num == 0 else ""))
+    options = WeightOnlyOptions(
+        per_channel=config.per_channel,
+        skip_nodes=frozenset(config.skip_quant_node),
+        min_weight_size=config.min_quant_weight_size,
+        min_weight_channels=config.min_quant_weight_channel,
+        opset21=opset21,
+        matmul_nbits=config.matmul_nbits,
+        block_size=config.block_size,
+    )
+    plan = plan_weight_only(model, options)
+    specs = input_specs(model)
+    probe_samples = []
+    if has_data:
+        feeds, _ = _calibration_feeds(specs, config, data, note)
+        probe_samples = list(itertools.islice(feeds, WEIGHT_SAMPLES))
+        if not probe_samples:
+            raise LowbitError("the calibration data holds no samples")
+    reference = _model_outputs(model, probe_samples) if probe_samples else []
+    clock = time.perf_counter()
+    mixed = None
+    if config.bit_num == 0:
+        mixed = _mixed_bits(model, plan, config, probe_samples, opset21, progress)
+        bits = mixed.bits
+    else:
+        bits = {name: config.bit_num for name in plan.tensors}
+    timings["mixed_bits"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    layers = []
+    if config.bias_correction and has_data:
+        layers = [Layer(node, tensor.array, constant_array(node.inputs[2]) if len(node.inputs) > 2 else None)
+                  for tensor in plan.tensors.values() for node, index in tensor.readers
+                  if index == 1 and correctable(node) and not (options.matmul_nbits and node.op_type == "MatMul")]
+    stored = apply_weight_only(model, plan, bits, options)
+    timings["rewrite"] = time.perf_counter() - clock
+
+    result = _WeightOnlyRun(plan, stored, len(probe_samples), probe_samples, mixed)
+    if layers:
+        if data is not None and not isinstance(data, (str, Path)) and iter(data) is data:
+            note("bias_correction needs a second pass over the calibration data, and an iterator "
+                 "can be read once; pass a list or a folder (bias correction was skipped)")
+        else:
+            feeds, total = _calibration_feeds(specs, config, data, note)
+            result.correction = correct_biases(model, layers, batched(feeds, specs, config.calibrate_batch_size),
+                                               total, progress)
+            result.samples = max(result.samples, result.correction.samples)
+            timings["bias_correction"] = result.correction.seconds
+    if probe_samples:
+        result.cosine = _output_cosine(model, probe_samples, reference)
+    return model, result
+
+
+def _model_outputs(model: ir.Model, samples: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    session = make_session(model)
+    names = [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
+    return [session.run(names, feed) for feed in samples]
+
+
+def _output_cosine(model: ir.Model, samples: list[dict[str, np.ndarray]], reference: list[list[np.ndarray]]) -> float:
+    """Cosine similarity of the model's float outputs to ``reference`` over ``samples``, as ONNX Runtime runs it."""
+    stats = PairStats()
+    for outputs, expected in zip(_model_outputs(model, samples), reference):
+        for actual, wanted in zip(outputs, expected):
+            stats.update(actual, wanted)
+    return METRICS["cosine-similarity"].value(stats)
+
+
+def _mixed_bits(model: ir.Model, plan: WeightOnlyPlan, config: QuantConfig, samples: list, opset21: bool,
+                progress: bool) -> MixedBitReport:
+    choices = widths(opset21)
+    shares = shares_of(plan)
+    if not samples:
+        errors = weight_errors(plan, choices)
+        bits = allocate(errors, shares, config.init_scale, choices)
+        return _mixed_report(plan, config.init_scale, "weights", errors, bits)
+    probe = OutputProbe(model, plan, samples, correct_biases=config.bias_correction)
+    with tqdm(total=len(plan.tensors) * (len(choices) - 1), desc="measuring layer errors", unit="run",
+              disable=None if progress else True) as bar:
+        errors = output_errors(plan, probe, choices, step=lambda: bar.update(1))
+    where = f"model outputs on {len(samples)} calibration samples"
+    if config.auto_tune:
+        init_scale, bits, cosine, tries = tune_init_scale(plan, probe, errors, choices)
+        report = _mixed_report(plan, init_scale, where, errors, bits)
+        report.auto_tuned, report.cosine, report.tries = True, cosine, tries
+        return report
+    bits = allocate(errors, shares, config.init_scale, choices)
+    return _mixed_report(plan, config.init_scale, where, errors, bits)
+
+
+def _mixed_report(plan: WeightOnlyPlan, init_scale: float, where: str, errors, bits) -> MixedBitReport:
+    layers = [LayerBits(name, tuple(node.name for node, _ in tensor.readers), tensor.size, bits[name],
+                        errors[name]) for name, tensor in plan.tensors.items()]
+    return MixedBitReport(init_scale, where, layers)
 
 
 def _dynamic(model: ir.Model, config: QuantConfig, data, note, timings: dict):

@@ -1,6 +1,7 @@
 """The ``lowbit`` command.
 
     lowbit quantize MODEL -o OUT [--config FILE] [--data FOLDER] [--KEY VALUE ...]
+    lowbit inspect MODEL
     lowbit config show [FILE] [--KEY VALUE ...]
 
 Every configuration key is also a flag (``per_channel`` -> ``--per-channel`` /
@@ -59,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     _add_config_flags(quantize)
 
+    inspect = commands.add_parser("inspect", help="show how a quantized ONNX model is quantized",
+                                  description="Per quantized tensor: reading node, kind, integer type, bits used, "
+                                              "scheme and scale shape; and the file size against float32.")
+    inspect.add_argument("model", help="quantized ONNX model (lowbit's or another tool's)")
+
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser("show", help="print the resolved configuration and where each value came from")
@@ -97,6 +103,11 @@ def _show_value(value) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "inspect":
+            from .reports.inspect import format_inspection, inspect_model
+
+            print(format_inspection(inspect_model(args.model)))
+            return 0
         config = load_config(getattr(args, "config", None), _overrides(args), describe=_describe_flag)
         if args.command == "config":
             print(format_config(config))

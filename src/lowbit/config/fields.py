@@ -92,12 +92,10 @@ FIELDS: tuple[Field, ...] = (
     # [common_quant_param]
     Field(COMMON, "quant_type", Kind.ENUM, "FULL_QUANT",
           "WEIGHT_QUANT: weights only; FULL_QUANT: weights and activations; DYNAMIC_QUANT: activations at run time",
-          choices=("WEIGHT_QUANT", "FULL_QUANT", "DYNAMIC_QUANT"),
-          unsupported=unsupported_values({
-              "WEIGHT_QUANT": "weight-only quantization (quant_type=WEIGHT_QUANT) is not supported yet",
-          })),
+          choices=("WEIGHT_QUANT", "FULL_QUANT", "DYNAMIC_QUANT")),
     Field(COMMON, "bit_num", Kind.INT, 8,
-          "bits per value; full and dynamic quantization support 8", low=0, high=16),
+          "bits per value; WEIGHT_QUANT: 1 to 16, or 0 for mixed bit (a width per layer); "
+          "full and dynamic quantization support 8", low=0, high=16),
     Field(COMMON, "min_quant_weight_size", Kind.INT, 0,
           "a weighted node is quantized only when its weight has more elements than this", low=0, high=65535),
     Field(COMMON, "min_quant_weight_channel", Kind.INT, 16,
@@ -111,16 +109,23 @@ FIELDS: tuple[Field, ...] = (
     Field(COMMON, "dynamic_quant_granularity", Kind.ENUM, "TOKEN",
           "DYNAMIC_QUANT: activation scales per row/token (TOKEN) or per tensor (TENSOR, ONNX Runtime's form)",
           choices=("TOKEN", "TENSOR"), extension=True),
+    Field(COMMON, "matmul_nbits", Kind.BOOL, False,
+          "WEIGHT_QUANT with bit_num=4: write 2-D MatMul weights as ONNX Runtime's MatMulNBits "
+          "(4-bit blocks along K; runs in ONNX Runtime only)", extension=True),
+    Field(COMMON, "block_size", Kind.INT, 32,
+          "matmul_nbits: values per 4-bit block along K, each block with its own scale "
+          "(a power of two, 16 to 256)", low=16, high=256, extension=True),
     Field(COMMON, "debug_info_save_path", Kind.STR, None,
           "folder for the per-tensor debug reports",
           unsupported=always_unsupported("debug reports (debug_info_save_path)")),
     # [mixed_bit_weight_quant_param]
     Field(MIXED_BIT, "init_scale", Kind.FLOAT, 0.02,
-          "error budget of the mixed-bit search; larger compresses more", low=0, high=1, open_interval=True,
-          unsupported=always_unsupported("mixed-bit weight quantization (init_scale)")),
+          "bit_num=0: the relative error each weight may add (to itself without data, to the model's "
+          "outputs with calibration data); each gets the fewest of 4/8/16 bits within it; larger compresses more",
+          low=0, high=1, open_interval=True),
     Field(MIXED_BIT, "auto_tune", Kind.BOOL, False,
-          "search init_scale for an output cosine similarity of about 0.995",
-          unsupported=always_unsupported("mixed-bit weight quantization (auto_tune)")),
+          "bit_num=0: search init_scale for an output cosine similarity of 0.995 to the float model "
+          "(needs calibration data)"),
     # [full_quant_param]
     Field(FULL, "activation_quant_method", Kind.ENUM, None,
           "how activation ranges are chosen: MAX_MIN, KL (TensorRT entropy), REMOVAL_OUTLIER (percentile), "
@@ -152,8 +157,8 @@ FIELDS: tuple[Field, ...] = (
           "calibration samples held back from the statistics to score search candidates "
           "(default: 1 in 8, between 1 and 32)", low=1, high=4096, extension=True),
     Field(FULL, "bias_correction", Kind.BOOL, True,
-          "fold the per-channel output shift that weight rounding causes into each int8 Conv/Gemm bias, "
-          "measured on the calibration data (FULL_QUANT; DSP defaults to false)"),
+          "fold the per-channel output shift that weight rounding causes into each quantized Conv/Gemm bias, "
+          "measured on the calibration data (FULL_QUANT; WEIGHT_QUANT when data is given; DSP defaults to false)"),
     Field(FULL, "per_channel", Kind.BOOL, True,
           "weights per output channel (true) or per tensor (false); DSP defaults to false"),
     Field(FULL, "target_device", Kind.ENUM, None,

@@ -219,7 +219,7 @@ def _apply_dependent_defaults(settings: dict[str, Setting]) -> None:
         for key in ("per_channel", "bias_correction"):
             if settings[key].source == DEFAULT:
                 settings[key] = Setting(False, f"{DEFAULT} for target_device=DSP")
-    if quant_type != "FULL_QUANT" and settings["bias_correction"].source == DEFAULT:
+    if quant_type == "DYNAMIC_QUANT" and settings["bias_correction"].source == DEFAULT:
         settings["bias_correction"] = Setting(False, f"{DEFAULT} for {quant_type}")
 
 
@@ -246,6 +246,7 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
             if not settings[key].source.startswith(DEFAULT):
                 raise LowbitError(f"{where(key)}: {key} applies to quant_type=FULL_QUANT only "
                                   f"(activation ranges are calibrated there); remove it for {quant_type}")
+    _check_weight_only(settings, where)
     if settings["max_num_bin"].value < max(settings["num_bin"].value):
         raise LowbitError(f"{where('max_num_bin')}: max_num_bin={settings['max_num_bin'].value} is below "
                           f"num_bin={max(settings['num_bin'].value)} ({where('num_bin')}); "
@@ -254,3 +255,23 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
         raise LowbitError(
             f"{where('per_channel')}: per_channel=true: target_device=DSP quantizes weights per tensor "
             "(SNPE/Hexagon); set per_channel=false or choose another target_device")
+
+
+def _check_weight_only(settings: dict[str, Setting], where) -> None:
+    """Keys of weight-only quantization: only with quant_type=WEIGHT_QUANT, and consistent with bit_num."""
+    quant_type, bits = settings["quant_type"].value, settings["bit_num"].value
+    given = [key for key in ("init_scale", "auto_tune", "matmul_nbits", "block_size")
+             if not settings[key].source.startswith(DEFAULT)]
+    if quant_type != "WEIGHT_QUANT" and given:
+        raise LowbitError(f"{where(given[0])}: {given[0]} applies to quant_type=WEIGHT_QUANT only")
+    for key in ("init_scale", "auto_tune"):
+        if key in given and bits != 0:
+            raise LowbitError(f"{where(key)}: {key} steers the mixed-bit search, which bit_num=0 turns on "
+                              f"(bit_num={bits}, {where('bit_num')})")
+    if settings["matmul_nbits"].value and bits != 4:
+        raise LowbitError(f"{where('matmul_nbits')}: matmul_nbits writes 4-bit blocks; set bit_num=4 "
+                          f"(bit_num={bits}, {where('bit_num')})")
+    block = settings["block_size"].value
+    if block & (block - 1):
+        raise LowbitError(f"{where('block_size')}: block_size={block}: MatMulNBits needs a power of two "
+                          "(16, 32, 64, 128 or 256)")

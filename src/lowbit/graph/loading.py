@@ -87,3 +87,21 @@ def _ensure_min_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
         raise LowbitError(
             f"{path}: opset {opset} is older than {MIN_OPSET}, which lowbit works in, "
             f"and onnx's version converter could not upgrade it ({_first_line(exc)})") from None
+
+
+def with_opset(model: ir.Model, version: int) -> ir.Model | None:
+    """The model converted to at least ``version`` of the default opset, or None when onnx's converter fails.
+
+    New integer types (int4 needs opset 21) come with newer opsets; the converter
+    rewrites the ops whose definition changed on the way.
+    """
+    if model.opset_imports.get("", 0) >= version:
+        return model
+    proto = ir.serde.serialize_model(model)
+    try:
+        converted = onnx.version_converter.convert_version(proto, version)
+        onnx.checker.check_model(converted)
+    except Exception:  # the converter raises bare RuntimeErrors from C++
+        return None
+    converted.ir_version = max(converted.ir_version, 10)  # opset 21 needs IR version 10
+    return ir.serde.deserialize_model(converted)

@@ -33,10 +33,15 @@ def weight_qparams(array: np.ndarray, scheme: QuantScheme) -> QParams:
     return compute_qparams(*observer.range(), scheme)
 
 
-def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as a new initializer named after ``base`` (made unique)."""
-    value = ir.Value(name=unique_name(graph, base), const_value=ir.tensor(np.asarray(array, order="C")))
-    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+def add_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    """Register ``array`` as a new initializer named after ``base`` (made unique).
+
+    ``dtype`` stores it as another ONNX type than its numpy one (int4 values held in int8).
+    """
+    array = np.asarray(array, order="C")
+    dtype = dtype or ir.DataType.from_numpy(array.dtype)
+    value = ir.Value(name=unique_name(graph, base), const_value=ir.tensor(array, dtype=dtype))
+    value.type = ir.TensorType(dtype)
     value.shape = ir.Shape(array.shape)
     graph.register_initializer(value)
     return value

@@ -44,6 +44,7 @@ class QuantType:
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
 
+INT4 = QuantType("int4", 4, True, ir.DataType.INT4, np.int8)  # held in int8, packed two per byte on disk
 UINT8 = QuantType("uint8", 8, False, ir.DataType.UINT8, np.uint8)
 INT8 = QuantType("int8", 8, True, ir.DataType.INT8, np.int8)
 UINT16 = QuantType("uint16", 16, False, ir.DataType.UINT16, np.uint16)

@@ -5,10 +5,12 @@ Rounding a weight to 8 bits changes what each output channel computes by
 zero: in depthwise and stem convolutions it is large enough to move the class scores
 (DFQ, Nagel et al. 2019). The correction measures the shift and takes it out of the bias.
 
-Rule, for each int8 Conv (any group) and Gemm of the quantized model:
+Rule, for each Conv (any group) and Gemm of the quantized model whose weight is stored
+as integers (full quantization or weight-only):
 
     shift = mean_c( Conv(x_q, W_q) ) - mean_c( Conv(x_q, W) )
-    bias' = bias - shift          (stored again as int32, same scale; added where absent)
+    bias' = bias - shift          (int32 with the same scale where the input is quantized,
+                                   float32 otherwise; added where absent)
 
 Both terms are measured in one streaming pass of ONNX Runtime over the calibration data
 on the *quantized* model, each layer with a "shadow" copy that applies the float weight
@@ -72,7 +74,7 @@ def correct_biases(model: ir.Model, layers: list[Layer], feeds: Iterable[dict[st
                    total: int | None, progress: bool) -> BiasCorrectionReport:
     """Measure each layer's output shift on ``feeds`` and fold it into its int32 bias, in place."""
     start = time.perf_counter()
-    layers = [layer for layer in layers if _scales(layer.node) is not None]
+    layers = [layer for layer in layers if _dequantize_source(layer.node.inputs[1]) is not None]
     proto = _with_dequantized_constants(ir.serde.serialize_model(model))
     observers: dict[str, MeanObserver] = {}
     for i, layer in enumerate(layers):
@@ -102,6 +104,7 @@ def correct_biases(model: ir.Model, layers: list[Layer], feeds: Iterable[dict[st
         shift = shift_plus_bias - current
         largest = max(largest, float(np.max(np.abs(shift))))
         _set_bias(model.graph, node, float_bias - shift)
+    ir.passes.common.RemoveUnusedNodesPass()(model)  # the biases replaced by new initializers
     return BiasCorrectionReport(len(layers), run.samples, time.perf_counter() - start, largest)
 
 
@@ -142,6 +145,10 @@ def _scales(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
     return x_scale.astype(np.float64), w_scale.astype(np.float64)
 
 
+def _has_float_bias(node: ir.Node) -> bool:
+    return len(node.inputs) > 2 and constant_array(node.inputs[2]) is not None
+
+
 def _current_bias(node: ir.Node, channels: int) -> np.ndarray:
     if len(node.inputs) < 3 or node.inputs[2] is None:
         return np.zeros(channels)
@@ -152,14 +159,22 @@ def _current_bias(node: ir.Node, channels: int) -> np.ndarray:
 
 
 def _set_bias(graph: ir.Graph, node: ir.Node, bias: np.ndarray) -> None:
-    """Store the corrected bias as int32 with scale = input scale x weight scale."""
+    """Store the corrected bias: as int32 with scale = input scale x weight scale when the input is
+    quantized (integer kernels add it in int32), else as float32 (weight-only models)."""
     dq = _dequantize_source(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
     own_dq = dq is not None and len(dq.outputs[0].uses()) == 1 and constant_array(dq.inputs[0]) is not None
+    scales = _scales(node)
     if own_dq:
         scale = constant_array(dq.inputs[1]).astype(np.float32)
-    else:
-        x_scale, w_scale = _scales(node)
+    elif scales is not None and dq is None and not _has_float_bias(node):
+        x_scale, w_scale = scales
         scale = np.broadcast_to(x_scale.reshape(()) * w_scale, bias.shape).astype(np.float32)
+    else:
+        value = add_initializer(graph, f"{node.name}_bias_corrected", bias.astype(np.float32))
+        if len(node.inputs) < 3:
+            node.resize_inputs(3)
+        node.replace_input_with(2, value)
+        return
     quantized = np.clip(np.rint(bias / scale.astype(np.float64)), -INT32.qmax, INT32.qmax).astype(np.int32)
     if own_dq:
         dq.inputs[0].const_value = ir.tensor(quantized, name=dq.inputs[0].name)
