@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import job, zoo  # noqa: E402
+from bench import job, weights, zoo  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MEMORY_LIMIT = 18 * 2**30  # a child that needs more fails alone instead of starving the machine
@@ -375,6 +375,8 @@ def markdown(results: dict) -> str:
                   f"{t['sentences']} sentences (stdlib docstrings), padded to 128 tokens; cosine of the mean-pooled "
                   "embedding against float32. Latency: batch 8 x 128 tokens and batch 1 x 128.", "",
                   *_table(t["rows"], TEXT_COLUMNS), ""]
+    if results.get("weights"):
+        lines += weights.markdown(results["weights"], _table)
     if results.get("images"):
         m = results["images"]
         lines += ["## Image calibration data", "",
@@ -485,6 +487,7 @@ def main() -> None:
             elif peaks:
                 results["memory"] = {"model": case.name, "peak_rss_mb": {str(k): v for k, v in peaks.items()}}
     results["text"] = text_case(work / "minilm", 256 if args.quick else 844, runs)
+    results["weights"] = weights.section(cases[0], work / "weights", args.quick)
     results["images"] = image_pipeline_cost(work / "images", 100 if args.quick else 500)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
