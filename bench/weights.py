@@ -135,8 +135,8 @@ COLUMNS = [("size ratio", "size_ratio", 3), ("avg bits", "average_bits", 2), ("i
 
 def markdown(cases: list[dict], table) -> list[str]:
     lines = ["## Weight-only quantization (quant_type=WEIGHT_QUANT)", "",
-             "Data-free unless marked (data): then the calibration samples drive bias correction and the "
-             "mixed-bit search. Inference in ONNX Runtime's default session. Times are in-process wall times.", ""]
+             ("Data-free unless marked (data): then the calibration samples drive bias correction and the "
+              "mixed-bit search. Inference in ONNX Runtime's default session. Times are in-process wall times."), ""]
     for case in cases:
         lines += [f"### {case['name']}", "",
                   f"{case['calibration']} calibration samples; {case['evaluation']} held-out inputs.", "",
