@@ -274,17 +274,23 @@ def _full(model: ir.Model, config: QuantConfig, data, progress: bool, note, timi
     apply_plan(model, plan, qparams)
     timings["rewrite"] = time.perf_counter() - clock
 
-    correction = None
-    if layers:
-        if data is not None and not isinstance(data, (str, Path)) and iter(data) is data:
-            note("bias_correction needs a second pass over the calibration data, and an iterator "
-                 "can be read once; pass a list or a folder (bias correction was skipped)")
-        else:
-            feeds, total = _calibration_feeds(specs, config, data, note)
-            correction = correct_biases(model, layers, batched(feeds, specs, config.calibrate_batch_size),
-                                        total, progress)
-            timings["bias_correction"] = correction.seconds
+    correction = _correct_biases(model, layers, specs, config, data, progress, note, timings)
     return plan, samples, _tensor_reports(observers, ranges, qparams), correction, search
+
+
+def _correct_biases(model: ir.Model, layers: list[Layer], specs, config: QuantConfig, data, progress: bool,
+                    note: Callable[[str], None], timings: dict) -> BiasCorrectionReport | None:
+    """Bias correction's second pass over the calibration data (None when there is nothing to do)."""
+    if not layers:
+        return None
+    if data is not None and not isinstance(data, (str, Path)) and iter(data) is data:
+        note("bias_correction needs a second pass over the calibration data, and an iterator "
+             "can be read once; pass a list or a folder (bias correction was skipped)")
+        return None
+    feeds, total = _calibration_feeds(specs, config, data, note)
+    correction = correct_biases(model, layers, batched(feeds, specs, config.calibrate_batch_size), total, progress)
+    timings["bias_correction"] = correction.seconds
+    return correction
 
 
 def _candidates(config: QuantConfig, total: int | None, note: Callable[[str], None]) -> tuple[list[Candidate], str]:
@@ -379,21 +385,14 @@ def _weight(model: ir.Model, config: QuantConfig, data, progress: bool, note, ti
     if config.bias_correction and has_data:
         layers = [Layer(node, tensor.array, constant_array(node.inputs[2]) if len(node.inputs) > 2 else None)
                   for tensor in plan.tensors.values() for node, index in tensor.readers
-                  if index == 1 and correctable(node) and not (options.matmul_nbits and node.op_type == "MatMul")]
+                  if index == 1 and correctable(node)]
     stored = apply_weight_only(model, plan, bits, options)
     timings["rewrite"] = time.perf_counter() - clock
 
     result = _WeightOnlyRun(plan, stored, len(probe_samples), probe_samples, mixed)
-    if layers:
-        if data is not None and not isinstance(data, (str, Path)) and iter(data) is data:
-            note("bias_correction needs a second pass over the calibration data, and an iterator "
-                 "can be read once; pass a list or a folder (bias correction was skipped)")
-        else:
-            feeds, total = _calibration_feeds(specs, config, data, note)
-            result.correction = correct_biases(model, layers, batched(feeds, specs, config.calibrate_batch_size),
-                                               total, progress)
-            result.samples = max(result.samples, result.correction.samples)
-            timings["bias_correction"] = result.correction.seconds
+    result.correction = _correct_biases(model, layers, specs, config, data, progress, note, timings)
+    if result.correction is not None:
+        result.samples = max(result.samples, result.correction.samples)
     if probe_samples:
         result.cosine = _output_cosine(model, probe_samples, reference)
     return model, result

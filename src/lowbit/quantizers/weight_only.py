@@ -64,7 +64,7 @@ class WeightTensor:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.value.shape.numpy())) if self.value.shape is not None else self.array.size
+        return self.array.size
 
 
 @dataclass

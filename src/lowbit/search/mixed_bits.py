@@ -143,16 +143,17 @@ class OutputProbe:
         for name in [*plan.tensors, *(bias.value_name for bias in self.biases.values())]:
             tensor = initializers[name]
             proto.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
-        inputs = {bias.input_name for bias in self.biases.values()}
-        session = make_session(proto, sorted(inputs))
-        self.session = session
+        graph_inputs = {v.name for v in model.graph.inputs}
+        inputs = sorted({bias.input_name for bias in self.biases.values()})
+        computed = [name for name in inputs if name not in graph_inputs]
+        self.session = make_session(proto, computed)
         self.outputs = [o.name for o in model.graph.outputs if o.dtype == ir.DataType.FLOAT]
         self.samples = samples
         means = {name: MeanObserver(axis=1) for name in inputs}  # NCHW channels, or Gemm's K
         self.reference = []
         for feed in samples:
-            arrays = dict(zip([*self.outputs, *sorted(inputs)], session.run([*self.outputs, *sorted(inputs)], feed)))
-            arrays.update({name: feed[name] for name in inputs if name in feed})
+            arrays = dict(zip([*self.outputs, *computed], self.session.run([*self.outputs, *computed], feed)))
+            arrays.update({name: feed[name] for name in inputs if name in graph_inputs})
             self.reference.append([arrays[name] for name in self.outputs])
             for name in inputs:
                 means[name].update(arrays[name])
