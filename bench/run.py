@@ -64,11 +64,13 @@ class Row:
 # -- data -------------------------------------------------------------------------------
 
 def efficientnet_case(n_calib: int, crops_per_photo: int) -> Case:
-    photos = zoo.opencv_photos()
-    per_photo = max(1, -(-n_calib // len(photos)))
-    calib = [zoo.efficientnet_input(c)[0] for i, p in enumerate(photos.values())
-             for c in zoo.crops(p, per_photo, seed=i)][:n_calib]
-    held = zoo.skimage_photos()
+    """Calibrate on opencv-doc's video frames and other images; evaluate on natural photos."""
+    images = zoo.calibration_images()
+    per_image = max(1, -(-n_calib // len(images)))
+    calib = [zoo.efficientnet_input(c)[0] for i, p in enumerate(images.values())
+             for c in zoo.crops(p, per_image, seed=i)]
+    calib = [calib[i] for i in np.random.default_rng(0).permutation(len(calib))[:n_calib]]
+    held = zoo.natural_photos()
     evaluation = np.concatenate([zoo.efficientnet_input(c) for i, p in enumerate(held.values())
                                  for c in zoo.crops(p, crops_per_photo, seed=100 + i)])
     return Case("EfficientNet-Lite0", zoo.efficientnet_lite0("torchscript"), "input", calib, evaluation)

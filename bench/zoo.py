@@ -188,6 +188,52 @@ def opencv_photos() -> dict[str, np.ndarray]:
     return photos
 
 
+# Photos of the kind ImageNet classifiers are made for (objects, animals, scenes), for evaluation.
+# The other images of opencv-doc (chessboards, renders, logos, text) and its videos calibrate.
+NATURAL_OPENCV_PHOTOS = ("apple", "baboon", "butterfly", "fruits", "home", "messi5", "orange", "squirrel_cls",
+                         "HappyFish", "building", "leuvenA", "leuvenB", "ela_original", "ela_modified")
+NATURAL_SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left")
+
+
+def natural_photos() -> dict[str, np.ndarray]:
+    """Evaluation photos: natural scenes of scikit-image, scikit-learn and opencv-doc (uint8 HxWx3, RGB).
+
+    Left out on purpose: scikit-image's colour chart, star field, retina and microscopy
+    images. An ImageNet classifier has no answer for them (its top-1 probability there is
+    mostly under 0.2), so top-1 agreement on them measures how near-ties break, not quantization.
+    """
+    from sklearn.datasets import load_sample_images
+
+    photos = {name: image for name, image in skimage_photos().items() if name in NATURAL_SKIMAGE_PHOTOS}
+    for path, image in zip(load_sample_images().filenames, load_sample_images().images):
+        photos[Path(path).stem] = image
+    opencv = opencv_photos()
+    photos.update({name: opencv[name] for name in NATURAL_OPENCV_PHOTOS if name in opencv})
+    return photos
+
+
+def calibration_images(frames_per_video: int = 24) -> dict[str, np.ndarray]:
+    """Calibration images, none of them in :func:`natural_photos`: frames of opencv-doc's
+    videos (pedestrians, a tree, an animated film) and its other photos (RGB)."""
+    import cv2
+
+    images = {name: image for name, image in opencv_photos().items() if name not in NATURAL_OPENCV_PHOTOS}
+    for video in sorted(opencv_doc_data().glob("*.avi")):
+        if video.stem.endswith("_bugy"):  # the same film as Megamind.avi, with decoding damage
+            continue
+        capture = cv2.VideoCapture(str(video))
+        count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        wanted = set(np.linspace(0, max(0, count - 1), frames_per_video).astype(int).tolist())
+        for index in range(count):  # read in order: seeking in these AVI files is unreliable
+            ok, frame = capture.read()
+            if not ok:
+                break
+            if index in wanted and min(frame.shape[:2]) >= 200:
+                images[f"{video.stem}_{index:05d}"] = np.ascontiguousarray(frame[:, :, ::-1])
+        capture.release()
+    return images
+
+
 def opencv_digits() -> tuple[np.ndarray, np.ndarray]:
     """The 5000 labelled handwritten digits of opencv-doc (20x20 uint8, white on black) and labels."""
     from PIL import Image

@@ -54,6 +54,6 @@ def test_dsp_and_iterators_skip_it(tmp_path):
                            progress=False).bias_correction is None
     import pytest
 
-    with pytest.warns(lowbit.LowbitWarning, match="second pass"):
+    with pytest.warns(lowbit.LowbitWarning, match="bias_correction needs another pass"):
         result = lowbit.quantize(src, tmp_path / "i.onnx", data=iter(feeds(4, 0)), progress=False)
     assert result.bias_correction is None

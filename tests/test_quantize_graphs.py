@@ -13,8 +13,10 @@ from bench.zoo import cosine
 
 
 def quantize(tmp_path, model, feeds=None, **settings):
-    """Quantize with MAX_MIN unless told otherwise: these tests check exact ranges and placement."""
+    """Quantize with MAX_MIN and round-to-nearest weights unless told otherwise: these tests check
+    exact ranges, integers and placement (tests/test_gptq.py checks GPTQ's rounding)."""
     settings.setdefault("activation_quant_method", "MAX_MIN")
+    settings.setdefault("weight_rounding", "NEAREST")
     path = save(model, tmp_path / "float.onnx")
     out = tmp_path / "int8.onnx"
     result = lowbit.quantize(path, out, data=feeds or random_feeds(8), progress=False, **settings)
@@ -198,7 +200,7 @@ def test_in_memory_feeds_and_calibrate_size(tmp_path):
             consumed.append(i)
             yield feed
 
-    with pytest.warns(lowbit.LowbitWarning, match="bias correction was skipped"):
+    with pytest.warns(lowbit.LowbitWarning, match="bias_correction was skipped"):
         result = lowbit.quantize(path, tmp_path / "q.onnx", data=stream(), calibrate_size=7, progress=False)
     assert result.calibration_samples == 7 and len(consumed) == 7
 

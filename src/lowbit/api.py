@@ -54,6 +54,8 @@ from .recovery.bias_correction import (
     correct_biases,
     correctable,
 )
+from .recovery.gptq import SAMPLES as GPTQ_SAMPLES
+from .recovery.gptq import RoundingLayer, RoundingReport, compensable, compensate_rounding
 from .search.metrics import METRICS, PairStats
 from .search.mixed_bits import (
     LayerBits,
@@ -117,6 +119,7 @@ class QuantizeResult:
     float_bytes: int
     output_bytes: int
     bias_correction: BiasCorrectionReport | None = None
+    weight_rounding: RoundingReport | None = None  # FULL_QUANT with weight_rounding=GPTQ
     search: SearchReport | None = None
     weights: list[StoredWeight] = field(default_factory=list)  # WEIGHT_QUANT: how each weight is stored
     mixed_bits: MixedBitReport | None = None
@@ -193,7 +196,7 @@ def run(
     timings["load"] = time.perf_counter() - clock
 
     _warn_unknown_skip_nodes(graph_model, config.skip_quant_node, note)
-    search, weight_only = None, None
+    search, weight_only, rounding = None, None, None
     if config.quant_type == "DYNAMIC_QUANT":
         target_name = "CPU, dynamic"
         plan, samples, tensors, correction = _dynamic(graph_model, config, data, note, timings)
@@ -203,7 +206,8 @@ def run(
         plan, samples, tensors, correction = weight_only.plan, weight_only.samples, {}, weight_only.correction
     else:
         target_name = config.target
-        plan, samples, tensors, correction, search = _full(graph_model, config, data, progress, note, timings)
+        plan, samples, tensors, correction, search, rounding = _full(graph_model, config, data, progress, note,
+                                                                     timings)
     if not plan.quantized_nodes:
         note(f"nothing in {model_path} can be quantized for target {target_name}; the output is the float model")
 
@@ -220,6 +224,7 @@ def run(
         tensors=tensors,
         calibration_samples=samples,
         bias_correction=correction,
+        weight_rounding=rounding,
         search=search,
         weights=weight_only.stored if weight_only else [],
         mixed_bits=weight_only.mixed_bits if weight_only else None,
@@ -271,24 +276,39 @@ def _full(model: ir.Model, config: QuantConfig, data, progress: bool, note, timi
     clock = time.perf_counter()
     qparams = activation_qparams(plan, ranges)
     layers = _correctable_layers(plan) if config.bias_correction else []
+    to_round = _rounding_layers(plan) if config.weight_rounding == "GPTQ" and plan.activations else []
     apply_plan(model, plan, qparams)
     timings["rewrite"] = time.perf_counter() - clock
 
+    rounding = None
+    if to_round and (feeds := _another_pass(specs, config, data, note, "weight_rounding=GPTQ",
+                                            limit=GPTQ_SAMPLES)) is not None:
+        rounding = compensate_rounding(model, to_round, *feeds, progress)
+        timings["weight_rounding"] = rounding.seconds
     correction = _correct_biases(model, layers, specs, config, data, progress, note, timings)
-    return plan, samples, _tensor_reports(observers, ranges, qparams), correction, search
+    return plan, samples, _tensor_reports(observers, ranges, qparams), correction, search, rounding
+
+
+def _another_pass(specs, config: QuantConfig, data, note: Callable[[str], None], what: str,
+                  limit: int | None = None):
+    """(batched feeds, total) for one more pass over the calibration data (its first ``limit``
+    samples), or None when ``data`` is an iterator, which can be read once."""
+    if data is not None and not isinstance(data, (str, Path)) and iter(data) is data:
+        note(f"{what} needs another pass over the calibration data, and an iterator can be read once; "
+             f"pass a list or a folder ({what} was skipped)")
+        return None
+    feeds, total = _calibration_feeds(specs, config, data, note)
+    if limit is not None:
+        feeds, total = itertools.islice(feeds, limit), limit if total is None else min(total, limit)
+    return batched(feeds, specs, config.calibrate_batch_size), total
 
 
 def _correct_biases(model: ir.Model, layers: list[Layer], specs, config: QuantConfig, data, progress: bool,
                     note: Callable[[str], None], timings: dict) -> BiasCorrectionReport | None:
     """Bias correction's second pass over the calibration data (None when there is nothing to do)."""
-    if not layers:
+    if not layers or (feeds := _another_pass(specs, config, data, note, "bias_correction")) is None:
         return None
-    if data is not None and not isinstance(data, (str, Path)) and iter(data) is data:
-        note("bias_correction needs a second pass over the calibration data, and an iterator "
-             "can be read once; pass a list or a folder (bias correction was skipped)")
-        return None
-    feeds, total = _calibration_feeds(specs, config, data, note)
-    correction = correct_biases(model, layers, batched(feeds, specs, config.calibrate_batch_size), total, progress)
+    correction = correct_biases(model, layers, *feeds, progress)
     timings["bias_correction"] = correction.seconds
     return correction
 
@@ -537,6 +557,12 @@ def _correctable_layers(plan: QuantPlan) -> list[Layer]:
             bias = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
             layers.append(Layer(node, constant_array(node.inputs[1]), bias))
     return layers
+
+
+def _rounding_layers(plan: QuantPlan) -> list[RoundingLayer]:
+    """The integer weights GPTQ can re-round (Conv/Gemm/MatMul), with their float values before the rewrite."""
+    return [RoundingLayer(slot.node, constant_array(slot.node.inputs[1]), slot.scheme.qmin, slot.scheme.qmax)
+            for slot in plan.weights if slot.index == 1 and compensable(slot.node)]
 
 
 def _tensor_reports(observers: dict, ranges: dict[str, Range], qparams: dict[str, QParams]) -> dict[str, TensorReport]:

@@ -159,6 +159,10 @@ FIELDS: tuple[Field, ...] = (
     Field(FULL, "bias_correction", Kind.BOOL, True,
           "fold the per-channel output shift that weight rounding causes into each quantized Conv/Gemm bias, "
           "measured on the calibration data (FULL_QUANT; WEIGHT_QUANT when data is given; DSP defaults to false)"),
+    Field(FULL, "weight_rounding", Kind.ENUM, "GPTQ",
+          "how weights get their integers: NEAREST (round to nearest) or GPTQ (error-compensating rounding "
+          "against the layer input's second moment on the calibration data; same grid and file size)",
+          choices=("NEAREST", "GPTQ"), extension=True),
     Field(FULL, "per_channel", Kind.BOOL, True,
           "weights per output channel (true) or per tensor (false); DSP defaults to false"),
     Field(FULL, "target_device", Kind.ENUM, None,

@@ -221,6 +221,8 @@ def _apply_dependent_defaults(settings: dict[str, Setting]) -> None:
                 settings[key] = Setting(False, f"{DEFAULT} for target_device=DSP")
     if quant_type == "DYNAMIC_QUANT" and settings["bias_correction"].source == DEFAULT:
         settings["bias_correction"] = Setting(False, f"{DEFAULT} for {quant_type}")
+    if quant_type != "FULL_QUANT" and settings["weight_rounding"].source == DEFAULT:
+        settings["weight_rounding"] = Setting("NEAREST", f"{DEFAULT} for {quant_type}")
 
 
 def _check_combinations(settings: dict[str, Setting]) -> None:
@@ -246,6 +248,9 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
             if not settings[key].source.startswith(DEFAULT):
                 raise LowbitError(f"{where(key)}: {key} applies to quant_type=FULL_QUANT only "
                                   f"(activation ranges are calibrated there); remove it for {quant_type}")
+    if quant_type != "FULL_QUANT" and settings["weight_rounding"].value != "NEAREST":
+        raise LowbitError(f"{where('weight_rounding')}: weight_rounding={settings['weight_rounding'].value} "
+                          f"applies to quant_type=FULL_QUANT only for now; {quant_type} rounds to nearest")
     _check_weight_only(settings, where)
     if settings["max_num_bin"].value < max(settings["num_bin"].value):
         raise LowbitError(f"{where('max_num_bin')}: max_num_bin={settings['max_num_bin'].value} is below "

@@ -65,7 +65,7 @@ def correctable(node: ir.Node) -> bool:
     return True
 
 
-def _dequantize_source(value: ir.Value) -> ir.Node | None:
+def dequantize_source(value: ir.Value) -> ir.Node | None:
     producer = value.producer() if value is not None else None
     return producer if producer is not None and producer.op_type == "DequantizeLinear" else None
 
@@ -74,8 +74,8 @@ def correct_biases(model: ir.Model, layers: list[Layer], feeds: Iterable[dict[st
                    total: int | None, progress: bool) -> BiasCorrectionReport:
     """Measure each layer's output shift on ``feeds`` and fold it into its int32 bias, in place."""
     start = time.perf_counter()
-    layers = [layer for layer in layers if _dequantize_source(layer.node.inputs[1]) is not None]
-    proto = _with_dequantized_constants(ir.serde.serialize_model(model))
+    layers = [layer for layer in layers if dequantize_source(layer.node.inputs[1]) is not None]
+    proto = with_dequantized_constants(ir.serde.serialize_model(model))
     observers: dict[str, MeanObserver] = {}
     for i, layer in enumerate(layers):
         node = layer.node
@@ -108,7 +108,7 @@ def correct_biases(model: ir.Model, layers: list[Layer], feeds: Iterable[dict[st
     return BiasCorrectionReport(len(layers), run.samples, time.perf_counter() - start, largest)
 
 
-def _with_dequantized_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
+def with_dequantized_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The measuring model with weights and biases stored dequantized (the same float values).
 
     ONNX Runtime would otherwise run every weight's DequantizeLinear on every batch: the
@@ -136,7 +136,7 @@ def _with_dequantized_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def _scales(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
     """(input scale, weight scale) of an int8 layer, or None when the layer is not int8."""
-    x_dq, w_dq = _dequantize_source(node.inputs[0]), _dequantize_source(node.inputs[1])
+    x_dq, w_dq = dequantize_source(node.inputs[0]), dequantize_source(node.inputs[1])
     if x_dq is None or w_dq is None:
         return None
     x_scale, w_scale = constant_array(x_dq.inputs[1]), constant_array(w_dq.inputs[1])
@@ -152,7 +152,7 @@ def _has_float_bias(node: ir.Node) -> bool:
 def _current_bias(node: ir.Node, channels: int) -> np.ndarray:
     if len(node.inputs) < 3 or node.inputs[2] is None:
         return np.zeros(channels)
-    dq = _dequantize_source(node.inputs[2])
+    dq = dequantize_source(node.inputs[2])
     if dq is None:
         return constant_array(node.inputs[2]).astype(np.float64).reshape(-1)
     return constant_array(dq.inputs[0]).astype(np.float64) * constant_array(dq.inputs[1]).astype(np.float64)
@@ -161,7 +161,7 @@ def _current_bias(node: ir.Node, channels: int) -> np.ndarray:
 def _set_bias(graph: ir.Graph, node: ir.Node, bias: np.ndarray) -> None:
     """Store the corrected bias: as int32 with scale = input scale x weight scale when the input is
     quantized (integer kernels add it in int32), else as float32 (weight-only models)."""
-    dq = _dequantize_source(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    dq = dequantize_source(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
     own_dq = dq is not None and len(dq.outputs[0].uses()) == 1 and constant_array(dq.inputs[0]) is not None
     scales = _scales(node)
     if own_dq:

@@ -30,6 +30,10 @@ def format_summary(result: QuantizeResult) -> str:
         lines.append(f"    {count} x {reason}")
     t = result.timings
     lines += _weight_lines(result)
+    if result.weight_rounding is not None and result.weight_rounding.layers:
+        wr = result.weight_rounding
+        lines.append(f"  weight rounding: GPTQ on {wr.layers} layers from {wr.samples} samples, mean layer output "
+                     f"error {wr.error_nearest:.3g} (nearest) -> {wr.error_compensated:.3g}, {wr.seconds:.1f} s")
     if result.bias_correction is not None and result.bias_correction.layers:
         bc = result.bias_correction
         lines.append(f"  bias correction: {bc.layers} layers on {bc.samples} samples, largest shift "

@@ -1,0 +1,151 @@
+"""Error-compensating weight rounding (GPTQ) and the input second moments it rounds against."""
+
+import numpy as np
+import onnx
+import pytest
+from conftest import float_input, make_model, producers, run, save
+from onnx import helper, numpy_helper
+
+import lowbit
+from lowbit.calibration.covariance import ConvGeometry, InputCovarianceObserver
+from lowbit.recovery.gptq import gptq_round, output_error
+
+
+def test_two_correlated_inputs_by_hand():
+    # H = [[1, .9], [.9, 1]]: the two inputs move together. Round to nearest takes w = (.3, .3) to
+    # (0, 0). GPTQ rounds w0 to 0 (error +.3), then moves w1 by -H^-1_01 / H^-1_00 * .3 = .9 * .3 = .27
+    # to .57, which rounds to 1. Output error e^T H e: nearest (.3, .3) -> .09 + .09 + 2*.9*.09 = .342;
+    # GPTQ (.3, -.7) -> .09 + .49 - 2*.9*.21 = .202.
+    h = np.array([[[1.0, 0.9], [0.9, 1.0]]])
+    w = np.array([[[0.3, 0.3]]])
+    q = gptq_round(w, h, scale=np.ones((1, 1)), zero_point=np.zeros((1, 1)), qmin=-127, qmax=127, damping=0.0)
+    assert q.tolist() == [[[0, 1]]]
+    assert output_error(w, np.zeros_like(w), h) == pytest.approx(0.342 / (0.09 + 0.09 + 2 * 0.9 * 0.09))
+    assert output_error(w, q.astype(float), h) == pytest.approx(0.202 / 0.342)
+
+
+def test_uncorrelated_inputs_round_to_nearest_and_the_grid_is_kept():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(2, 5, 6))
+    scale = np.abs(w).max(axis=2) / 7
+    h = np.stack([np.diag(rng.uniform(0.5, 2, 6)) for _ in range(2)])
+    q = gptq_round(w, h, scale, np.zeros((2, 5)), -7, 7, damping=0.0)
+    assert np.array_equal(q, np.clip(np.rint(w / scale[..., None]), -7, 7))
+    zero = np.full((2, 5), 3.0)
+    q = gptq_round(w, h, scale, zero, -8, 7)
+    assert q.min() >= -8 and q.max() <= 7  # clipped to the integer range, zero point included
+
+
+def test_gptq_beats_nearest_on_correlated_data():
+    rng = np.random.default_rng(1)
+    mixing = rng.normal(size=(16, 16))
+    x = rng.normal(size=(4000, 16)) @ mixing  # correlated inputs, as neighbouring pixels are
+    h = (x.T @ x / len(x))[None]
+    w = rng.normal(size=(1, 8, 16))
+    scale = np.abs(w).max(axis=2) / 15  # 5 bits: a coarse grid
+    nearest = np.clip(np.rint(w / scale[..., None]), -15, 15) * scale[..., None]
+    q = gptq_round(w, h, scale, np.zeros((1, 8)), -15, 15)
+    assert output_error(w, q * scale[..., None], h) < 0.5 * output_error(w, nearest, h)
+
+
+def naive_patches(x, kernel, group, strides, pads, dilations):
+    """im2col written out with loops: rows of (channels in group, kh, kw) per output position."""
+    n, c, height, width = x.shape
+    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    kh, kw = kernel
+    out_h = (height + pads[0] + pads[2] - (kh - 1) * dilations[0] - 1) // strides[0] + 1
+    out_w = (width + pads[1] + pads[3] - (kw - 1) * dilations[1] - 1) // strides[1] + 1
+    per = c // group
+    rows = [[] for _ in range(group)]
+    for b in range(n):
+        for i in range(out_h):
+            for j in range(out_w):
+                for g in range(group):
+                    patch = [padded[b, g * per + ch, i * strides[0] + a * dilations[0], j * strides[1] + e * dilations[1]]
+                             for ch in range(per) for a in range(kh) for e in range(kw)]
+                    rows[g].append(patch)
+    return [np.array(r) for r in rows]
+
+
+@pytest.mark.parametrize("geometry", [
+    ConvGeometry((3, 3), group=2, strides=(2, 1), pads=(1, 0, 1, 2), dilations=(1, 2)),
+    ConvGeometry((3, 3), group=4, strides=(1, 1), pads=(1, 1, 1, 1)),  # depthwise
+    ConvGeometry((1, 1)),
+])
+def test_conv_covariance_matches_explicit_patches(geometry):
+    rng = np.random.default_rng(2)
+    batches = [rng.normal(size=(2, 4, 7, 6)).astype(np.float32) for _ in range(2)]
+    observer, other = InputCovarianceObserver(geometry), InputCovarianceObserver(geometry)
+    observer.update(batches[0])
+    other.update(batches[1])
+    observer.merge(other)  # statistics of two workers add up
+    rows = naive_patches(np.concatenate(batches), geometry.kernel, geometry.group, geometry.strides,
+                         geometry.pads, geometry.dilations)
+    expected = np.stack([r.T @ r / len(r) for r in rows])
+    np.testing.assert_allclose(observer.covariance(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_matrix_covariance_reads_the_last_axis():
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    observer = InputCovarianceObserver()
+    observer.update(x)
+    rows = x.reshape(-1, 4).astype(np.float64)
+    np.testing.assert_allclose(observer.covariance()[0], rows.T @ rows / 6)
+
+
+def correlated_conv_model():
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(8, 4, 3, 3)).astype(np.float32) * 0.2
+    gemm_w = rng.normal(size=(8 * 6 * 6, 10)).astype(np.float32) * 0.05
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[0, 0, 0, 0]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "gw"], ["output"], name="fc")]
+    return make_model(nodes, [float_input("input", ["N", 4, 8, 8])], [float_input("output", ["N", 10])],
+                      [("w", w), ("gw", gemm_w)])
+
+
+def smooth_feeds(n, seed):
+    """Images whose neighbouring pixels are correlated (blurred noise), like photos."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = rng.normal(size=(1, 4, 10, 10))
+        x = (x[:, :, :-2, :-2] + x[:, :, 1:-1, 1:-1] + x[:, :, 2:, 2:] + x[:, :, 1:-1, :-2]) / 2
+        out.append({"input": x.astype(np.float32)})
+    return out
+
+
+def test_full_quantization_rounds_with_gptq_by_default(tmp_path):
+    src = save(correlated_conv_model(), tmp_path / "m.onnx")
+    calib, held_out = smooth_feeds(32, 0), smooth_feeds(16, 1)
+    nearest = lowbit.quantize(src, tmp_path / "n.onnx", data=calib, weight_rounding="NEAREST",
+                              bias_correction=False, progress=False)
+    gptq = lowbit.quantize(src, tmp_path / "g.onnx", data=calib, bias_correction=False, progress=False)
+    assert nearest.weight_rounding is None
+    report = gptq.weight_rounding
+    assert report.layers == 2 and report.samples == 32
+    assert report.error_compensated < report.error_nearest
+    onnx.checker.check_model(str(tmp_path / "g.onnx"), full_check=True)
+
+    def weights(path):
+        model = onnx.load(str(path))
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        dq = producers(model)[next(n for n in model.graph.node if n.name == "conv").input[1]]
+        return inits[dq.input[0]], inits[dq.input[1]]
+
+    (q_n, s_n), (q_g, s_g) = weights(tmp_path / "n.onnx"), weights(tmp_path / "g.onnx")
+    assert q_g.dtype == np.int8 and np.array_equal(s_n, s_g)  # same grid, other integers
+    assert not np.array_equal(q_n, q_g) and q_g.min() >= -127
+
+    def error(path):
+        return np.mean([np.mean((run(path, f)[0] - run(src, f)[0]) ** 2) for f in held_out])
+
+    assert error(tmp_path / "g.onnx") < error(tmp_path / "n.onnx")
+    assert "weight rounding: GPTQ" in gptq.summary()
+
+
+def test_weight_rounding_is_a_full_quantization_setting(tmp_path):
+    with pytest.raises(lowbit.LowbitError, match="weight_rounding=GPTQ applies to quant_type=FULL_QUANT"):
+        lowbit.load_config(None, {"quant_type": "WEIGHT_QUANT", "weight_rounding": "GPTQ"})
+    assert lowbit.load_config(None, {"quant_type": "DYNAMIC_QUANT"}).weight_rounding == "NEAREST"
