@@ -3,9 +3,10 @@
     python -m bench.job TOOL MODEL CALIB_DIR OUTPUT [--size N]
 
 TOOL is ``lowbit`` (default settings: the search among MAX_MIN, REMOVAL_OUTLIER, KL and MSE, then
-bias correction), ``lowbit-no-bc`` (the same search, no bias correction), ``lowbit-METHOD`` (one
-activation_quant_method alone, no bias correction: ``lowbit-MAX_MIN`` is the method of
-onnxruntime's MinMax, ``lowbit-KL`` that of its Entropy) or ``ort-minmax`` / ``ort-entropy`` /
+GPTQ weight rounding, then bias correction), ``lowbit-nearest`` (the same with weights rounded to
+nearest), ``lowbit-no-bc`` (the search and GPTQ, no bias correction), ``lowbit-METHOD`` (one
+activation_quant_method alone, weights rounded to nearest, no bias correction: ``lowbit-MAX_MIN``
+is the method of onnxruntime's MinMax, ``lowbit-KL`` that of its Entropy) or ``ort-minmax`` / ``ort-entropy`` /
 ``ort-percentile`` (onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights,
 uint8 activations: the same layout lowbit writes for the CPU target). Both read the same
 folder of .npy samples, one file at a time. Dynamic quantization: ``lowbit-dynamic``
@@ -85,10 +86,12 @@ def main() -> None:
     start = time.perf_counter()
     if args.tool == "lowbit":
         run_lowbit(args.model, args.calib, args.output, args.size)
+    elif args.tool == "lowbit-nearest":
+        run_lowbit(args.model, args.calib, args.output, args.size, weight_rounding="NEAREST")
     elif args.tool == "lowbit-no-bc":
         run_lowbit(args.model, args.calib, args.output, args.size, bias_correction=False)
     elif args.tool.removeprefix("lowbit-") in METHODS:
-        run_lowbit(args.model, args.calib, args.output, args.size, bias_correction=False,
+        run_lowbit(args.model, args.calib, args.output, args.size, bias_correction=False, weight_rounding="NEAREST",
                    activation_quant_method=args.tool.removeprefix("lowbit-"))
     elif args.tool.startswith("lowbit-dynamic"):
         import lowbit

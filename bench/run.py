@@ -42,6 +42,7 @@ class Case:
     evaluation: np.ndarray  # N x ... (batch of held-out inputs)
     labels: np.ndarray | None = None
     task: str = "classification"  # or "dense": cosine of the whole output only
+    data: str = ""  # where the calibration and evaluation inputs come from
 
 
 @dataclass
@@ -73,7 +74,11 @@ def efficientnet_case(n_calib: int, crops_per_photo: int) -> Case:
     held = zoo.natural_photos()
     evaluation = np.concatenate([zoo.efficientnet_input(c) for i, p in enumerate(held.values())
                                  for c in zoo.crops(p, crops_per_photo, seed=100 + i)])
-    return Case("EfficientNet-Lite0", zoo.efficientnet_lite0("torchscript"), "input", calib, evaluation)
+    return Case("EfficientNet-Lite0", zoo.efficientnet_lite0("torchscript"), "input", calib, evaluation,
+                data=f"Calibration: random crops of {len(images)} opencv-doc video frames and images (chessboards, "
+                     "renders, street scenes, a cartoon). Evaluation: random crops (40-100% of the short side) of "
+                     f"{len(held)} natural photos of scikit-image, scikit-learn and opencv-doc, none used for "
+                     "calibration.")
 
 
 def digits_case(n_calib: int, n_eval: int) -> Case:
@@ -83,6 +88,18 @@ def digits_case(n_calib: int, n_eval: int) -> Case:
     held = order[n_calib:n_calib + n_eval]
     evaluation = np.concatenate([zoo.digit_input(cells[i]) for i in held])
     return Case("digit CNN (MNIST)", zoo.digit_cnn("torchscript"), "input", calib, evaluation, labels[held])
+
+
+def magika_case(n_calib: int, n_eval: int) -> Case:
+    """magika on the bytes of real files of many types (fortune cookies, sources, data, images, binaries)."""
+    files = zoo.magika_files()
+    order = np.random.default_rng(0).permutation(len(files))
+    calib = [zoo.magika_input(files[i])[0] for i in order[:n_calib]]
+    evaluation = np.concatenate([zoo.magika_input(files[i]) for i in order[n_calib:n_calib + n_eval]])
+    return Case("magika", zoo.magika_model(), "bytes", calib, evaluation,
+                data=f"{len(files)} real files (fortune cookies of Debian's fortunes, Python sources, JSON, HTML, "
+                     "CSV, XML, Markdown, images, shared libraries, gzip ...), shuffled: the first for calibration, "
+                     "the next for evaluation; agreement = the same content type as the float model.")
 
 
 def ppocr_rec_case(n_calib: int) -> Case:
@@ -361,11 +378,14 @@ def markdown(results: dict) -> str:
              "turns for 5 rounds and each reports the best of its per-round medians.", ""]
     for case in results["cases"]:
         lines += [f"## {case['name']}", "",
-                  f"{case['calibration']} calibration samples; {case['evaluation']} held-out inputs.", "",
+                  f"{case['calibration']} calibration samples; {case['evaluation']} held-out inputs. "
+                  + case.get("data", ""), "",
                   "Tools: `lowbit` = default settings (search among MAX_MIN, REMOVAL_OUTLIER, KL, MSE on held-back "
-                  "samples, then bias correction); `lowbit-no-bc` = the same search without bias correction; "
-                  "`lowbit-METHOD` = one activation_quant_method, no bias correction; `ort-*` = "
-                  "onnxruntime.quantization.quantize_static, QDQ, per-channel, U8S8.", "",
+                  "samples, then GPTQ weight rounding, then bias correction); `lowbit-nearest` = the same with "
+                  "weights rounded to nearest; `lowbit-no-bc` = the search and GPTQ without bias correction; "
+                  "`lowbit-METHOD` = one activation_quant_method, weights rounded to nearest, no bias correction "
+                  "(what onnxruntime does); `ort-*` = onnxruntime.quantization.quantize_static, QDQ, per-channel, "
+                  "U8S8.", "",
                   *_table(case["rows"], IMAGE_COLUMNS)]
         lines.append("")
         for line in case["ratios"]:
@@ -412,6 +432,12 @@ def ratios(rows: list[Row]) -> list[str]:
         lines.append(f"bias correction: output error (1 - cosine) {1 - plain.cosine_mean:.3g} -> "
                      f"{1 - lowbit.cosine_mean:.3g}" + (f", top-1 agreement {plain.agreement:.3f} -> "
                                                         f"{lowbit.agreement:.3f}" if lowbit.agreement else ""))
+    nearest = by_tool.get("lowbit-nearest")
+    if lowbit and nearest and lowbit.cosine_mean is not None:
+        lines.append(f"GPTQ weight rounding: output error (1 - cosine) {1 - nearest.cosine_mean:.3g} -> "
+                     f"{1 - lowbit.cosine_mean:.3g}" + (f", top-1 agreement {nearest.agreement:.3f} -> "
+                                                        f"{lowbit.agreement:.3f}" if lowbit.agreement else "")
+                     + f"; quantize time {nearest.seconds:.1f} -> {lowbit.seconds:.1f} s")
     if kl and max_min:
         lines.append(f"KL / MAX_MIN (lowbit, same data): quantize time {kl.seconds / max_min.seconds:.2f}x, "
                      f"peak RSS {kl.peak_rss_mb / max_min.peak_rss_mb:.2f}x ({kl.peak_rss_mb:.0f} MB)")
@@ -466,18 +492,18 @@ def main() -> None:
 
     work = zoo.cache_dir("bench")
     if args.quick:
-        cases = [efficientnet_case(64, 12), digits_case(64, 1000)]
-        tools, runs = ["lowbit", "lowbit-no-bc", "lowbit-MAX_MIN", "lowbit-KL", "ort-minmax"], 20
+        cases = [efficientnet_case(64, 8), digits_case(64, 1000), magika_case(64, 300)]
+        tools, runs = ["lowbit", "lowbit-nearest", "lowbit-no-bc", "lowbit-MAX_MIN", "lowbit-KL", "ort-minmax"], 20
     else:
-        cases = [efficientnet_case(256, 34), digits_case(256, 2000), ppocr_rec_case(128)]
-        tools, runs = ["lowbit", "lowbit-no-bc", *(f"lowbit-{m}" for m in job.METHODS),
+        cases = [efficientnet_case(256, 32), digits_case(256, 2000), ppocr_rec_case(128), magika_case(256, 600)]
+        tools, runs = ["lowbit", "lowbit-nearest", "lowbit-no-bc", *(f"lowbit-{m}" for m in job.METHODS),
                        "ort-minmax", "ort-entropy", "ort-percentile"], 50
     results = {"date": time.strftime("%Y-%m-%d"), "machine": describe_machine(), "versions": versions(),
                "command": "python bench/run.py" + (" --quick" if args.quick else ""), "cases": []}
     for case in cases:
         case_work = work / case.name.split()[0].lower()
         rows = bench_case(case, tools, case_work, runs)
-        results["cases"].append({"name": case.name, "calibration": len(case.calib),
+        results["cases"].append({"name": case.name, "data": case.data, "calibration": len(case.calib),
                                  "evaluation": len(case.evaluation), "rows": [asdict(r) for r in rows],
                                  "ratios": ratios(rows)})
         if case is cases[0]:

@@ -1,7 +1,8 @@
 """Weight-only quantization rows of the bench: file size and fidelity per bit width, mixed bit, MatMulNBits.
 
-EfficientNet-Lite0: calibration = crops of opencv-doc photos (used only by bias correction and
-the mixed-bit search), evaluation = crops of scikit-image photos. MiniLM: calibration = every
+EfficientNet-Lite0: the image case of bench/run.py (calibration = crops of opencv-doc video
+frames and images, used only by bias correction and the mixed-bit search; evaluation = crops of
+natural photos). MiniLM: calibration = every
 7th stdlib sentence, evaluation = the others. The reference is onnxruntime's own weight-only
 tool, MatMulNBitsQuantizer (4-bit blocks of 32, symmetric), on MiniLM's MatMuls. Everything runs
 in this process: times are wall times, no peak memory.
@@ -23,6 +24,8 @@ LOWBIT_MODES = {  # label: settings (WEIGHT_QUANT), "data" = with calibration da
     "mixed, init_scale=0.02 (data)": {"bit_num": 0, "data": True},
     "mixed, auto_tune (data)": {"bit_num": 0, "auto_tune": True, "data": True},
 }
+QUICK_MODES = ("8 bits", "8 bits + bias correction (data)", "4 bits", "mixed, init_scale=0.02 (data)",
+               "4 bits, MatMulNBits block 32")  # --quick
 
 
 def _quantize(model: Path, output: Path, calib, settings: dict) -> tuple[float, object]:
@@ -46,6 +49,19 @@ def _row(label: str, seconds: float | None, size_ratio: float, cosines: np.ndarr
             "cosine_mean": float(cosines.mean()), "cosine_min": float(cosines.min()), "agreement": agreement}
 
 
+def _file_name(prefix: str, label: str) -> str:
+    return f"{prefix}-{label.split(' (')[0].replace(' ', '_').replace(',', '').replace('=', '')}.onnx"
+
+
+def _add_latency(rows: list[dict], paths: dict[str, Path], batch1: dict, batch8: dict, runs: int) -> None:
+    """ORT CPU latency of each model at batch 1 and 8, the models taking turns (bench.run.compare_latency)."""
+    from bench.run import compare_latency
+
+    b1, b8 = compare_latency(paths, batch1, runs), compare_latency(paths, batch8, max(3, runs // 4))
+    for row in rows:
+        row["latency_b1_ms"], row["latency_b8_ms"] = b1.get(row["tool"]), b8.get(row["tool"])
+
+
 def efficientnet(case, work: Path, quick: bool) -> dict:
     from bench.run import model_bytes, quiet_session
 
@@ -56,11 +72,13 @@ def efficientnet(case, work: Path, quick: bool) -> dict:
         return np.concatenate([session.run(None, {"input": x[None]})[0] for x in case.evaluation])
 
     reference = logits(case.model)
-    rows = []
+    rows = [_row("float32", None, 1.0, np.ones(1), agreement=1.0)]
+    paths = {"float32": case.model}
     for label, settings in LOWBIT_MODES.items():
-        if quick and settings.get("auto_tune"):
+        if quick and label not in QUICK_MODES:
             continue
-        output = work / f"weights-{label.split(' (')[0].replace(' ', '_').replace(',', '').replace('=', '')}.onnx"
+        output = work / _file_name("weights", label)
+        paths[f"lowbit {label}"] = output
         seconds, result = _quantize(case.model, output, calib, settings)
         got = logits(output)
         cosines = np.array([zoo.cosine(a, b) for a, b in zip(got, reference)])
@@ -68,6 +86,8 @@ def efficientnet(case, work: Path, quick: bool) -> dict:
                          float(np.mean(got.argmax(1) == reference.argmax(1)))))
         print(f"   {rows[-1]['tool']}: size {rows[-1]['size_ratio']:.3f}, cosine {rows[-1]['cosine_mean']:.4f}",
               flush=True)
+    sample = case.evaluation[:1]
+    _add_latency(rows, paths, {"input": sample}, {"input": np.repeat(sample, 8, axis=0)}, 10)
     return {"name": "EfficientNet-Lite0, weight-only", "calibration": len(calib),
             "evaluation": len(case.evaluation), "rows": rows}
 
@@ -89,12 +109,14 @@ def minilm(work: Path, quick: bool) -> dict:
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
     reference = embed(model)
-    rows = []
+    rows = [_row("float32", None, 1.0, np.ones(1))]
+    paths = {"float32": model}
     modes = {**LOWBIT_MODES, "4 bits, MatMulNBits block 32": {"bit_num": 4, "matmul_nbits": True, "block_size": 32}}
     for label, settings in modes.items():
-        if quick and settings.get("auto_tune"):
+        if quick and label not in QUICK_MODES:
             continue
-        output = work / "minilm-weights.onnx"
+        output = work / _file_name("minilm", label)
+        paths[f"lowbit {label}"] = output
         seconds, result = _quantize(model, output, calib, settings)
         rows.append(_row(f"lowbit {label}", seconds, model_bytes(output) / model_bytes(model),
                          (embed(output) * reference).sum(1), result))
@@ -104,6 +126,8 @@ def minilm(work: Path, quick: bool) -> dict:
     seconds = _ort_matmul_nbits(model, output)
     rows.append(_row("onnxruntime MatMulNBitsQuantizer, 4 bits, block 32", seconds,
                      model_bytes(output) / model_bytes(model), (embed(output) * reference).sum(1)))
+    paths[rows[-1]["tool"]] = output
+    _add_latency(rows, paths, tokenize(evaluation[:1], 128), tokenize(evaluation[:8], 128), 10)
     return {"name": "MiniLM-L6 sentence encoder, weight-only", "calibration": len(calib),
             "evaluation": len(evaluation), "rows": rows}
 
@@ -130,13 +154,14 @@ def section(image_case, work: Path, quick: bool) -> list[dict]:
 
 COLUMNS = [("size ratio", "size_ratio", 3), ("avg bits", "average_bits", 2), ("init_scale", "init_scale", 4),
            ("cosine mean", "cosine_mean", 5), ("cosine min", "cosine_min", 4), ("top-1 agreement", "agreement", 3),
-           ("quantize s", "seconds", 1)]
+           ("quantize s", "seconds", 1), ("latency b1 ms", "latency_b1_ms", 2), ("latency b8 ms", "latency_b8_ms", 2)]
 
 
 def markdown(cases: list[dict], table) -> list[str]:
     lines = ["## Weight-only quantization (quant_type=WEIGHT_QUANT)", "",
              ("Data-free unless marked (data): then the calibration samples drive bias correction and the "
-              "mixed-bit search. Inference in ONNX Runtime's default session. Times are in-process wall times."), ""]
+              "mixed-bit search. Inference in ONNX Runtime's default session. Times are in-process wall times; "
+              "latency as in the tables above (models taking turns, best of 5 per-round medians)."), ""]
     for case in cases:
         lines += [f"### {case['name']}", "",
                   f"{case['calibration']} calibration samples; {case['evaluation']} held-out inputs.", "",
@@ -154,7 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    cases = section(run.efficientnet_case(64, 12 if args.quick else 34), zoo.cache_dir("bench", "weights"), args.quick)
+    cases = section(run.efficientnet_case(64, 8) if args.quick else run.efficientnet_case(256, 32), zoo.cache_dir("bench", "weights"), args.quick)
     header = [f"# lowbit bench: weight-only section ({time.strftime('%Y-%m-%d')})", "",
               f"Machine: {run.describe_machine()}. Versions: "
               + ", ".join(f"{k} {v}" for k, v in run.versions().items()) + ".",

@@ -160,20 +160,54 @@ def skimage_photos() -> dict[str, np.ndarray]:
     return photos
 
 
-def opencv_doc_data() -> Path:
-    """The examples/data folder of Debian's opencv-doc (photos, videos, digits.png)."""
-    root = cache_dir("opencv-doc")
-    data = root / "usr/share/doc/opencv-doc/examples/data"
-    if data.is_dir():
-        return data
+def _debian_package(name: str) -> Path:
+    """The files of a Debian package, unpacked (apt-get download + dpkg-deb -x: nothing is installed)."""
+    root = cache_dir(name)
+    if (root / "usr").is_dir():
+        return root
     with tempfile.TemporaryDirectory() as tmp:
-        download = ["apt-get", "download", "opencv-doc"]
+        download = ["apt-get", "download", name]
         if subprocess.run(download, cwd=tmp, capture_output=True).returncode != 0:
             subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)  # a fresh machine
             subprocess.run(download, cwd=tmp, check=True, capture_output=True)
-        deb = next(Path(tmp).glob("opencv-doc_*.deb"))
+        deb = next(Path(tmp).glob(f"{name}_*.deb"))
         subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
-    return data
+    return root
+
+
+def fortunes() -> list[str]:
+    """The fortune cookies of Debian's ``fortunes`` package: real English text, one string each."""
+    folder = _debian_package("fortunes") / "usr/share/games/fortunes"
+    texts = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix == "" and path.is_file():
+            texts += [t.strip() for t in path.read_text(encoding="latin-1").split("\n%\n") if t.strip()]
+    return texts
+
+
+def magika_files() -> list[bytes]:
+    """Contents of real files of many types, for magika: fortune cookies (text), Python sources,
+    JSON/HTML/CSV/XML/Markdown/TOML files of the installed packages, images, shared libraries,
+    gzip files. Sorted by path, so the list is the same on every run."""
+    import site
+    import sysconfig
+
+    roots = [Path(sysconfig.get_paths()["stdlib"]), *map(Path, site.getsitepackages())]
+    kinds = {".py": 120, ".json": 80, ".html": 40, ".csv": 40, ".xml": 40, ".md": 40, ".toml": 20,
+             ".txt": 40, ".png": 60, ".jpg": 40, ".so": 60, ".gz": 40, ".js": 40, ".c": 20, ".h": 20}
+    files = []
+    for suffix, count in kinds.items():
+        found = sorted({p for root in roots for p in root.rglob(f"*{suffix}") if p.is_file()})
+        step = max(1, len(found) // count)
+        files += [p.read_bytes() for p in found[::step][:count]]
+    cookies = fortunes()
+    files += ["\n%\n".join(cookies[i:i + 8]).encode() for i in range(0, min(len(cookies), 8 * 120), 8)]
+    return files
+
+
+def opencv_doc_data() -> Path:
+    """The examples/data folder of Debian's opencv-doc (photos, videos, digits.png)."""
+    return _debian_package("opencv-doc") / "usr/share/doc/opencv-doc/examples/data"
 
 
 def opencv_photos() -> dict[str, np.ndarray]:
