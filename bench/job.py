@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ def run_onnxruntime(method: str, model: Path, calib: Path, output: Path, size: i
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    model, calib, output = model.resolve(), calib.resolve(), output.resolve()  # the working folder changes below
     files = sorted(calib.glob("*.npy"))[:size]
     input_name = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_inputs()[0].name
 
@@ -59,6 +61,7 @@ def run_onnxruntime(method: str, model: Path, calib: Path, output: Path, size: i
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)  # ORT's preprocessing and calibrators write scratch files into the working folder
         prepared = Path(tmp) / "pre.onnx"
         try:
             quant_pre_process(str(model), str(prepared))  # ORT's recommended preprocessing
