@@ -140,7 +140,7 @@ def compensate_rounding(model: ir.Model, layers: list[RoundingLayer], feeds: Ite
         dq = _integer_weight(layer.node)
         covariance = observers[key].covariance()
         rows = _as_rows(layer.node, layer.float_weight)
-        scale, zero_point = _grid(dq, layer.float_weight, layer.node, rows.shape[:2])
+        scale, zero_point = _grid(dq, rows.shape[:2])
         stored = constant_array(dq.inputs[0])
         nearest = _as_rows(layer.node, stored.astype(np.int64))
         q = gptq_round(rows, covariance, scale, zero_point, layer.qmin, layer.qmax)
@@ -190,7 +190,7 @@ def _from_rows(node: ir.Node, rows: np.ndarray, shape: tuple[int, ...]) -> np.nd
     return rows[0].T
 
 
-def _grid(dq: ir.Node, weight: np.ndarray, node: ir.Node, rows_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _grid(dq: ir.Node, rows_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point per output channel, shaped (groups, outputs per group)."""
     outputs = rows_shape[0] * rows_shape[1]
     scale = np.broadcast_to(constant_array(dq.inputs[1]).astype(np.float64).reshape(-1), (outputs,))
