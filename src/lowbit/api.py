@@ -240,12 +240,7 @@ def run(
 def _full(model: ir.Model, config: QuantConfig, data, progress: bool, note, timings: dict):
     """Weights and activations int8: plan, calibrate, choose ranges, rewrite, correct biases."""
     target = TARGETS[config.target]
-    plan_options = PlanOptions(
-        per_channel=config.per_channel,
-        skip_nodes=frozenset(config.skip_quant_node),
-        min_weight_size=config.min_quant_weight_size,
-        min_weight_channels=config.min_quant_weight_channel,
-    )
+    plan_options = PlanOptions(**_weight_selection(config))
     plan = plan_quantization(model, target, plan_options)
     clock = time.perf_counter()
     samples, ranges, search, observers = 0, {}, None, {}
@@ -330,6 +325,13 @@ def _candidates(config: QuantConfig, total: int | None, note: Callable[[str], No
     return found, fallback
 
 
+def _weight_selection(config: QuantConfig) -> dict[str, Any]:
+    """The settings of :class:`~lowbit.quantizers.selection.WeightSelection`, which every mode shares."""
+    return {"per_channel": config.per_channel, "skip_nodes": frozenset(config.skip_quant_node),
+            "min_weight_size": config.min_quant_weight_size,
+            "min_weight_channels": config.min_quant_weight_channel}
+
+
 def _quantized_copy(model: ir.Model, target, plan_options: PlanOptions, ranges: dict[str, Range]):
     """The model quantized with ``ranges``, as a new proto; ``model`` itself is left float."""
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
@@ -374,10 +376,7 @@ def _weight(model: ir.Model, config: QuantConfig, data, progress: bool, note, ti
             note(f"the model could not be converted to opset {INT4_OPSET}, which int4 and int16 weights need: "
                  "weights are stored in int8" + (" (the mixed-bit search keeps 8 bits)" if config.bit_num == 0 else ""))
     options = WeightOnlyOptions(
-        per_channel=config.per_channel,
-        skip_nodes=frozenset(config.skip_quant_node),
-        min_weight_size=config.min_quant_weight_size,
-        min_weight_channels=config.min_quant_weight_channel,
+        **_weight_selection(config),
         opset21=opset21,
         matmul_nbits=config.matmul_nbits,
         block_size=config.block_size,
@@ -467,10 +466,7 @@ def _dynamic(model: ir.Model, config: QuantConfig, data, note, timings: dict):
         note("DYNAMIC_QUANT computes activation scales at run time; the calibration data is not used")
     clock = time.perf_counter()
     options = DynamicOptions(
-        per_channel=config.per_channel,
-        skip_nodes=frozenset(config.skip_quant_node),
-        min_weight_size=config.min_quant_weight_size,
-        min_weight_channels=config.min_quant_weight_channel,
+        **_weight_selection(config),
         activation_matmul=config.dynamic_quant_activation_matmul,
         granularity=config.dynamic_quant_granularity,
     )

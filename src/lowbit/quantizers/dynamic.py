@@ -36,17 +36,14 @@ from ..graph.query import STANDARD_DOMAINS, attribute, constant_array, is_activa
 from .plan import Decisions, NodeDecision
 from .qdq import add_initializer, dequantize_node
 from .qparams import INT8, QuantScheme, compute_qparams
+from .selection import WeightSelection
 
 DYNAMIC_OPS = ("MatMul", "Gemm", "Gather")
 
 
 @dataclass(frozen=True)
-class DynamicOptions:
-    per_channel: bool = True
+class DynamicOptions(WeightSelection):
     granularity: str = "TOKEN"  # activation scales per row (TOKEN) or per tensor (TENSOR)
-    skip_nodes: frozenset[str] = frozenset()
-    min_weight_size: int = 0
-    min_weight_channels: int = 0
     activation_matmul: bool = False
 
 
@@ -83,13 +80,10 @@ def _why_float(node: ir.Node, options: DynamicOptions) -> str | None:
         return "Gemm with transA"
     elif not is_float32(node.inputs[0]):
         return "input is not float32"
-    if options.min_weight_size and weight.size <= options.min_weight_size:
-        return f"weight has {weight.size} elements, not more than min_quant_weight_size"
-    channels = weight.shape[1] if op == "MatMul" or (op == "Gemm" and not attribute(node, "transB", 0)) \
-        else weight.shape[0]
-    if options.min_weight_channels and op != "Gather" and channels <= options.min_weight_channels:
-        return f"weight has {channels} channels, not more than min_quant_weight_channel"
-    return None
+    if op == "Gather":
+        return options.too_small(weight.size, None)
+    transposed = op == "MatMul" or (op == "Gemm" and not attribute(node, "transB", 0))
+    return options.too_small(weight.size, weight.shape[1] if transposed else weight.shape[0])
 
 
 def apply_dynamic(model: ir.Model, plan: Decisions, options: DynamicOptions) -> None:

@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from ..graph.query import STANDARD_DOMAINS, attribute, constant_array, is_activation, is_float32
 from .qparams import QuantScheme
+from .selection import WeightSelection
 from .targets import FUSABLE_ACTIVATIONS, FUSION_PRODUCERS, SAME_SCALE_OPS, WEIGHTED_OPS, Target
 
 
@@ -96,11 +97,8 @@ class QuantPlan(Decisions):
 
 
 @dataclass(frozen=True)
-class PlanOptions:
-    per_channel: bool = True
-    skip_nodes: frozenset[str] = frozenset()
-    min_weight_size: int = 0
-    min_weight_channels: int = 0
+class PlanOptions(WeightSelection):
+    """Full quantization's options: the shared weight selection (nothing of its own yet)."""
 
 
 def plan_quantization(model: ir.Model, target: Target, options: PlanOptions) -> QuantPlan:
@@ -216,13 +214,8 @@ class _Planner:
             if node.op_type in ("Conv", "ConvTranspose"):
                 return "weight is not a constant"
             return None  # MatMul/Gemm of two activations: both inputs are activations
-        if weight.size <= self.options.min_weight_size and self.options.min_weight_size > 0:
-            return f"weight has {weight.size} elements, not more than min_quant_weight_size"
-        axis = self._weight_axis(node, weight.ndim)
-        channels = weight.shape[axis] if weight.ndim else 1
-        if channels <= self.options.min_weight_channels and self.options.min_weight_channels > 0:
-            return f"weight has {channels} channels, not more than min_quant_weight_channel"
-        return None
+        channels = weight.shape[self._weight_axis(node, weight.ndim)] if weight.ndim else 1
+        return self.options.too_small(weight.size, channels)
 
     def _touches_float(self, node: ir.Node) -> bool:
         """Whether a node computes float tensors (shape arithmetic is not worth reporting)."""

@@ -28,6 +28,7 @@ from ..graph.passes import unique_name
 from ..graph.query import STANDARD_DOMAINS, attribute, constant_array
 from .plan import Decisions, NodeDecision
 from .qdq import add_initializer, dequantize_node
+from .selection import WeightSelection
 from .weight_bits import level_bound, quantize_weight, storage_type
 
 # Op -> index of its weight input.
@@ -36,11 +37,7 @@ NBITS_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)
-class WeightOnlyOptions:
-    per_channel: bool = True
-    skip_nodes: frozenset[str] = frozenset()
-    min_weight_size: int = 0
-    min_weight_channels: int = 0
+class WeightOnlyOptions(WeightSelection):
     opset21: bool = False  # the model is at opset 21 or more, so it may store int4 and int16
     matmul_nbits: bool = False
     block_size: int = 32
@@ -121,11 +118,7 @@ def _channel_axis(node: ir.Node, ndim: int) -> int:
 def _why_float(node: ir.Node, weight: np.ndarray, axis: int, options: WeightOnlyOptions) -> str | None:
     if node.name in options.skip_nodes:
         return "listed in skip_quant_node"
-    if options.min_weight_size and weight.size <= options.min_weight_size:
-        return f"weight has {weight.size} elements, not more than min_quant_weight_size"
-    if options.min_weight_channels and weight.shape[axis] <= options.min_weight_channels:
-        return f"weight has {weight.shape[axis]} channels, not more than min_quant_weight_channel"
-    return None
+    return options.too_small(weight.size, weight.shape[axis])
 
 
 def apply_weight_only(model: ir.Model, plan: WeightOnlyPlan, bits: dict[str, int],
