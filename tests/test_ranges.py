@@ -70,6 +70,79 @@ def test_all_zero_batches_then_data():
     assert h.total == 12 and abs_histogram(h)[0][0] == 10
 
 
+def _numpy_counts(h, values):
+    """The histogram numpy computes over the observer's own edges (right edge exclusive, as the observer's)."""
+    edges = h.edges()
+    index = np.floor(np.asarray(values, np.float64) / h.width).astype(np.int64) - h.start
+    assert index.min() >= 0 and index.max() < len(h.counts), "a value fell outside the observer's bins"
+    counts = np.bincount(index, minlength=len(h.counts)).astype(np.float64)
+    inner = np.histogram(values, bins=edges)[0]  # numpy's last bin is closed: compare all but the top edge
+    top = np.isclose(values, edges[-1]).sum()
+    np.testing.assert_array_equal(counts[:-1], inner[:-1])
+    assert counts[-1] == inner[-1] - top
+    return counts
+
+
+@pytest.mark.parametrize("order", ["zeros first", "zeros last", "interleaved", "one batch"])
+def test_zeros_count_at_zero_whatever_the_order(order):
+    """1000 zeros and 5000 values in [0.2, 1] (an all-black first frame, a ReLU that is 0 on sample 1)."""
+    rng = np.random.default_rng(3)
+    zeros, values = np.zeros(1000, np.float32), rng.uniform(0.2, 1.0, 5000).astype(np.float32)
+    everything = np.concatenate([zeros, values])
+    if order == "zeros first":
+        batches = [zeros, values]
+    elif order == "zeros last":
+        batches = [values, zeros]
+    elif order == "interleaved":
+        batches = [np.concatenate([z, v]) for z, v in zip(np.array_split(zeros, 5), np.array_split(values, 5))]
+    else:
+        batches = [everything]
+    h = HistogramObserver(values_per_batch=None)
+    for batch in batches:
+        h.update(batch)
+    np.testing.assert_array_equal(h.counts, _numpy_counts(h, everything))
+    zero_bin = int(np.searchsorted(h.edges(), 0.0, side="right")) - 1
+    assert h.edges()[zero_bin] == 0.0 and h.counts[zero_bin] == 1000
+    # the same histogram, hence the same ranges, in every order
+    reference = HistogramObserver(values_per_batch=None)
+    reference.update(everything)
+    assert (h.width, h.start) == (reference.width, reference.start)
+    np.testing.assert_array_equal(h.counts, reference.counts)
+    for method in (percentile, kl, mse):
+        assert method(h, ASYMMETRIC, RangeSettings()) == method(reference, ASYMMETRIC, RangeSettings())
+    # 1000 of 6000 values are exactly 0: the 0.1 percentile of the data is 0, not 0.8
+    assert percentile(h, ASYMMETRIC, RangeSettings(max_percentile=0.9))[0] == 0.0
+
+
+def test_zeros_first_with_a_far_range_does_not_index_outside_the_bins():
+    """Zeros, then values far from 0 (start beyond the bin count): an IndexError before the fix."""
+    h = HistogramObserver(max_bins=256, values_per_batch=None)
+    h.update(np.zeros(10, np.float32))
+    h.update(np.linspace(1000.0, 1001.0, 50, dtype=np.float32))
+    assert h.total == 60 and h.counts[-h.start] == 10 and h.edges()[-h.start] == 0.0
+    kl(h, ASYMMETRIC, RangeSettings(num_bin=129))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shards_merged_in_any_order_equal_one_pass(seed):
+    rng = np.random.default_rng(seed)
+    batches = [rng.normal(rng.uniform(-5, 5), rng.uniform(0.01, 20), rng.integers(1, 400)).astype(np.float32)
+               for _ in range(12)]
+    batches[rng.integers(12)] = np.zeros(30, np.float32)
+    whole = HistogramObserver(max_bins=512, values_per_batch=None)
+    for batch in batches:
+        whole.update(batch)
+    shards = [HistogramObserver(max_bins=512, values_per_batch=None) for _ in range(3)]
+    for i, batch in enumerate(batches):
+        shards[rng.integers(3)].update(batch)
+    order = rng.permutation(3)
+    merged = shards[order[0]]
+    for i in order[1:]:
+        merged.merge(shards[i])
+    assert (merged.width, merged.start, merged.min, merged.max) == (whole.width, whole.start, whole.min, whole.max)
+    np.testing.assert_array_equal(merged.counts, whole.counts)
+
+
 def test_sampled_batches_keep_the_total_and_the_extremes():
     x = np.random.default_rng(1).normal(size=100_000).astype(np.float32)
     h = HistogramObserver(values_per_batch=1000)

@@ -30,8 +30,11 @@ from .observers import Observer, RangeObserver
 class HistogramObserver(RangeObserver):
     """Histogram of a whole tensor (per-tensor only) with at most ``max_bins`` bins.
 
-    The first batch sets the width: the smallest power of two with which the batch spans
-    at most ``max_bins / 2`` bins, which leaves room to grow before any merge.
+    The width is always the smallest power of two with which every value seen so far
+    (zeros included) fits in ``max_bins`` aligned bins: the first batch sets it, and a
+    later batch that reaches further merges pairs until the range fits again. So the
+    histogram depends only on the values seen, not on their order or on how they were
+    split between batches or merged observers (without sampling: see ``values_per_batch``).
     ``range()`` is the exact (min, max): the clipping methods read :attr:`counts`.
     """
 
@@ -74,8 +77,9 @@ class HistogramObserver(RangeObserver):
             self.zeros += x.size
             return
         if self.exponent is None:
-            span = (hi - lo) if hi > lo else max(abs(lo), abs(hi))
-            self.exponent = math.ceil(math.log2(span / (self.max_bins // 2))) if span > 0 else 0
+            if self.zeros:  # zeros seen before any other value belong to the range too
+                lo, hi = min(lo, 0.0), max(hi, 0.0)
+            self.exponent = _finest_exponent(lo, hi, self.max_bins)
             self.start = math.floor(lo / self.width)
         self._cover(lo, hi)
         sample = self._sample(x)
@@ -86,9 +90,8 @@ class HistogramObserver(RangeObserver):
         scaled -= np.float32(self.start)
         counts = np.bincount(scaled.astype(np.int32), minlength=len(self.counts))
         self.counts += counts if sample.size == x.size else counts * (x.size / sample.size)
-        if self.zeros:
-            self.counts[-self.start] += self.zeros
-            self.zeros = 0
+        zeros, self.zeros = self.zeros, 0
+        self._add_zeros(zeros)
 
     def _sample(self, x: np.ndarray) -> np.ndarray:
         """At most ``values_per_batch`` values, evenly strided; the start rotates from batch to batch.
@@ -157,6 +160,15 @@ class HistogramObserver(RangeObserver):
             offset = self.start - first
             grown[offset:offset + len(self.counts)] = self.counts
             self.counts, self.start = grown, first
+
+
+def _finest_exponent(lo: float, hi: float, max_bins: int) -> int:
+    """The smallest ``e`` with which [lo, hi] spans at most ``max_bins`` bins of width ``2 ** e``."""
+    span = hi - lo if hi > lo else max(abs(lo), abs(hi))
+    exponent = math.ceil(math.log2(span / max_bins)) - 1 if span > 0 else 0
+    while math.floor(hi / 2.0 ** exponent) - math.floor(lo / 2.0 ** exponent) + 1 > max_bins:
+        exponent += 1
+    return exponent
 
 
 def _merge_pairs(counts: np.ndarray, start: int, factor: int) -> tuple[np.ndarray, int]:
