@@ -1,5 +1,7 @@
 """Quantizing small hand-built graphs: placement of Q/DQ, integer weights and biases, targets, options."""
 
+import warnings
+
 import numpy as np
 import onnx
 import pytest
@@ -148,6 +150,18 @@ def test_batchnorm_is_folded_before_quantization(tmp_path):
     assert "BatchNormalization" not in ops and ops.count("Conv") == 1
     feed = random_feeds(1, seed=5)[0]
     assert cosine(run(src, feed)[0], run(out, feed)[0]) > 0.99
+    # the folded Conv keeps the user's name, in the report and in the written graph
+    assert {n.name for n in result.quantized_nodes} == {"conv", "relu"}
+    assert "conv" in [n.name for n in onnx.load(str(out)).graph.node if n.op_type == "Conv"]
+
+    # and skip_quant_node finds it (no "not a node of the model" warning), and it stays float
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, out, result = quantize(tmp_path, model, skip_quant_node="conv")
+    assert not [w for w in caught if "not a node" in str(w.message)]
+    assert {n.name: n.reason for n in result.float_nodes}["conv"] == "listed in skip_quant_node"
+    conv = next(n for n in onnx.load(str(out)).graph.node if n.op_type == "Conv")
+    assert producers(onnx.load(str(out))).get(conv.input[1]) is None  # a float weight, read directly
 
 
 def test_weights_in_constant_nodes_are_quantized(tmp_path):

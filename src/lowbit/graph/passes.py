@@ -16,6 +16,10 @@ form that runtimes execute in int8, so that quantization sees the same tensors:
    large intermediate ``x * relu6(x + 3)`` is not quantized on its own;
 5. unused nodes go, types and shapes are inferred, nodes are sorted.
 
+Node names are the user's: skip lists, per-node settings and every report name nodes as
+the float model does. A fused node keeps the name of the node of its own op type that it
+replaces (a Conv folded with its BatchNormalization stays the Conv's name).
+
 Folding and fusion rules come from onnxscript's optimizer and rewriter, which work on
 the same onnx_ir graph, rather than being written again here.
 """
@@ -59,8 +63,33 @@ def prepare(model: ir.Model) -> ir.Model:
     onnxscript.optimizer.fold_constants(model, should_fold=_fold_constant_of_shape)
     # The fusion rules check ranks and constant inputs: give them initializers and shapes.
     model = _infer(model)
+    _remember_names(model)
     model = onnxscript.rewriter.rewrite(model, pattern_rewrite_rules=[*_activation_rules(model), *FOLDING_RULES])
+    _restore_names(model)
     return _infer(model)
+
+
+_NAME_TAG = "lowbit.name."
+
+
+def _remember_names(model: ir.Model) -> None:
+    """Tag each node with its name under its op type; onnxscript's rewriter copies the tags of the
+    nodes a rule replaces onto the nodes it makes (the first value of a key wins)."""
+    for node in model.graph:
+        node.metadata_props[_NAME_TAG + node.op_type] = node.name
+
+
+def _restore_names(model: ir.Model) -> None:
+    """Give each node made by a fusion the name of the replaced node of its own op type; drop the tags."""
+    taken = {node.name for node in model.graph}
+    for node in model.graph:
+        original = node.metadata_props.get(_NAME_TAG + node.op_type)
+        if original and original != node.name and original not in taken:
+            taken.discard(node.name)
+            node.name = original
+            taken.add(original)
+        for key in [k for k in node.metadata_props if k.startswith(_NAME_TAG)]:
+            del node.metadata_props[key]
 
 
 def _infer(model: ir.Model) -> ir.Model:
