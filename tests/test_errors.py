@@ -1,9 +1,12 @@
 """Bad input: a one-line error naming the culprit, exit code 2, and no output file."""
 
+import re
+
 import numpy as np
 import pytest
 from conftest import random_feeds, write_npy_folder
 
+import lowbit
 from lowbit.cli import main
 
 
@@ -132,6 +135,38 @@ def test_no_calibration_data(capsys, out, tiny_model):
 def test_calibrate_size_larger_than_the_data(capsys, out, tiny_model, tiny_calib):
     code, err = quantize_cli(capsys, tiny_model, "-o", out, "--data", tiny_calib, "--calibrate-size", "50")
     check(code, err, out, "calibrate_size=50", "only 6")
+
+
+def test_calibrate_size_larger_than_the_samples_in_memory(tiny_model, tmp_path):
+    for data in (random_feeds(4), (feed for feed in random_feeds(4))):  # a list, and a generator
+        with pytest.raises(lowbit.LowbitError, match="calibrate_size=50, but only 4 calibration samples"):
+            lowbit.quantize(tiny_model, tmp_path / "q.onnx", data=data, calibrate_size=50, progress=False)
+        assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("setting, culprit", [
+    ({"skip_quant_node": 5}, "skip_quant_node=5"),
+    ({"calibrate_path": 5}, "calibrate_path=5"),
+    ({"input_shape": 5}, "input_shape=5"),
+    ({"input_shape": {"input": "1,3"}}, "input_shape="),
+])
+def test_values_of_the_wrong_python_type_are_named(tiny_model, tiny_calib, tmp_path, setting, culprit):
+    with pytest.raises(lowbit.LowbitError, match=re.escape(culprit)):
+        lowbit.quantize(tiny_model, tmp_path / "q.onnx", data=tiny_calib, progress=False, **setting)
+
+
+def test_a_ragged_feed_is_named(tiny_model, tmp_path):
+    feeds = [{"input": [[1.0, 2.0], [3.0]]}]
+    with pytest.raises(lowbit.LowbitError, match="calibration sample 1: input 'input' is not an array"):
+        lowbit.quantize(tiny_model, tmp_path / "q.onnx", data=feeds, progress=False)
+
+
+def test_input_shape_of_the_wrong_rank_for_bin_data(tmp_path, capsys, out, tiny_model):
+    folder = tmp_path / "bins"
+    folder.mkdir()
+    np.zeros((1, 8, 8, 3), np.float32).tofile(folder / "a.bin")
+    code, err = quantize_cli(capsys, tiny_model, "-o", out, "--data", folder, "--input-shape", "input:3,8,8")
+    check(code, err, out, "input_shape", "3 dimensions")
 
 
 def test_unsupported_option_value(capsys, out, tiny_model, tiny_calib):

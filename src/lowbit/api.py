@@ -26,7 +26,7 @@ from .calibration.observers import MinMaxObserver
 from .calibration.ranges import Range
 from .config import QuantConfig, load_config
 from .config.model import CalibrationSource
-from .data.feeds import batched, checked_feeds, input_specs
+from .data.feeds import at_most, batched, checked_feeds, input_specs
 from .data.images import ImagePreprocess
 from .data.sources import DataOptions, folder_samples, list_samples
 from .data.split import SampleSplit
@@ -489,10 +489,9 @@ def _calibration_feeds(specs, config: QuantConfig, data: FeedSource | None, note
     """The stream of checked feed dicts and its length (None when unknown)."""
     size = config.calibrate_size
     if data is not None and not isinstance(data, (str, Path)):
-        feeds = checked_feeds(data, specs)
-        if size is not None:
-            feeds = itertools.islice(feeds, size)
-        return feeds, size if size is not None else _len_or_none(data)
+        known = _len_or_none(data)
+        feeds = at_most(checked_feeds(data, specs), size, known, "the samples passed as data")
+        return feeds, size if size is not None else known
     options = data_options(config)
     if data is not None:
         samples = folder_samples((CalibrationSource(Path(data)),), specs, size, options)

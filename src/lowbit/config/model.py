@@ -121,8 +121,10 @@ def _parse_one(field: Field, raw: Any, bad) -> Any:
             raise bad("unknown value" + did_you_mean(str(text), field.choices))
         return choices[upper]
     if field.kind is Kind.STR_LIST:
-        items = text.split(",") if isinstance(text, str) else list(text)
-        return tuple(str(item).strip() for item in items if str(item).strip())
+        items = text.split(",") if isinstance(text, str) else _strings(text)
+        if items is None:
+            raise bad("not a comma-separated string or a list of strings")
+        return tuple(item.strip() for item in items if item.strip())
     if field.kind is Kind.VECTOR:
         try:
             values = ast.literal_eval(text) if isinstance(text, str) else text
@@ -142,6 +144,8 @@ def _parse_one(field: Field, raw: Any, bad) -> Any:
 def _parse_shapes(text: Any, bad) -> dict[str, tuple[int, ...]]:
     if isinstance(text, dict):
         items = text.items()
+    elif not isinstance(text, str):
+        raise bad("expected input_name:d0,d1,... or a dict of input name to shape")
     else:
         items = []
         for part in str(text).split(";"):
@@ -152,6 +156,8 @@ def _parse_shapes(text: Any, bad) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for name, dims in items:
         try:
+            if isinstance(dims, (str, bytes)) or isinstance(dims, float):
+                raise TypeError
             shape = tuple(int(d) for d in dims)
         except (TypeError, ValueError):
             raise bad(f"dimensions of '{name}' are not integers") from None
@@ -169,11 +175,18 @@ def _check_range(field: Field, value: float, bad) -> float:
     return value
 
 
+def _strings(value: Any) -> list[str] | None:
+    """A list or tuple of strings (or paths) as a list of str; None for anything else."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, Path)) for v in value):
+        return None
+    return [str(v) for v in value]
+
+
 def _parse_path_map(text: Any, bad) -> tuple[CalibrationSource, ...]:
     if isinstance(text, (str, Path)):
         items = [p.strip() for p in str(text).split(",") if p.strip()]
-    else:
-        items = [str(p) for p in text]
+    elif (items := _strings(text)) is None:
+        raise bad("not a folder path, or a list of them")
     if not items:
         raise bad("empty")
     sources = []

@@ -56,7 +56,13 @@ def check_sample(feed: dict[str, np.ndarray], specs: list[InputSpec], origin: st
     for spec in specs:
         if spec.name not in feed:
             raise LowbitError(f"{origin}: no data for model input '{spec.name}'; model inputs: {', '.join(names)}")
-        checked[spec.name] = _check_array(np.asarray(feed[spec.name]), spec, origin)
+        try:
+            array = np.asarray(feed[spec.name])
+        except (ValueError, TypeError) as exc:  # ragged nested lists, objects numpy cannot stack
+            raise LowbitError(f"{origin}: input '{spec.name}' is not an array ({str(exc).splitlines()[0]})") from None
+        if array.dtype == object:
+            raise LowbitError(f"{origin}: input '{spec.name}' is not a numeric array (numpy made it dtype object)")
+        checked[spec.name] = _check_array(array, spec, origin)
     return checked
 
 
@@ -85,6 +91,28 @@ def checked_feeds(feeds: Iterable[dict[str, np.ndarray]], specs: list[InputSpec]
             raise LowbitError(f"calibration sample {i}: expected a dict of input name to array, "
                               f"got {type(feed).__name__}")
         yield check_sample(feed, specs, f"calibration sample {i}")
+
+
+def at_most(feeds: Iterable[dict[str, np.ndarray]], size: int | None, total: int | None,
+            where: str = "the calibration data") -> Iterator[dict[str, np.ndarray]]:
+    """The first ``size`` samples of ``feeds`` (all of them when ``size`` is None).
+
+    Asking for more samples than there are is an error, as it is for folders: early when
+    the number is known (``total``), else once the stream ends short.
+    """
+    if size is None:
+        yield from feeds
+        return
+    if total is not None and size > total:
+        raise LowbitError(f"calibrate_size={size}, but only {total} calibration samples were found in {where}")
+    count = 0
+    for feed in feeds:
+        if count == size:
+            return
+        count += 1
+        yield feed
+    if count < size:
+        raise LowbitError(f"calibrate_size={size}, but only {count} calibration samples were found in {where}")
 
 
 def batched(feeds: Iterable[dict[str, np.ndarray]], specs: list[InputSpec], batch_size: int) -> Iterator[dict]:

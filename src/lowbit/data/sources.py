@@ -218,7 +218,15 @@ def model_layout(spec: InputSpec, options: DataOptions) -> str | None:
 def resolved_shape(spec: InputSpec, options: DataOptions, path: Path) -> tuple[int, ...]:
     """The input's shape with free dims filled from input_shape (a free batch dim defaults to 1)."""
     if spec.name in options.shapes:
-        return options.shapes[spec.name]
+        shape = options.shapes[spec.name]
+        if spec.shape is not None and len(shape) != len(spec.shape):
+            raise LowbitError(f"input_shape gives '{spec.name}' {len(shape)} dimensions "
+                              f"({','.join(map(str, shape))}), the model's input has {len(spec.shape)} "
+                              f"({spec.dims()})")
+        if spec.shape is not None and any(want is not None and want != got for want, got in zip(spec.shape, shape)):
+            raise LowbitError(f"input_shape gives '{spec.name}' the shape {','.join(map(str, shape))}, which "
+                              f"contradicts the model's {spec.dims()}")
+        return shape
     if spec.shape is None:
         raise LowbitError(f"{path}: input '{spec.name}' has no known shape; give input_shape {spec.name}:d0,d1,...")
     dims = [1 if (d is None and i == 0) else d for i, d in enumerate(spec.shape)]
