@@ -157,5 +157,22 @@ def test_too_few_samples_fall_back_to_max_min(tmp_path, capsys):
     np.save(folder / "a.npy", random_feeds(1)[0]["input"])
     code = main(["quantize", str(src), "-o", str(tmp_path / "x.onnx"), "--data", str(folder),
                  "--activation-quant-method", "KL,MSE"])
-    assert code == 2 and "holds back 1 of the 1" in capsys.readouterr().err
+    assert code == 2 and "fewer than 8 samples" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("kind", ["list", "generator"])
+def test_the_split_does_not_depend_on_knowing_the_number_of_samples(tmp_path, kind):
+    src = save(conv_relu_pool_model(), tmp_path / "m.onnx")
+
+    def data(n):
+        feeds = random_feeds(n)
+        return feeds if kind == "list" else (feed for feed in feeds)
+
+    # 60 samples: every 8th is held back (7 of them), the other 53 feed the statistics
+    result = lowbit.quantize(src, tmp_path / "q.onnx", data=data(60), progress=False)
+    assert result.search.samples == 7 and result.calibration_samples == 53
+    # fewer than 8: nothing to hold back, so the default search falls back to MAX_MIN, warned
+    with pytest.warns(lowbit.LowbitWarning, match="using MAX_MIN"):
+        result = lowbit.quantize(src, tmp_path / "q.onnx", data=data(5), progress=False)
+    assert result.calibration_samples == 5 and result.search.chosen == "MAX_MIN"

@@ -29,7 +29,7 @@ from .config.model import CalibrationSource
 from .data.feeds import at_most, batched, checked_feeds, input_specs
 from .data.images import ImagePreprocess
 from .data.sources import DataOptions, folder_samples, list_samples
-from .data.split import SampleSplit
+from .data.split import HOLD_BACK_EVERY, SampleSplit
 from .errors import LowbitError, closest
 from .graph.loading import load_model, with_opset
 from .graph.passes import prepare
@@ -76,7 +76,6 @@ from .search.modelwise import (
     choose_ranges,
 )
 
-MIN_SAMPLES_TO_SEARCH = 8
 WEIGHT_SAMPLES = 16  # calibration samples the weight-only mode measures output errors and cosine on
 INT4_OPSET = 21  # DequantizeLinear reads int4 and int16 from this opset on
 
@@ -257,6 +256,11 @@ def _full(model: ir.Model, config: QuantConfig, data, progress: bool, note, timi
         run_stats = collect(model, observers, batched(split, specs, config.calibrate_batch_size),
                             split.statistics_total, progress)
         samples = run_stats.samples
+        if compare and not split.held_back:  # a stream of unknown length turned out short
+            if config.activation_quant_method is not None:
+                split.require_held_back()
+            fallback = _too_few_to_search(samples)
+            candidate_list = candidates(("MAX_MIN",), config.num_bin, config.max_percentile)
         if fallback:  # said once the data has proved readable, so that it never precedes an error
             note(fallback)
         timings["calibrate"] = time.perf_counter() - clock
@@ -311,18 +315,23 @@ def _correct_biases(model: ir.Model, layers: list[Layer], specs, config: QuantCo
 def _candidates(config: QuantConfig, total: int | None, note: Callable[[str], None]) -> tuple[list[Candidate], str]:
     """The activation-range candidates, and a message when the default search had to fall back.
 
-    The default search holds back 1 sample in 8 to compare methods, so it needs 8 samples.
+    The default search holds back every 8th sample to compare methods, so it needs 8 samples.
     """
     methods, fallback = config.activation_quant_method, ""
-    if methods is None and total is not None and total < MIN_SAMPLES_TO_SEARCH:
-        fallback = (f"with {total} calibration samples lowbit does not search activation_quant_method (it holds "
-                    f"back 1 sample in 8 to compare methods, from {MIN_SAMPLES_TO_SEARCH} samples on): using MAX_MIN")
+    if methods is None and total is not None and total < HOLD_BACK_EVERY:
+        fallback = _too_few_to_search(total)
         methods = ("MAX_MIN",)
     found = candidates(methods, config.num_bin, config.max_percentile)
     if config.layerwise_search and len(found) < 2:
         note("layerwise_search chooses among several activation_quant_method candidates; with one there is "
              "nothing to choose")
     return found, fallback
+
+
+def _too_few_to_search(total: int) -> str:
+    return (f"with {total} calibration samples lowbit does not search activation_quant_method (it holds "
+            f"back every {HOLD_BACK_EVERY}th sample to compare methods, so it needs {HOLD_BACK_EVERY}): "
+            "using MAX_MIN")
 
 
 def _weight_selection(config: QuantConfig) -> dict[str, Any]:
