@@ -296,7 +296,7 @@ def image_pipeline_cost(work: Path, count: int) -> dict:
     image preprocessing; the same files are then only read and preprocessed, without the model.
     """
     import lowbit
-    from lowbit.api import data_options
+    from lowbit.data.calibration import data_options
     from lowbit.config import load_config
     from lowbit.config.model import CalibrationSource
     from lowbit.data.feeds import InputSpec

@@ -28,3 +28,7 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str:
 def closest(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """The up-to-n candidates closest to word, best first."""
     return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.5)
+
+
+class LowbitWarning(UserWarning):
+    """Something the user may want to fix, that does not stop the job."""

@@ -1,1 +1,1 @@
-"""Calibration: observers of tensor statistics and the streaming collector."""
+"""Calibration: observers of tensor statistics, and the range methods that read them."""

@@ -35,18 +35,44 @@ class InputCovarianceObserver(Observer):
     ``geometry`` None: a Gemm/MatMul input, whose last axis is the reduced one.
     """
 
+    STATE = (*Observer.STATE, "total", "rows", "geometry")
+
     def __init__(self, geometry: ConvGeometry | None = None):
         super().__init__()
         self.geometry = geometry
         self.total: np.ndarray | None = None  # (groups, D, D)
         self.rows = 0
+        self.seen_finite = True
 
     def update(self, x: np.ndarray) -> None:
         # one sample at a time bounds the patch copy to one sample's patches
         for sample in (x if self.geometry is not None else [x]):
             rows = self._rows(np.asarray(sample, dtype=np.float32))
-            self._fold(np.matmul(rows.transpose(0, 2, 1), rows).astype(np.float64), rows.shape[1])
+            moments = np.matmul(rows.transpose(0, 2, 1), rows)
+            if not np.all(np.isfinite(moments)):  # float32 products overflow on huge (finite) inputs
+                self.seen_finite = self.seen_finite and bool(np.all(np.isfinite(rows)))
+                moments = np.matmul(rows.transpose(0, 2, 1).astype(np.float64), rows.astype(np.float64))
+            self._fold(moments.astype(np.float64), rows.shape[1])
         self.batches += 1
+
+    def finite(self) -> bool:
+        return self.seen_finite
+
+    def state(self) -> dict[str, np.ndarray]:
+        state = super().state()
+        state["geometry"] = np.array([] if self.geometry is None else
+                                     [*self.geometry.kernel, self.geometry.group, *self.geometry.strides,
+                                      *self.geometry.pads, *self.geometry.dilations], dtype=np.int64)
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> Observer:
+        observer = super().from_state(state)
+        g = [int(v) for v in np.asarray(state["geometry"])]
+        observer.geometry = ConvGeometry(tuple(g[0:2]), g[2], tuple(g[3:5]), tuple(g[5:9]), tuple(g[9:11])) if g \
+            else None
+        observer.seen_finite = True
+        return observer
 
     def merge(self, other: Observer) -> None:
         if not isinstance(other, InputCovarianceObserver) or other.geometry != self.geometry:

@@ -38,6 +38,8 @@ class HistogramObserver(RangeObserver):
     ``range()`` is the exact (min, max): the clipping methods read :attr:`counts`.
     """
 
+    STATE = (*Observer.STATE, "max_bins", "values_per_batch", "counts", "start", "exponent", "zeros", "min", "max")
+
     def __init__(self, max_bins: int = 16384, values_per_batch: int | None = 1 << 15):
         super().__init__(axis=None)
         if max_bins < 2:
@@ -69,7 +71,7 @@ class HistogramObserver(RangeObserver):
         lo, hi = float(np.min(x)), float(np.max(x))
         self.batches += 1
         if not (math.isfinite(lo) and math.isfinite(hi)) or self.min is not None and math.isnan(self.min):
-            self.min = self.max = math.nan  # the collector reports it through range(): nothing to bin
+            self.min = self.max = math.nan  # finite() reports it to the data engine: nothing to bin
             return
         self.min = lo if self.min is None else min(self.min, lo)
         self.max = hi if self.max is None else max(self.max, hi)
@@ -136,6 +138,15 @@ class HistogramObserver(RangeObserver):
         if self.min is None:
             raise ValueError("observer saw no data")
         return np.asarray(self.min), np.asarray(self.max)
+
+    def finite(self) -> bool:
+        return self.min is None or (math.isfinite(self.min) and math.isfinite(self.max))
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> Observer:
+        observer = super().from_state(state)
+        observer.counts = np.asarray(observer.counts, dtype=np.float64).reshape(-1)
+        return observer
 
     def _add_zeros(self, zeros: int) -> None:
         if self.exponent is None:

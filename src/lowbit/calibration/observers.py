@@ -21,7 +21,14 @@ import numpy as np
 
 
 class Observer(ABC):
-    """Running statistic of one tensor; ``axis`` selects per-channel statistics."""
+    """Running statistic of one tensor; ``axis`` selects per-channel statistics.
+
+    Its whole state is the attributes named in ``STATE`` (numbers, arrays or None), so
+    :meth:`state` and :meth:`from_state` turn it into plain numpy arrays and back: what a
+    worker saves or sends to be merged elsewhere.
+    """
+
+    STATE: tuple[str, ...] = ("axis", "batches")
 
     def __init__(self, axis: int | None = None):
         self.axis = axis
@@ -35,11 +42,31 @@ class Observer(ABC):
     def merge(self, other: Observer) -> None:
         """Fold another observer's statistic (same kind, same tensor) into this one."""
 
+    def finite(self) -> bool:
+        """False once the tensor has shown a NaN or an infinity (the data engine stops the job then)."""
+        return True
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The statistic as plain numpy arrays (``np.savez`` stores them, ``np.load`` reads them unpickled)."""
+        return {key: _NONE if getattr(self, key) is None else np.asarray(getattr(self, key)) for key in self.STATE}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> Observer:
+        observer = cls.__new__(cls)
+        for key in cls.STATE:
+            value = np.asarray(state[key])
+            value = None if value.dtype.kind == "U" else (value.item() if value.ndim == 0 else value)
+            setattr(observer, key, value)
+        return observer
+
     def _reduce_axes(self, x: np.ndarray) -> tuple[int, ...] | None:
         if self.axis is None:
             return None
         axis = self.axis % x.ndim
         return tuple(i for i in range(x.ndim) if i != axis)
+
+
+_NONE = np.array([], dtype="U1")  # how state() writes None: no numeric state is a string array
 
 
 class RangeObserver(Observer):
@@ -52,6 +79,8 @@ class RangeObserver(Observer):
 
 class MinMaxObserver(RangeObserver):
     """The smallest and largest value seen (MindSpore's MAX_MIN, ONNX Runtime's MinMax)."""
+
+    STATE = (*Observer.STATE, "min", "max")
 
     def __init__(self, axis: int | None = None):
         super().__init__(axis)
@@ -83,9 +112,22 @@ class MinMaxObserver(RangeObserver):
             raise ValueError("observer saw no data")
         return self.min, self.max
 
+    def finite(self) -> bool:
+        return self.min is None or bool(np.all(np.isfinite(self.min)) and np.all(np.isfinite(self.max)))
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> Observer:
+        observer = super().from_state(state)
+        for key in ("min", "max"):  # per-tensor extremes are 0-d arrays, as update() makes them
+            if getattr(observer, key) is not None:
+                setattr(observer, key, np.asarray(getattr(observer, key), dtype=np.float64))
+        return observer
+
 
 class MeanObserver(Observer):
     """The running mean, per channel along ``axis`` (or of the whole tensor)."""
+
+    STATE = (*Observer.STATE, "total", "count")
 
     def __init__(self, axis: int | None = None):
         super().__init__(axis)
@@ -113,4 +155,56 @@ class MeanObserver(Observer):
         if self.total is None:
             raise ValueError("observer saw no data")
         return self.total / self.count
+
+    def finite(self) -> bool:
+        return self.total is None or bool(np.all(np.isfinite(self.total)))
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> Observer:
+        observer = super().from_state(state)
+        if observer.total is not None:
+            observer.total = np.asarray(observer.total, dtype=np.float64)
+        return observer
+
+
+class OutputsObserver(Observer):
+    """Keeps every batch it sees, in order: the float model's outputs on the few samples that a
+    search or an output check compares other models with (memory grows with those samples only)."""
+
+    STATE = (*Observer.STATE, "arrays")
+
+    def __init__(self):
+        super().__init__()
+        self.arrays: list[np.ndarray] = []
+
+    def update(self, x: np.ndarray) -> None:
+        self.arrays.append(np.array(x, copy=True))
+        self.batches += 1
+
+    def merge(self, other: Observer) -> None:
+        if not isinstance(other, OutputsObserver):
+            raise TypeError(f"cannot merge {type(other).__name__} into OutputsObserver")
+        self.arrays.extend(other.arrays)
+        self.batches += other.batches
+
+    def finite(self) -> bool:
+        return not self.arrays or bool(np.all(np.isfinite(self.arrays[-1])))
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The batches flattened end to end, with their shapes (one row each)."""
+        rank = self.arrays[0].ndim if self.arrays else 0
+        values = np.concatenate([a.ravel() for a in self.arrays]) if self.arrays else np.zeros(0, np.float32)
+        return {"batches": np.asarray(self.batches), "values": values,
+                "shapes": np.array([a.shape for a in self.arrays], dtype=np.int64).reshape(len(self.arrays), rank)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> Observer:
+        observer = cls()
+        observer.batches = int(state["batches"])
+        offset = 0
+        for shape in state["shapes"]:
+            size = int(np.prod(shape))
+            observer.arrays.append(state["values"][offset:offset + size].reshape(shape))
+            offset += size
+        return observer
 

@@ -7,6 +7,7 @@ Runtime, so a wrong file is reported by name instead of as a runtime failure.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -106,9 +107,7 @@ def at_most(feeds: Iterable[dict[str, np.ndarray]], size: int | None, total: int
     if total is not None and size > total:
         raise LowbitError(f"calibrate_size={size}, but only {total} calibration samples were found in {where}")
     count = 0
-    for feed in feeds:
-        if count == size:
-            return
+    for feed in itertools.islice(feeds, size):  # never pulls a sample past the last one wanted
         count += 1
         yield feed
     if count < size:

@@ -68,6 +68,10 @@ class FileSamples:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def kinds(self) -> set[str]:
+        """The kinds of the files (IMAGE, BIN, NPY, NPZ)."""
+        return {kind_of(path, self.options.input_type) for row in self.rows for path in row.values()}
+
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         specs = {s.name: s for s in self.specs}
         for row in self.rows:

@@ -9,6 +9,9 @@ explained, in one place.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from ..config.model import QuantConfig
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,13 @@ class WeightSelection:
     skip_nodes: frozenset[str] = frozenset()
     min_weight_size: int = 0  # 0: no threshold
     min_weight_channels: int = 0  # 0: no threshold
+
+    @staticmethod
+    def settings(config: QuantConfig) -> dict[str, Any]:
+        """The selection's fields from the configuration, as keyword arguments of any mode's options."""
+        return {"per_channel": config.per_channel, "skip_nodes": frozenset(config.skip_quant_node),
+                "min_weight_size": config.min_quant_weight_size,
+                "min_weight_channels": config.min_quant_weight_channel}
 
     def too_small(self, size: int, channels: int | None) -> str | None:
         """Why a weight of ``size`` elements and ``channels`` output channels stays float, or None.

@@ -22,7 +22,6 @@ coming from layers above.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +29,6 @@ import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
 
-from ..calibration.collector import collect
 from ..calibration.observers import MeanObserver
 from ..graph.query import attribute, constant_array
 from ..quantizers.qdq import add_initializer, dequantize_node
@@ -70,10 +68,17 @@ def dequantize_source(value: ir.Value) -> ir.Node | None:
     return producer if producer is not None and producer.op_type == "DequantizeLinear" else None
 
 
-def correct_biases(model: ir.Model, layers: list[Layer], feeds: Iterable[dict[str, np.ndarray]],
-                   total: int | None, progress: bool) -> BiasCorrectionReport:
-    """Measure each layer's output shift on ``feeds`` and fold it into its int32 bias, in place."""
-    start = time.perf_counter()
+@dataclass
+class CorrectionJob:
+    """The layers to correct, the measuring model (with a shadow of each), and the shift observer of each."""
+
+    layers: list[Layer]
+    model: onnx.ModelProto
+    observers: dict[str, MeanObserver]
+
+
+def plan_correction(model: ir.Model, layers: list[Layer]) -> CorrectionJob:
+    """The measuring model: the quantized model plus, per layer, its float-weight shadow and the difference."""
     layers = [layer for layer in layers if dequantize_source(layer.node.inputs[1]) is not None]
     proto = with_dequantized_constants(ir.serde.serialize_model(model))
     observers: dict[str, MeanObserver] = {}
@@ -90,22 +95,23 @@ def correct_biases(model: ir.Model, layers: list[Layer], feeds: Iterable[dict[st
                                          name=f"{difference}_node")
         proto.graph.node.extend([shadow, subtract])
         observers[difference] = MeanObserver(1 if node.op_type == "Conv" else -1)
-    if not layers:
-        return BiasCorrectionReport(0, 0, 0.0, 0.0)
-    run = collect(proto, observers, feeds, total, progress, description="bias correction")
+    return CorrectionJob(layers, proto, observers)
 
+
+def correct_biases(model: ir.Model, job: CorrectionJob, samples: int, start: float) -> BiasCorrectionReport:
+    """Fold each layer's measured output shift (``job``'s observers) into its bias, in place."""
     largest = 0.0
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(job.layers):
         node = layer.node
         # mean of Conv(x_q, W_q) + current bias - Conv(x_q, W): the shift, plus the bias in place now
-        shift_plus_bias = observers[f"lowbit_bias_correction_{i}"].mean()
+        shift_plus_bias = job.observers[f"lowbit_bias_correction_{i}"].mean()
         current = _current_bias(node, shift_plus_bias.shape[0])
         float_bias = layer.float_bias if layer.float_bias is not None else np.zeros_like(current)
         shift = shift_plus_bias - current
         largest = max(largest, float(np.max(np.abs(shift))))
         _set_bias(model.graph, node, float_bias - shift)
     ir.passes.common.RemoveUnusedNodesPass()(model)  # the biases replaced by new initializers
-    return BiasCorrectionReport(len(layers), run.samples, time.perf_counter() - start, largest)
+    return BiasCorrectionReport(len(job.layers), samples, time.perf_counter() - start, largest)
 
 
 def with_dequantized_constants(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -21,17 +21,16 @@ gets does. Bias correction, when on, runs afterwards and removes the mean shift 
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from ..calibration.collector import collect
 from ..calibration.covariance import ConvGeometry, InputCovarianceObserver
 from ..graph.query import attribute, constant_array
-from .bias_correction import dequantize_source, with_dequantized_constants
+from .bias_correction import dequantize_source
 
 DAMPING = 0.01  # of the mean diagonal of H: keeps H invertible where inputs are constant or collinear
 # H settles within a few dozen samples (a 3x3 depthwise layer sees thousands of patches per sample),
@@ -58,6 +57,7 @@ class RoundingReport:
     # mean over layers of e^T H e / w^T H w: the layer output error relative to the output
     error_nearest: float
     error_compensated: float
+    fallbacks: list[str] = field(default_factory=list)  # layers GPTQ could not round as usual, and what it did
 
 
 def gptq_round(weights: np.ndarray, covariance: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
@@ -75,6 +75,8 @@ def gptq_round(weights: np.ndarray, covariance: np.ndarray, scale: np.ndarray, z
     h[:, diagonal, diagonal] += damping * np.maximum(h_diag.mean(axis=1, keepdims=True), 1e-12) + dead
     # upper Cholesky factor of H^-1: row i holds how rounding input i moves the inputs after it
     upper = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)
+    if not np.all(np.isfinite(upper)):
+        raise np.linalg.LinAlgError("the inverse second moment is not finite")
     scale = scale.astype(np.float64)
     q = np.empty(w.shape, dtype=np.int64)
     width = w.shape[-1]
@@ -113,37 +115,50 @@ def compensable(node: ir.Node) -> bool:
     return node.op_type == "MatMul" and len(shape) == 2
 
 
-def compensate_rounding(model: ir.Model, layers: list[RoundingLayer], feeds: Iterable[dict[str, np.ndarray]],
-                        total: int | None, progress: bool) -> RoundingReport:
-    """Measure each layer's input second moment on ``feeds``; re-round its integer weight in place."""
-    start = time.perf_counter()
-    layers = [layer for layer in layers if _integer_weight(layer.node) is not None]
-    if not layers:
-        return RoundingReport(0, 0, 0.0, 0.0, 0.0)
-    observers: dict[str, InputCovarianceObserver] = {}
-    keys = []
+@dataclass
+class RoundingJob:
+    """The layers GPTQ re-rounds, and the input statistic each one reads (several layers may share one)."""
+
+    layers: list[tuple[RoundingLayer, str]]  # (layer, the observer key of its input)
+    observers: dict[str, InputCovarianceObserver]
+
+
+def plan_rounding(layers: list[RoundingLayer]) -> RoundingJob:
+    """The layers whose weight is stored as integers, with an input second-moment observer each."""
+    job = RoundingJob([], {})
     for layer in layers:
+        if _integer_weight(layer.node) is None:
+            continue
         geometry = _geometry(layer.node, layer.float_weight)
         key = layer.node.inputs[0].name
-        if key in observers and observers[key].geometry != geometry:
-            keys.append(None)  # the same input read with another window: keep round to nearest
-            continue
-        observers.setdefault(key, InputCovarianceObserver(geometry))
-        keys.append(key)
-    proto = with_dequantized_constants(ir.serde.serialize_model(model))
-    run = collect(proto, observers, feeds, total, progress, description="weight rounding")
+        if key in job.observers and job.observers[key].geometry != geometry:
+            continue  # the same input read with another window: keep round to nearest
+        job.observers.setdefault(key, InputCovarianceObserver(geometry))
+        job.layers.append((layer, key))
+    return job
 
-    before, after, done = [], [], 0
-    for layer, key in zip(layers, keys):
-        if key is None:
-            continue
+
+def compensate_rounding(job: RoundingJob, samples: int, start: float) -> RoundingReport:
+    """Re-round each layer's integer weight in place, from the second moments ``job``'s observers hold.
+
+    A second moment that GPTQ cannot invert (a singular or ill-conditioned one, from huge
+    or degenerate activations) gets more damping, then round to nearest for that layer;
+    the report lists each such layer.
+    """
+    before, after, fallbacks, done = [], [], [], 0
+    for layer, key in job.layers:
         dq = _integer_weight(layer.node)
-        covariance = observers[key].covariance()
+        covariance = job.observers[key].covariance()
         rows = _as_rows(layer.node, layer.float_weight)
         scale, zero_point = _grid(dq, rows.shape[:2])
         stored = constant_array(dq.inputs[0])
         nearest = _as_rows(layer.node, stored.astype(np.int64))
-        q = gptq_round(rows, covariance, scale, zero_point, layer.qmin, layer.qmax)
+        q, damping = _round_with_fallback(rows, covariance, scale, zero_point, layer)
+        if damping != DAMPING:
+            fallbacks.append(f"{layer.node.name}: " + (f"damping raised to {damping:g}" if q is not None
+                                                       else "second moments not invertible, kept round to nearest"))
+        if q is None:
+            continue
         dequantized = (q - zero_point[..., None]) * scale[..., None]
         before.append(output_error(rows, (nearest - zero_point[..., None]) * scale[..., None], covariance))
         after.append(output_error(rows, dequantized, covariance))
@@ -153,8 +168,23 @@ def compensate_rounding(model: ir.Model, layers: list[RoundingLayer], feeds: Ite
         new = _from_rows(layer.node, q, stored.shape).astype(stored.dtype)
         dq.inputs[0].const_value = ir.tensor(new, name=dq.inputs[0].name)
         done += 1
-    return RoundingReport(done, run.samples, time.perf_counter() - start,
-                          float(np.mean(before)) if before else 0.0, float(np.mean(after)) if after else 0.0)
+    return RoundingReport(done, samples, time.perf_counter() - start,
+                          float(np.mean(before)) if before else 0.0, float(np.mean(after)) if after else 0.0,
+                          fallbacks)
+
+
+def _round_with_fallback(rows, covariance, scale, zero_point, layer: RoundingLayer):
+    """(integers, damping used), trying ten and a hundred times the damping; (None, damping) when all fail."""
+    if not np.all(np.isfinite(covariance)):
+        return None, math.inf
+    for damping in (DAMPING, 10 * DAMPING, 100 * DAMPING):
+        try:
+            with np.errstate(all="ignore"):
+                q = gptq_round(rows, covariance, scale, zero_point, layer.qmin, layer.qmax, damping)
+        except np.linalg.LinAlgError:
+            continue
+        return q, damping
+    return None, math.inf
 
 
 def _integer_weight(node: ir.Node) -> ir.Node | None:

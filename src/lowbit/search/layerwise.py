@@ -15,17 +15,16 @@ the tensor takes the widest of those choices.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
+from ..calibration.observers import MeanObserver, MinMaxObserver, Observer
 from ..calibration.ranges import Range
 from ..graph.query import constant_array
-from ..graph.runtime import make_session
 from ..quantizers.plan import QuantPlan
 from ..quantizers.qdq import weight_qparams
 from ..quantizers.qparams import compute_qparams
@@ -68,11 +67,15 @@ def tuned_readers(plan: QuantPlan, tensor: str) -> list[ir.Node]:
     return readers
 
 
+# Runs a model over the kept samples and feeds the observers of its outputs (the data engine's job).
+Collect = Callable[[onnx.ModelProto, dict[str, Observer]], None]
+
+
 def score_candidates(
     model: ir.Model,
     plan: QuantPlan,
     candidates: dict[str, Sequence[Range]],
-    feeds: Iterable[dict[str, np.ndarray]],
+    collect: Collect,
     metric: str,
 ) -> list[OpScores]:
     """Score every candidate range of every tensor at each int8 op that reads it."""
@@ -83,12 +86,16 @@ def score_candidates(
         for node in tuned_readers(plan, tensor):
             for lo, hi in ranges:
                 layout.append((tensor, node.name, graph.add_candidate(node, tensor, (lo, hi))))
-    session = make_session(graph.finish())
-    stats = [PairStats() for _ in layout]
-    for feed in feeds:
-        values = dict(zip(graph.outputs, session.run(graph.outputs, feed)))
-        for stat, (_, _, fields) in zip(stats, layout):
-            stat.add(PairStats(**{field: float(values[name]) for field, name in fields.items()}))
+    # each output is one number per sample: its sum over the samples (its largest for max_abs_diff)
+    observers = {name: MinMaxObserver() if field == "max_abs_diff" else MeanObserver()
+                 for _, _, fields in layout for field, name in fields.items()}
+    collect(graph.finish(), observers)
+
+    def total(field: str, name: str) -> float:
+        observer = observers[name]
+        return float(observer.max) if field == "max_abs_diff" else float(observer.total)
+
+    stats = [PairStats(**{field: total(field, name) for field, name in fields.items()}) for _, _, fields in layout]
     grouped: dict[tuple[str, str], list[float]] = {}
     for (tensor, op, _), stat in zip(layout, stats):
         grouped.setdefault((tensor, op), []).append(measure.value(stat))

@@ -64,6 +64,15 @@ class PairStats:
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
             setattr(self, f.name, max(mine, theirs) if f.name == "max_abs_diff" else mine + theirs)
 
+    merge = add  # the observers' name for it
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {f.name: np.asarray(getattr(self, f.name), dtype=np.float64) for f in fields(self)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> PairStats:
+        return cls(**{f.name: float(state[f.name]) for f in fields(cls)})
+
 
 @dataclass(frozen=True)
 class Metric:

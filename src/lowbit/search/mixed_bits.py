@@ -30,12 +30,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..calibration.observers import MeanObserver
 from ..graph.query import attribute, constant_array
 from ..graph.runtime import make_session
 from ..quantizers.weight_bits import quantize_weight, relative_error
@@ -123,6 +123,10 @@ def weight_errors(plan: WeightOnlyPlan, choices: Sequence[int]) -> dict[str, dic
             for name, tensor in plan.tensors.items()}
 
 
+# Compares the outputs of a session (run with some inputs overridden) with the float references.
+Score = Callable[[Any, dict[str, np.ndarray]], PairStats]
+
+
 class OutputProbe:
     """The float model in ONNX Runtime with the planned weights as inputs that a run may override.
 
@@ -132,33 +136,25 @@ class OutputProbe:
     by the shift that bias correction will take out (``bias - dW . mean(input)``, from the
     layer's per-channel input means on the samples), so the search sees the errors that
     remain after correction: a 4-bit layer's mean shift is what correction removes.
+
+    ``input_means`` are those per-channel means, by tensor name (:func:`bias_inputs` names
+    them; the float run over the samples measures them); ``score`` runs the probe's
+    session over the samples and compares with the float model's outputs.
     """
 
-    def __init__(self, model: ir.Model, plan: WeightOnlyPlan, samples: list[dict[str, np.ndarray]],
-                 correct_biases: bool = False):
+    def __init__(self, model: ir.Model, plan: WeightOnlyPlan, score: Score,
+                 input_means: dict[str, np.ndarray] | None = None):
         self.plan = plan
-        self.biases = _correctable_biases(plan) if correct_biases else {}
+        self.biases = _correctable_biases(plan) if input_means is not None else {}
         proto = ir.serde.serialize_model(model)
         initializers = {t.name: t for t in proto.graph.initializer}
         for name in [*plan.tensors, *(bias.value_name for bias in self.biases.values())]:
             tensor = initializers[name]
             proto.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
-        graph_inputs = {v.name for v in model.graph.inputs}
-        inputs = sorted({bias.input_name for bias in self.biases.values()})
-        computed = [name for name in inputs if name not in graph_inputs]
-        self.session = make_session(proto, computed)
-        self.outputs = [o.name for o in model.graph.outputs if o.dtype == ir.DataType.FLOAT]
-        self.samples = samples
-        means = {name: MeanObserver(axis=1) for name in inputs}  # NCHW channels, or Gemm's K
-        self.reference = []
-        for feed in samples:
-            arrays = dict(zip([*self.outputs, *computed], self.session.run([*self.outputs, *computed], feed)))
-            arrays.update({name: feed[name] for name in inputs if name in graph_inputs})
-            self.reference.append([arrays[name] for name in self.outputs])
-            for name in inputs:
-                means[name].update(arrays[name])
+        self.session = make_session(proto)
+        self.score = score
         for bias in self.biases.values():
-            bias.input_mean = means[bias.input_name].mean()
+            bias.input_mean = input_means[bias.input_name]
 
     def overrides(self, dequantized: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Feeds for these dequantized weights, with their layers' corrected biases."""
@@ -170,12 +166,12 @@ class OutputProbe:
         return feeds
 
     def compare(self, dequantized: dict[str, np.ndarray]) -> PairStats:
-        stats = PairStats()
-        feeds = self.overrides(dequantized)
-        for feed, reference in zip(self.samples, self.reference):
-            for actual, expected in zip(self.session.run(self.outputs, {**feed, **feeds}), reference):
-                stats.update(actual, expected)
-        return stats
+        return self.score(self.session, self.overrides(dequantized))
+
+
+def bias_inputs(plan: WeightOnlyPlan) -> list[str]:
+    """The tensors whose per-channel means the probe's bias correction reads: inputs of correctable layers."""
+    return sorted({bias.input_name for bias in _correctable_biases(plan).values()})
 
 
 @dataclass

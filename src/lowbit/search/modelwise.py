@@ -23,15 +23,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from ..calibration.histogram import HistogramObserver
 from ..calibration.observers import RangeObserver
 from ..calibration.ranges import RANGE_METHODS, Range, RangeSettings, kl, max_min
-from ..graph.runtime import make_session
 from ..quantizers.plan import QuantPlan
-from .layerwise import score_candidates, widest_choice
+from .layerwise import Collect, score_candidates, widest_choice
 from .metrics import METRICS, PairStats
 
 DEFAULT_SEARCH = ("MAX_MIN", "REMOVAL_OUTLIER", "KL", "MSE")
@@ -95,20 +93,22 @@ def choose_ranges(
     observers: dict[str, RangeObserver],
     options: SearchOptions,
     candidate_list: list[Candidate],
-    tuning_feeds: list[dict[str, np.ndarray]],
-    held_back: list[dict[str, np.ndarray]],
-    build: Callable[[dict[str, Range]], onnx.ModelProto],
+    collect_tuning: Collect,
+    score: Callable[[dict[str, Range]], PairStats],
+    held_back: int,
 ) -> tuple[dict[str, Range], SearchReport]:
     """The activation ranges to quantize with, and the report of how they were chosen.
 
-    ``build`` turns a range per tensor into the quantized model (for model-wise scoring).
+    ``collect_tuning`` runs a scoring model over the tuning samples (AUTO_TUNE, layer-wise);
+    ``score`` compares the model quantized with a range per tensor with the float model on
+    the ``held_back`` samples (model-wise).
     """
     scheme = plan.target.activation
     tuned = 0
     options_by_label: dict[str, dict[str, Range]] = {}
     for candidate in candidate_list:
         if candidate.method == "AUTO_TUNE":
-            ranges, changed = _auto_tune(model, plan, observers, candidate.settings, options.tune_num, tuning_feeds)
+            ranges, changed = _auto_tune(model, plan, observers, candidate.settings, options.tune_num, collect_tuning)
             tuned += changed
         else:
             method = RANGE_METHODS[candidate.method]
@@ -118,20 +118,21 @@ def choose_ranges(
     if options.layerwise and len(options_by_label) > 1:
         per_tensor = {name: _distinct([r[name] for r in options_by_label.values()]) for name in observers}
         per_tensor = {name: rs for name, rs in per_tensor.items() if len(rs) > 1}
-        chosen = widest_choice(score_candidates(model, plan, per_tensor, tuning_feeds, options.metric), per_tensor)
+        chosen = widest_choice(score_candidates(model, plan, per_tensor, collect_tuning, options.metric), per_tensor)
         first = next(iter(options_by_label.values()))
         options_by_label["layerwise"] = {**first, **chosen}
         tuned += len(chosen)
     if len(options_by_label) == 1:
         label, ranges = next(iter(options_by_label.items()))
         return ranges, SearchReport(options.metric, 0, label, tuned_tensors=tuned)
-    rows = _score_models(options_by_label, build, held_back, model, options.metric)
+    rows = _score_models(options_by_label, score, options.metric)
     best = METRICS[options.metric].best([row.score for row in rows])
-    report = SearchReport(options.metric, len(held_back), rows[best].label, rows, tuned)
+    report = SearchReport(options.metric, held_back, rows[best].label, rows, tuned)
     return options_by_label[rows[best].label], report
 
 
-def _auto_tune(model, plan, observers, settings: RangeSettings, tune_num: int, feeds) -> tuple[dict[str, Range], int]:
+def _auto_tune(model, plan, observers, settings: RangeSettings, tune_num: int,
+               collect: Collect) -> tuple[dict[str, Range], int]:
     """KL ranges, each moved towards the seen range where that brings its readers closer to float."""
     scheme = plan.target.activation
     ranges = {name: _as_range(obs, kl, scheme, settings) for name, obs in observers.items()}
@@ -143,28 +144,20 @@ def _auto_tune(model, plan, observers, settings: RangeSettings, tune_num: int, f
         options = _distinct([(lo + t * (seen_lo - lo), hi + t * (seen_hi - hi)) for t in steps])
         if len(options) > 1:
             per_tensor[name] = options
-    if not per_tensor or not feeds:
+    if not per_tensor:
         return ranges, 0
-    chosen = widest_choice(score_candidates(model, plan, per_tensor, feeds, "mse"), per_tensor)
+    chosen = widest_choice(score_candidates(model, plan, per_tensor, collect, "mse"), per_tensor)
     changed = sum(1 for name, r in chosen.items() if r != ranges[name])
     ranges.update(chosen)
     return ranges, changed
 
 
-def _score_models(options_by_label, build, held_back, model: ir.Model, metric: str) -> list[SearchRow]:
+def _score_models(options_by_label, score: Callable[[dict[str, Range]], PairStats], metric: str) -> list[SearchRow]:
     """Each candidate's quantized model against the float model on the held-back samples."""
-    float_session = make_session(model)
-    names = [o.name for o in float_session.get_outputs() if o.type == "tensor(float)"]
-    references = [float_session.run(names, feed) for feed in held_back]
     rows = []
     for label, ranges in options_by_label.items():
         start = time.perf_counter()
-        session = make_session(build(ranges))
-        stats = PairStats()
-        for feed, reference in zip(held_back, references):
-            for actual, expected in zip(session.run(names, feed), reference):
-                stats.update(actual, expected)
-        rows.append(SearchRow(label, METRICS[metric].value(stats), time.perf_counter() - start))
+        rows.append(SearchRow(label, METRICS[metric].value(score(ranges)), time.perf_counter() - start))
     return rows
 
 

@@ -1,0 +1,60 @@
+"""Observe every activation tensor of the plan on the float model: one streaming pass over the data.
+
+Reads: the plan's activation tensors and the candidates. Needs: one observer per tensor
+on the float model, a histogram when any candidate clips (KL, percentile, MSE, ACIQ,
+AUTO_TUNE), else min/max. The samples are split as the search needs (every 8th held back
+to compare candidates, a few kept for per-op tuning). Sets: the observers, the number of
+samples they saw, the held-back and tuning samples.
+"""
+
+from __future__ import annotations
+
+from ..calibration.histogram import HistogramObserver
+from ..calibration.observers import MinMaxObserver
+from ..data.split import SampleSplit
+from ..pipeline.engine import Request, SplitSettings
+from ..pipeline.passes import FLOAT, Pass, Samples
+from ..pipeline.state import QuantState
+from ..search.modelwise import candidates
+from .candidates import too_few_to_search
+
+
+def compares(state: QuantState) -> bool:
+    """Whether the candidates are compared on held-back samples (the model-wise search)."""
+    return len(state.candidates) > 1
+
+
+class Calibrate(Pass):
+    name = "calibrate"
+    requires = ("plan", "candidates", "data")
+    provides = ("observers",)
+
+    def applies(self, state: QuantState) -> bool:
+        return bool(state.plan.activations)
+
+    def measures(self, state: QuantState) -> str:
+        return FLOAT
+
+    def requests(self, state: QuantState) -> list[Request]:
+        histograms = any(c.method != "MAX_MIN" for c in state.candidates)
+        self.observers = {name: HistogramObserver(state.config.max_num_bin) if histograms else MinMaxObserver()
+                          for name in state.plan.activations}
+        return [Request(self.observers)]
+
+    def samples(self, state: QuantState) -> Samples:
+        config = state.config
+        tune = any(c.method == "AUTO_TUNE" for c in state.candidates) or (config.layerwise_search and compares(state))
+        return Samples(split=SplitSettings(config.search_samples, hold_back=compares(state), keep_for_tuning=tune))
+
+    def served(self, state: QuantState, samples: int, split: SampleSplit) -> None:
+        state.calibration_samples, state.held_back, state.tuning = samples, split.held_back, split.tuning
+        if compares(state) and not split.held_back:  # a stream of unknown length turned out short
+            if state.config.activation_quant_method is not None:
+                split.require_held_back()
+            state.search_fallback = too_few_to_search(samples)
+            state.candidates = candidates(("MAX_MIN",), state.config.num_bin, state.config.max_percentile)
+
+    def run(self, state: QuantState) -> None:
+        state.observers = self.observers
+        if state.search_fallback:  # said once the data has proved readable, so that it never precedes an error
+            state.note(state.search_fallback)

@@ -1,0 +1,94 @@
+"""Say which settings have no effect in this job, so that none is ignored silently.
+
+Reads: the configuration, the prepared graph, the kinds of calibration files, and for
+full quantization the activation-range candidates. Sets nothing; each setting given (not
+a default) that changes nothing gets one warning naming it and why:
+
+* names that are not in the model: ``skip_quant_node`` nodes, ``input_shape`` inputs
+  (with the closest names);
+* image preprocessing keys when no calibration file is an image; ``input_shape`` and
+  ``input_data_format`` when none is a ``.bin`` file (arrays given in memory are neither);
+* range-method keys that the chosen methods do not read: ``num_bin`` (KL, AUTO_TUNE),
+  ``max_percentile`` (REMOVAL_OUTLIER), ``max_num_bin`` (any method but MAX_MIN),
+  ``tune_num`` (AUTO_TUNE), ``search_metric`` (a search), ``search_samples`` (a search or
+  AUTO_TUNE);
+* any calibration data with dynamic quantization, which computes scales at run time.
+"""
+
+from __future__ import annotations
+
+from ..errors import closest
+from ..pipeline.passes import Pass
+from ..pipeline.state import QuantState
+
+IMAGE_KEYS = ("image_to_format", "normalize_mean", "normalize_std", "resize_width", "resize_height",
+              "resize_method", "center_crop_width", "center_crop_height")
+BIN_KEYS = ("input_shape", "input_data_format")
+
+
+class CheckSettings(Pass):
+    name = "check_settings"
+    requires = ("model", "data")
+
+    def run(self, state: QuantState) -> None:
+        for message in [*self._names(state), *self._data(state), *self._ranges(state)]:
+            state.note(message)
+
+    def _names(self, state: QuantState):
+        nodes = [node.name for node in state.model.graph]
+        for name in state.config.skip_quant_node:
+            if name not in nodes:
+                yield f"skip_quant_node names '{name}', which is not a node of the model" + _closest(name, nodes)
+        inputs = [spec.name for spec in state.specs]
+        for name in state.config.input_shape or {}:
+            if name not in inputs:
+                yield (f"input_shape names '{name}', which is not an input of the model, so it has no effect"
+                       + _closest(name, inputs, "inputs"))
+
+    def _data(self, state: QuantState):
+        config = state.config
+        if config.quant_type == "DYNAMIC_QUANT":
+            if state.data.given:
+                yield "DYNAMIC_QUANT computes activation scales at run time; the calibration data is not used"
+            return
+        kinds = state.data.file_kinds() if state.data.given else set()
+        where = "no calibration data is given" if not state.data.given else \
+            "the calibration samples are arrays given in memory" if kinds is None else \
+            f"the calibration files are {', '.join(sorted(kinds))}"
+        kinds = kinds or set()
+        if "IMAGE" not in kinds:
+            yield from _unused(config, IMAGE_KEYS, f"it preprocesses images, and {where}")
+        if "BIN" not in kinds:
+            yield from _unused(config, BIN_KEYS, f"it is read with .bin files, and {where}")
+
+    def _ranges(self, state: QuantState):
+        if state.config.quant_type != "FULL_QUANT" or not state.candidates:
+            return
+        config = state.config
+        methods = {c.method for c in state.candidates}
+        searched = len(state.candidates) > 1
+        chosen = f"activation_quant_method={','.join(sorted(methods))}"
+        if not methods & {"KL", "AUTO_TUNE"}:
+            yield from _unused(config, ("num_bin",), f"only KL and AUTO_TUNE read it ({chosen})")
+        if "REMOVAL_OUTLIER" not in methods:
+            yield from _unused(config, ("max_percentile",), f"only REMOVAL_OUTLIER reads it ({chosen})")
+        if methods == {"MAX_MIN"}:
+            yield from _unused(config, ("max_num_bin",), f"MAX_MIN keeps no histogram ({chosen})")
+        if "AUTO_TUNE" not in methods:
+            yield from _unused(config, ("tune_num",), f"only AUTO_TUNE reads it ({chosen})")
+        if not searched:
+            yield from _unused(config, ("search_metric",), f"there is one candidate and no search ({chosen})")
+            if "AUTO_TUNE" not in methods:
+                yield from _unused(config, ("search_samples",),
+                                   f"there is one candidate and no search ({chosen})")
+
+
+def _unused(config, keys: tuple[str, ...], why: str):
+    for key in keys:
+        if not config.is_default(key):
+            yield f"{key} ({config.source(key)}) has no effect: {why}"
+
+
+def _closest(name: str, known: list[str], what: str = "node names") -> str:
+    near = closest(name, known)
+    return f"; closest {what}: {', '.join(near)}" if near else ""

@@ -1,0 +1,78 @@
+"""Turn the observers into one activation range per tensor: the configured method, or the best of several.
+
+Reads: the observers, the candidates, the held-back and tuning samples. Needs, when
+candidates are compared: the float model's outputs on the held-back samples (measured in
+the calibration run, see :mod:`lowbit.pipeline.engine`). Sets: the ranges and the scales
+and zero points they give (one per scale-sharing group). The search itself is
+:func:`lowbit.search.modelwise.choose_ranges`; each candidate's model runs in the data engine.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+
+from ..calibration.observers import Observer, OutputsObserver
+from ..calibration.ranges import Range
+from ..pipeline.engine import HELD_BACK, Request
+from ..pipeline.passes import FLOAT, Pass
+from ..pipeline.state import QuantState
+from ..quantizers.plan import plan_quantization
+from ..quantizers.qdq import activation_qparams, apply_plan
+from ..search.metrics import PairStats
+from ..search.modelwise import SearchOptions, SearchReport, choose_ranges
+from .calibrate import compares
+
+
+class ChooseRanges(Pass):
+    name = "choose_ranges"
+    requires = ("plan", "observers", "candidates")
+    provides = ("ranges",)
+
+    def applies(self, state: QuantState) -> bool:
+        return bool(state.plan.activations)
+
+    def measures(self, state: QuantState) -> str | None:
+        return FLOAT if compares(state) else None
+
+    def requests(self, state: QuantState) -> list[Request]:
+        self.outputs = [value.name for value in state.model.graph.outputs if value.dtype == ir.DataType.FLOAT]
+        self.references = {name: OutputsObserver() for name in self.outputs}
+        return [Request(self.references, samples=HELD_BACK)]
+
+    def run(self, state: QuantState) -> SearchReport:
+        config = state.config
+
+        def collect_tuning(model: onnx.ModelProto, observers: dict[str, Observer]) -> None:
+            state.engine.run(model, [Request(observers)], what="per-op scoring", model_label="scoring model",
+                             feeds=state.tuning)
+
+        def score(ranges: dict[str, Range]) -> PairStats:
+            references = [[self.references[name].arrays[i] for name in self.outputs]
+                          for i in range(len(state.held_back))]
+            return state.engine.score(_quantized_copy(state, ranges), state.held_back, self.outputs, references)
+
+        state.ranges, report = choose_ranges(
+            state.model, state.plan, state.observers,
+            SearchOptions(config.search_metric, config.layerwise_search, config.tune_num),
+            state.candidates, collect_tuning, score, len(state.held_back))
+        return report
+
+    def describe(self, report: SearchReport) -> list[str]:
+        tuned = f", {report.tuned_tensors} tensors tuned per op" if report.tuned_tensors else ""
+        if not report.rows:
+            return [f"  activation ranges: {report.chosen}{tuned}"]
+        lines = [f"  activation ranges: search by {report.metric} on {report.samples} held-back samples, "
+                 f"kept {report.chosen}{tuned}"]
+        for row in report.rows:
+            mark = "*" if row.label == report.chosen else " "
+            lines.append(f"   {mark} {row.label:<40} {row.score:.6g}")
+        return lines
+
+
+def _quantized_copy(state: QuantState, ranges: dict[str, Range]) -> onnx.ModelProto:
+    """The model quantized with ``ranges``, as a new proto; the state's model is left float."""
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(state.model))
+    plan = plan_quantization(copy, state.target, state.weight_options)
+    apply_plan(copy, plan, activation_qparams(plan, ranges))
+    return ir.serde.serialize_model(copy)

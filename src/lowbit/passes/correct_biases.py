@@ -1,0 +1,54 @@
+"""Bias correction: take each int8 layer's measured output shift out of its bias.
+
+Reads: the quantized model (after weight rounding, when that ran) and the float weights
+and biases before the rewrite. Needs: per layer, the mean of (quantized output - the
+float weight applied to the same quantized input), measured on the quantized model over
+all calibration samples. Changes the model: the biases (int32 where the input is
+quantized, float32 otherwise). The rule is :mod:`lowbit.recovery.bias_correction`'s.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..pipeline.engine import Request
+from ..pipeline.passes import CURRENT, Pass
+from ..pipeline.state import QuantState
+from ..recovery.bias_correction import BiasCorrectionReport, correct_biases, correctable, plan_correction
+
+
+class CorrectBiases(Pass):
+    name = "correct_biases"
+    setting = "bias_correction"
+    requires = ("plan", "float_layers")
+    changes_model = True
+
+    def applies(self, state: QuantState) -> bool:
+        if not state.config.bias_correction or not state.data.given:
+            return False
+        # built at the pass's turn, so that the measuring model holds the weights as rounding left them
+        self.job = plan_correction(state.model, [layer for layer in state.float_layers.values()
+                                                 if correctable(layer.node)])
+        return bool(self.job.layers)
+
+    def measures(self, state: QuantState) -> str:
+        return CURRENT
+
+    def measured_model(self, state: QuantState):
+        return self.job.model
+
+    def requests(self, state: QuantState) -> list[Request]:
+        self.start = time.perf_counter()
+        return [Request(self.job.observers)]
+
+    def served(self, state: QuantState, samples: int, split) -> None:
+        self.samples_seen = samples
+
+    def run(self, state: QuantState) -> BiasCorrectionReport:
+        return correct_biases(state.model, self.job, self.samples_seen, self.start)
+
+    def describe(self, report: BiasCorrectionReport) -> list[str]:
+        if not report.layers:
+            return []
+        return [f"  bias correction: {report.layers} layers on {report.samples} samples, largest shift "
+                f"{report.largest_shift:.4g}, {report.seconds:.1f} s"]

@@ -1,0 +1,40 @@
+"""Load the float model and prepare its graph as runtimes execute it.
+
+Reads: the model file. Sets: the prepared model, its size, its inputs, the calibration
+data and the data engine. The graph rules (naming, constant folding, BatchNormalization
+and pad folding, HardSwish fusion) are :func:`lowbit.graph.passes.prepare`'s; a graph
+that they or shape inference reject is a one-line error.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from ..data.calibration import CalibrationData
+from ..data.feeds import input_specs
+from ..errors import LowbitError
+from ..graph.loading import load_model
+from ..graph.passes import prepare
+from ..graph.saving import check_output_path
+from ..pipeline.engine import DataEngine
+from ..pipeline.passes import Pass
+from ..pipeline.state import QuantState
+
+
+class Prepare(Pass):
+    name = "prepare"
+    provides = ("model", "float_bytes", "specs", "data", "engine")
+
+    def run(self, state: QuantState) -> None:
+        check_output_path(state.output_path, state.model_path)
+        model, state.float_bytes = load_model(state.model_path)
+        try:
+            state.model = prepare(model)
+        except ir.passes.PassError as exc:  # shape inference or a folding rule rejected the graph
+            cause = exc.__cause__ or exc
+            first = str(cause).splitlines()[0] if str(cause) else ""
+            raise LowbitError(f"{state.model_path}: the graph could not be prepared for quantization "
+                              f"({type(cause).__name__}: {first})") from None
+        state.specs = input_specs(state.model)
+        state.data = CalibrationData(state.user_data, state.config, state.specs, state.note)
+        state.engine = DataEngine(state.data, state.specs, state.config.calibrate_batch_size, state.progress)

@@ -1,0 +1,62 @@
+"""GPTQ: re-round each int8 weight against its layer's input second moments, on the same grid.
+
+Reads: the rewritten model and the float weights before the rewrite. Needs: the second
+moment of every re-rounded layer's input, measured on the quantized model (its first 64
+calibration samples). Changes the model: which integer each weight gets (scales, zero
+points and file size stay). The rule and its fallbacks are :mod:`lowbit.recovery.gptq`'s.
+"""
+
+from __future__ import annotations
+
+import time
+
+import onnx_ir as ir
+
+from ..pipeline.engine import Request
+from ..pipeline.passes import CURRENT, Pass, Samples
+from ..pipeline.state import QuantState
+from ..recovery.bias_correction import with_dequantized_constants
+from ..recovery.gptq import SAMPLES, RoundingLayer, RoundingReport, compensable, compensate_rounding, plan_rounding
+
+
+class RoundWeights(Pass):
+    name = "round_weights"
+    setting = "weight_rounding=GPTQ"
+    requires = ("plan", "float_layers")
+    changes_model = True
+
+    def applies(self, state: QuantState) -> bool:
+        if state.config.weight_rounding != "GPTQ" or not state.plan.activations:
+            return False
+        layers = [RoundingLayer(slot.node, state.float_layers[slot.node.name].float_weight, slot.scheme.qmin,
+                                slot.scheme.qmax)
+                  for slot in state.plan.weights if slot.index == 1 and compensable(slot.node)]
+        self.job = plan_rounding(layers)
+        return bool(self.job.layers)
+
+    def measures(self, state: QuantState) -> str:
+        return CURRENT
+
+    def measured_model(self, state: QuantState):
+        # weights stored dequantized: ORT would otherwise dequantize every weight on every batch
+        return with_dequantized_constants(ir.serde.serialize_model(state.model))
+
+    def requests(self, state: QuantState) -> list[Request]:
+        self.start = time.perf_counter()
+        return [Request(self.job.observers)]
+
+    def samples(self, state: QuantState) -> Samples:
+        return Samples(limit=SAMPLES)
+
+    def served(self, state: QuantState, samples: int, split) -> None:
+        self.samples_seen = samples
+
+    def run(self, state: QuantState) -> RoundingReport:
+        return compensate_rounding(self.job, self.samples_seen, self.start)
+
+    def describe(self, report: RoundingReport) -> list[str]:
+        lines = [] if not report.layers else [
+            f"  weight rounding: GPTQ on {report.layers} layers from {report.samples} samples, mean layer output "
+            f"error {report.error_nearest:.3g} (nearest) -> {report.error_compensated:.3g}, {report.seconds:.1f} s"]
+        lines += [f"    fallback: {fallback}" for fallback in report.fallbacks]
+        return lines

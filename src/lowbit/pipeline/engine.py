@@ -1,0 +1,189 @@
+"""The data engine: every run of a model over calibration samples goes through here.
+
+A pass never loops over the data itself. It declares what it needs as :class:`Request`
+objects (observers keyed by tensor name, and which samples they see), and the engine
+runs the model once in ONNX Runtime, with every requested tensor exposed as an output,
+feeding each batch to the observers that asked for it. Requests of several passes on the
+same model share one run (the pipeline groups them, see :mod:`lowbit.pipeline.passes`),
+and every run is recorded in :attr:`DataEngine.passes`, which the result reports.
+
+Memory stays at one batch of activations plus the observers' running aggregates,
+whatever the number of samples (ONNX Runtime's own calibrators keep every batch).
+
+What it checks: after each batch, every observer says whether the tensor it saw was
+finite; the first NaN or infinity stops the job with one line naming the tensor, the
+node that computed it, and the sample, before anything is written.
+
+Samples come in two parts when a search is on (:class:`~lowbit.data.split.SampleSplit`):
+the *statistics* samples, batched, and the *held-back* ones, set aside as the stream goes
+by and run after it, one by one, for the observers that asked for them (the float
+model's outputs that the search compares candidates with). Both parts run in the same
+session, so the float model is still read once per sample.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from tqdm import tqdm
+
+from ..calibration.observers import Observer
+from ..data.calibration import CalibrationData
+from ..data.feeds import InputSpec, batched
+from ..data.split import SampleSplit
+from ..errors import LowbitError
+from ..graph.runtime import make_session
+from ..search.metrics import PairStats
+
+STATISTICS = "statistics"  # the samples that feed the statistics (all of them when nothing is held back)
+HELD_BACK = "held back"  # samples set aside by the split, for comparing candidates
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass
+class Request:
+    """What a pass needs from one run: an observer per tensor name, fed the samples of one part."""
+
+    observers: Mapping[str, Observer]
+    samples: str = STATISTICS
+
+
+@dataclass(frozen=True)
+class DataPass:
+    """One run of one model over samples, as the result reports it."""
+
+    what: str  # the passes it served, e.g. "calibrate + choose_ranges"
+    model: str  # "float model", "quantized model" ...
+    samples: int
+    seconds: float
+    over_calibration_data: bool  # False: a few samples kept from an earlier run (per-op scoring)
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """How the calibration stream is split (see :class:`~lowbit.data.split.SampleSplit`)."""
+
+    search_samples: int | None
+    hold_back: bool
+    keep_for_tuning: bool
+
+
+class DataEngine:
+    """Runs models over the calibration data (or a small list of kept samples) for the passes."""
+
+    def __init__(self, data: CalibrationData, specs: list[InputSpec], batch_size: int, progress: bool):
+        self.data = data
+        self.specs = specs
+        self.batch_size = batch_size
+        self.progress = progress
+        self.passes: list[DataPass] = []
+
+    def run(self, model: ir.Model | onnx.ModelProto, requests: Sequence[Request], *, what: str, model_label: str,
+            limit: int | None = None, split: SplitSettings | None = None,
+            feeds: Sequence[Feed] | None = None) -> tuple[int, SampleSplit | None]:
+        """Run ``model`` once over the samples and feed every request's observers.
+
+        The samples are the calibration data (its first ``limit``, split as ``split`` says),
+        or the given ``feeds``. Returns the statistics samples run and the split used.
+        """
+        start = time.perf_counter()
+        names = list(dict.fromkeys(name for request in requests for name in request.observers))
+        graph_inputs = _graph_inputs(model)
+        session = make_session(model, [name for name in names if name not in graph_inputs])
+        fetched = [name for name in names if name not in graph_inputs]
+        runner = _Runner(session, fetched, model, requests, what)
+        sample_split = None
+        if feeds is not None:
+            stream, total = iter(feeds), len(feeds)
+        else:
+            stream, total = self.data.open(limit)
+            if split is not None:
+                sample_split = SampleSplit(stream, total, split.search_samples, split.hold_back,
+                                           split.keep_for_tuning)
+                stream, total = sample_split, sample_split.statistics_total
+        with tqdm(total=total, desc=what, unit="sample", disable=None if self.progress else True) as bar:
+            for batch in (batched(stream, self.specs, self.batch_size) if feeds is None else stream):
+                bar.update(runner.feed(batch, STATISTICS))
+        statistics = runner.samples
+        for feed in sample_split.held_back if sample_split is not None else []:
+            runner.feed(feed, HELD_BACK)
+        if runner.samples == 0:
+            raise LowbitError("the calibration data holds no samples")
+        self.passes.append(DataPass(what, model_label, runner.samples, time.perf_counter() - start,
+                                    feeds is None))
+        return statistics, sample_split
+
+    def outputs(self, model: ir.Model | onnx.ModelProto, feeds: Sequence[Feed]) -> tuple[list[str], list[list]]:
+        """The model's float outputs (names, then per feed the arrays): the references of a comparison."""
+        session = make_session(model)
+        names = [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
+        return names, [session.run(names, feed) for feed in feeds]
+
+    def score(self, model, feeds: Sequence[Feed], names: Sequence[str], references: Sequence[Sequence[np.ndarray]],
+              overrides: Mapping[str, np.ndarray] | None = None) -> PairStats:
+        """Sums comparing the model's outputs ``names`` with ``references``, feed by feed.
+
+        ``model`` is a model or a ready ONNX Runtime session (the mixed-bit probe's, whose
+        weights are inputs); ``overrides`` are extra inputs given with every feed.
+        """
+        session = model if hasattr(model, "run") and not isinstance(model, (ir.Model, onnx.ModelProto)) \
+            else make_session(model)
+        stats = PairStats()
+        extra = dict(overrides or {})
+        for feed, expected in zip(feeds, references):
+            for actual, wanted in zip(session.run(list(names), {**feed, **extra}), expected):
+                stats.update(actual, wanted)
+        return stats
+
+
+class _Runner:
+    """One session, the observers that read it, and the count of samples run so far."""
+
+    def __init__(self, session, fetched: list[str], model, requests: Sequence[Request], what: str):
+        self.session, self.fetched, self.model, self.requests, self.what = session, fetched, model, requests, what
+        self.samples = 0
+
+    def feed(self, batch: Feed, part: str) -> int:
+        try:
+            arrays = dict(zip(self.fetched, self.session.run(self.fetched, batch))) if self.fetched else {}
+        except Exception as exc:  # ORT raises its own exception types for bad feeds
+            raise LowbitError(f"{self.what}: the batch from sample {self.samples + 1} failed in ONNX Runtime: "
+                              f"{str(exc).splitlines()[0]}") from None
+        rows = next(iter(batch.values())).shape[0] if batch else 1
+        for request in self.requests:
+            if request.samples != part:
+                continue
+            for name, observer in request.observers.items():
+                observer.update(arrays[name] if name in arrays else batch[name])
+                if not observer.finite():
+                    raise LowbitError(self._not_finite(name, rows))
+        self.samples += rows
+        return rows
+
+    def _not_finite(self, name: str, rows: int) -> str:
+        first = self.samples + 1
+        where = f"sample {first}" if rows == 1 else f"samples {first} to {first + rows - 1}"
+        return (f"tensor '{name}' ({_producer(self.model, name)}) is NaN or infinite on calibration {where} "
+                f"({self.what}); check the data and the model's weights")
+
+
+def _graph_inputs(model: ir.Model | onnx.ModelProto) -> set[str]:
+    if isinstance(model, onnx.ModelProto):
+        return {v.name for v in model.graph.input}
+    return {v.name for v in model.graph.inputs}
+
+
+def _producer(model: ir.Model | onnx.ModelProto, name: str) -> str:
+    """'output of node N (Op)' or 'a model input' for an error message."""
+    nodes: Iterable = model.graph.node if isinstance(model, onnx.ModelProto) else model.graph
+    for node in nodes:
+        outputs = node.output if isinstance(node, onnx.NodeProto) else [v.name for v in node.outputs if v is not None]
+        if name in outputs:
+            return f"output of node '{node.name}', {node.op_type}"
+    return "a model input"

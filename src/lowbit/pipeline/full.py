@@ -1,0 +1,30 @@
+"""FULL_QUANT: int8 weights and activations, calibrated on data."""
+
+from __future__ import annotations
+
+from ..passes.calibrate import Calibrate
+from ..passes.candidates import ActivationCandidates
+from ..passes.check_settings import CheckSettings
+from ..passes.choose_ranges import ChooseRanges
+from ..passes.correct_biases import CorrectBiases
+from ..passes.plan import PlanFull
+from ..passes.prepare import Prepare
+from ..passes.rewrite import RewriteQDQ
+from ..passes.round_weights import RoundWeights
+from ..passes.save import Save
+from .passes import Pass
+
+
+def full_quant() -> list[Pass]:
+    return [
+        Prepare(),  # load, fold BatchNormalization and pads, name every node
+        PlanFull(),  # per node: int8 or float (and why); per tensor: Q/DQ or not
+        ActivationCandidates(),  # the range methods to try
+        CheckSettings(),  # warn of every setting that has no effect
+        Calibrate(),  # float model, all samples: a histogram (or min/max) per activation
+        ChooseRanges(),  # float model, held-back samples: the search's references; ranges chosen
+        RewriteQDQ(),  # Q/DQ pairs, integer weights, int32 biases
+        RoundWeights(),  # quantized model, 64 samples: GPTQ's second moments; weights re-rounded
+        CorrectBiases(),  # quantized model, all samples: each layer's output shift; biases corrected
+        Save(),  # checked, then moved into place
+    ]

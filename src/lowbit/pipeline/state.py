@@ -1,0 +1,79 @@
+"""What the passes of one job share: the model, the configuration, the data, and what each pass found.
+
+A pass reads the fields its ``requires`` names and sets those its ``provides`` names;
+the pipeline checks both, so a pass placed before what it needs fails at once with the
+missing field's name instead of with an AttributeError deep inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from ..config import QuantConfig
+from ..data.calibration import CalibrationData
+from ..data.feeds import InputSpec
+from ..quantizers.plan import Decisions
+from ..quantizers.targets import Target
+from .engine import DataEngine
+
+
+@dataclass
+class Section:
+    """One pass's part of the result: its name, its time, its own report, and its summary lines."""
+
+    name: str
+    seconds: float
+    report: Any = None
+    lines: list[str] = field(default_factory=list)
+
+
+@dataclass
+class QuantState:
+    config: QuantConfig
+    model_path: Path
+    output_path: Path
+    note: Callable[[str], None]
+    progress: bool
+    user_data: Any = None  # the data argument of lowbit.quantize, read through ``data``
+    sections: list[Section] = field(default_factory=list)
+
+    # load and prepare
+    model: ir.Model | None = None
+    float_bytes: int | None = None
+    specs: list[InputSpec] | None = None
+    data: CalibrationData | None = None
+    engine: DataEngine | None = None
+
+    # plan: what each mode decided per node (and, for full quantization, per tensor)
+    target: Target | None = None
+    target_name: str | None = None
+    plan: Decisions | None = None
+    weight_options: Any = None  # the mode's options (selection of weights, storage)
+
+    # full quantization: activation ranges
+    candidates: list | None = None
+    search_fallback: str = ""  # why the default search fell back to MAX_MIN, said once the data has been read
+    observers: dict[str, Any] | None = None
+    calibration_samples: int = 0
+    held_back: list[dict[str, np.ndarray]] = field(default_factory=list)
+    tuning: list[dict[str, np.ndarray]] = field(default_factory=list)
+    ranges: dict[str, tuple[float, float]] | None = None
+    qparams: dict[str, Any] | None = None
+    float_layers: dict[str, np.ndarray] | None = None  # float weights (and biases) as they were before the rewrite
+
+    # weight-only quantization
+    probe: Any = None  # samples, float references and input means (see passes.probe)
+    bits: dict[str, int] | None = None
+    stored: list | None = None
+
+    # save
+    output_bytes: int | None = None
+
+    def section(self, name: str) -> Section | None:
+        return next((s for s in self.sections if s.name == name), None)
