@@ -40,3 +40,98 @@ def test_empty_observer_raises():
     with pytest.raises(ValueError):
         MinMaxObserver().range()
 
+
+
+# -- every statistic merges, and saves as plain arrays -----------------------------------------
+
+def _observers():
+    """(factory, batches) per kind of statistic lowbit collects."""
+    from lowbit.calibration.covariance import ConvGeometry, InputCovarianceObserver
+    from lowbit.calibration.histogram import HistogramObserver
+    from lowbit.calibration.observers import MeanObserver, OutputsObserver
+
+    rng = np.random.default_rng(7)
+    images = [rng.normal(size=(1, 4, 6, 6)).astype(np.float32) for _ in range(6)]
+    rows = [rng.normal(size=(3, 5)).astype(np.float32) for _ in range(6)]
+    return {
+        "minmax": (lambda: MinMaxObserver(), images),
+        "minmax per channel": (lambda: MinMaxObserver(axis=1), images),
+        "mean per channel": (lambda: MeanObserver(axis=1), images),
+        "histogram": (lambda: HistogramObserver(max_bins=256, values_per_batch=None),
+                      [np.maximum(x, 0) * (i + 1) for i, x in enumerate(images)]),
+        "conv second moments": (lambda: InputCovarianceObserver(ConvGeometry((3, 3), 2, (1, 1), (1, 1, 1, 1))),
+                                images),
+        "matrix second moments": (lambda: InputCovarianceObserver(), rows),
+        "outputs": (lambda: OutputsObserver(), rows),
+    }
+
+
+def _statistic(observer):
+    """What each observer hands to the passes."""
+    from lowbit.calibration.covariance import InputCovarianceObserver
+    from lowbit.calibration.histogram import HistogramObserver
+    from lowbit.calibration.observers import MeanObserver, OutputsObserver
+
+    if isinstance(observer, HistogramObserver):
+        return [observer.counts, np.array([observer.start, observer.exponent]), *observer.range()]
+    if isinstance(observer, MeanObserver):
+        return [observer.mean()]
+    if isinstance(observer, InputCovarianceObserver):
+        return [observer.covariance()]
+    if isinstance(observer, OutputsObserver):
+        return [np.sort(np.concatenate([a.ravel() for a in observer.arrays]))]  # merged in any order: a multiset
+    return list(observer.range())
+
+
+@pytest.mark.parametrize("kind", list(_observers()))
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 0, 1), (1, 2, 0)])
+def test_shards_merged_in_any_order_equal_one_pass(kind, order, tmp_path):
+    make, batches = _observers()[kind]
+    whole = make()
+    for batch in batches:
+        whole.update(batch)
+    shards = [make() for _ in range(3)]
+    for i, batch in enumerate(batches):
+        shards[i % 3].update(batch)
+    # each shard goes through a file, as a worker's state would: plain arrays, read back unpickled
+    loaded = []
+    for i in order:
+        np.savez(tmp_path / f"shard{i}.npz", **shards[i].state())
+        with np.load(tmp_path / f"shard{i}.npz", allow_pickle=False) as saved:
+            loaded.append(type(shards[i]).from_state(dict(saved)))
+    merged = loaded[0]
+    for other in loaded[1:]:
+        merged.merge(other)
+    assert merged.batches == whole.batches
+    exact = kind.startswith(("minmax", "histogram", "outputs"))
+    for got, want in zip(_statistic(merged), _statistic(whole)):
+        if exact:
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_metric_sums_save_and_merge():
+    from lowbit.search.metrics import PairStats
+
+    rng = np.random.default_rng(2)
+    pairs = [(rng.normal(size=50), rng.normal(size=50)) for _ in range(4)]
+    whole, a, b = PairStats(), PairStats(), PairStats()
+    for i, (x, y) in enumerate(pairs):
+        whole.update(x, y)
+        (a if i % 2 else b).update(x, y)
+    merged = PairStats.from_state(b.state())
+    merged.merge(PairStats.from_state(a.state()))
+    for field, value in whole.state().items():
+        assert merged.state()[field] == pytest.approx(float(value), rel=1e-12)
+
+
+def test_an_observer_says_when_it_saw_a_non_finite_value():
+    from lowbit.calibration.histogram import HistogramObserver
+    from lowbit.calibration.observers import MeanObserver
+
+    for observer in (MinMaxObserver(), HistogramObserver(), MeanObserver()):
+        observer.update(np.array([1.0, 2.0], np.float32))
+        assert observer.finite()
+        observer.update(np.array([1.0, np.inf], np.float32))
+        assert not observer.finite()
