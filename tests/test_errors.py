@@ -4,7 +4,8 @@ import re
 
 import numpy as np
 import pytest
-from conftest import random_feeds, write_npy_folder
+import onnx
+from conftest import conv_relu_pool_model, random_feeds, save, write_npy_folder
 
 import lowbit
 from lowbit.cli import main
@@ -46,6 +47,26 @@ def test_truncated_onnx_file(tmp_path, capsys, out, tiny_model, tiny_calib):
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(data[: len(data) // 2])
     check(*quantize_cli(capsys, cut, "-o", out, "--data", tiny_calib), out, cut)
+
+
+def test_a_name_that_is_not_utf8(tmp_path, capsys, out, tiny_model, tiny_calib):
+    """Found by tests/test_fuzz.py: onnx.checker lets a corrupted node name through."""
+    data = tiny_model.read_bytes()
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(data.replace(b"relu1", b"r\xf4lu1"))
+    code, err = quantize_cli(capsys, broken, "-o", out, "--data", tiny_calib)
+    check(code, err, out, broken, "NodeProto.name is not valid UTF-8")
+
+
+def test_a_weight_of_a_type_its_op_does_not_take(tmp_path, capsys, out, tiny_calib):
+    """Found by tests/test_fuzz.py: a flipped type code that onnx.checker does not look at."""
+    model = conv_relu_pool_model()
+    weight = next(t for t in model.graph.initializer if t.name == "w2")
+    weight.data_type = onnx.TensorProto.INT8
+    weight.raw_data = bytes(4 * 8)  # int8 values that fill the shape: only the type is wrong
+    broken = save(model, tmp_path / "typed.onnx")
+    code, err = quantize_cli(capsys, broken, "-o", out, "--data", tiny_calib)
+    check(code, err, out, broken, "ONNX Runtime cannot run the model")
 
 
 def test_missing_model(tmp_path, capsys, out, tiny_calib):

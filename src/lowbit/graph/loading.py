@@ -17,6 +17,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from ..errors import LowbitError
+from .runtime import make_session
 
 MIN_OPSET = 14
 
@@ -40,8 +41,36 @@ def load_model(path: str | Path) -> tuple[ir.Model, int]:
         onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise LowbitError(f"{path}: invalid ONNX model: {_first_line(exc)}") from None
+    broken = _text_not_utf8(proto)
+    if broken:
+        raise LowbitError(f"{path}: invalid ONNX model: a {broken} is not valid UTF-8 text (is the file corrupted?)")
     proto = _ensure_min_opset(proto, path)
-    return ir.serde.deserialize_model(proto), size
+    try:
+        # what the checker lets through (a tensor of a type its op does not take, data that does not
+        # fill its shape) ONNX Runtime refuses at load, and lowbit has to run the float model anyway
+        make_session(proto)
+        return ir.serde.deserialize_model(proto), size
+    except LowbitError as exc:
+        raise LowbitError(f"{path}: {exc}") from None
+    except Exception as exc:  # onnx_ir's reader raises ValueError/SerdeError on data the checker did not read
+        raise LowbitError(f"{path}: invalid ONNX model: {_first_line(exc)}") from None
+
+
+def _text_not_utf8(message) -> str | None:
+    """The name of the first string field whose bytes are not UTF-8 (protobuf then hands out bytes), or None.
+
+    onnx.checker lets such names through, and they break every later step that writes the graph.
+    """
+    for field, value in message.ListFields():
+        values = value if field.is_repeated else [value]
+        if field.type == field.TYPE_STRING and any(isinstance(v, bytes) for v in values):
+            return f"{message.DESCRIPTOR.name}.{field.name}"
+        if field.type == field.TYPE_MESSAGE:
+            for item in values:
+                broken = _text_not_utf8(item)
+                if broken:
+                    return broken
+    return None
 
 
 def _first_line(exc: BaseException) -> str:
