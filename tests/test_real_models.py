@@ -69,9 +69,10 @@ def test_efficientnet_lite0(tmp_path, photo_sets, exporter):
     int8_logits = session(out).run(None, {"input": evaluation})[0]
     agreement = np.mean(float_logits.argmax(1) == int8_logits.argmax(1))
     cosines = [zoo.cosine(a, b) for a, b in zip(float_logits, int8_logits)]
-    # measured on these 40 crops: agreement 0.90-0.93 and mean cosine 0.995 (MAX_MIN with the default
-    # bias correction; without it 0.75-0.78 and 0.981, as onnxruntime's MinMax)
-    assert agreement >= 0.85 and np.mean(cosines) >= 0.99
+    # measured with the default (search, GPTQ, bias correction) on these 40 crops: agreement 0.900
+    # (torchscript) and 0.925 (dynamo), mean cosine 0.9944 for both. Margins: one crop of 40, and
+    # 40% of the output error (1 - cosine)
+    assert agreement >= 0.875 and np.mean(cosines) >= 0.992
     assert result.bias_correction.layers == 50
 
 
@@ -89,7 +90,9 @@ def test_digit_cnn_keeps_its_accuracy(tmp_path, exporter):
     int8_pred = session(out).run(None, {"input": x})[0].argmax(1)
     float_acc, int8_acc = np.mean(float_pred == labels[held_out]), np.mean(int8_pred == labels[held_out])
     assert float_acc > 0.95  # the data really is what the model was trained for
-    assert int8_acc >= float_acc - 0.005 and np.mean(float_pred == int8_pred) >= 0.99
+    # measured with the default on these 2000 digits: float 0.974, int8 0.9745, agreement 0.9985 (both
+    # exporters). Margins: 4 digits of 2000 for the accuracy, 3 for the agreement
+    assert int8_acc >= float_acc - 0.002 and np.mean(float_pred == int8_pred) >= 0.9970
 
 
 def _text_images():
@@ -123,10 +126,19 @@ def test_ppocr_det(tmp_path):
     out = tmp_path / "det_int8.onnx"
     result = quantize_and_check(src, out, calib)
     assert any(n.op_type == "ConvTranspose" for n in result.quantized_nodes)
-    x = _ocr_det_input(held_images[0])
-    probability = session(out).run(None, {"x": x})[0]
-    assert probability.shape == session(src).run(None, {"x": x})[0].shape
-    assert np.all((probability >= 0) & (probability <= 1))
+    # held out: the text_defocus photo whole and a crop of it (the float model finds no text in the other
+    # held-out photo at this size). Compared: the text-probability maps, and the text masks (p > 0.3)
+    # that the detector's post-processing reads. Measured: cosine 0.926 and 0.827, mask IoU 0.838 and
+    # 0.656. Margins: 0.03 on each
+    photo = held_images[0]
+    for image, (cosine, iou) in zip([photo, zoo.crops(photo, 1, seed=2)[0]], [(0.89, 0.80), (0.79, 0.62)]):
+        x = _ocr_det_input(image)
+        expected, got = session(src).run(None, {"x": x})[0], session(out).run(None, {"x": x})[0]
+        assert np.all((got >= 0) & (got <= 1))
+        text, found = expected > 0.3, got > 0.3
+        assert text.mean() > 0.02  # there is text to find
+        assert zoo.cosine(expected.ravel(), got.ravel()) >= cosine
+        assert (text & found).sum() / (text | found).sum() >= iou
 
 
 def test_ppocr_rec(tmp_path):
@@ -139,7 +151,8 @@ def test_ppocr_rec(tmp_path):
     quantize_and_check(src, out, calib)
     f, q = session(src), session(out)
     cosines = [zoo.cosine(f.run(None, {"x": x})[0], q.run(None, {"x": x})[0]) for x in held]
-    assert np.mean(cosines) > 0.9
+    # measured with the default on these 12 strips: mean 0.944, min 0.810. Margin: 0.015
+    assert np.mean(cosines) >= 0.93
 
 
 def test_minilm_npz_multi_input(tmp_path):
@@ -155,12 +168,13 @@ def test_minilm_npz_multi_input(tmp_path):
     src = zoo.minilm_encoder()
     out = tmp_path / "minilm_int8.onnx"
     result = quantize_and_check(src, out, folder)
-    # the default search held 1 sample in 8 back to compare methods on
+    # the default search held every 8th sample back to compare methods on
     assert result.search.samples == 4 and result.calibration_samples == 28
     assert {"input_ids", "attention_mask", "token_type_ids"} <= {i.name for i in session(out).get_inputs()}
     held = tokenize(sentences[100:228], 64)
     reference = minilm.mean_pool(session(src).run(None, held)[0], held["attention_mask"])
     got = minilm.mean_pool(session(out).run(None, held)[0], held["attention_mask"])
     cosines = (reference * got).sum(1)
-    # measured: mean 0.986, min 0.975 with MAX_MIN (dynamic quantization is the better mode for text)
-    assert cosines.mean() > 0.97 and cosines.min() > 0.9
+    # measured with the default (the search kept MSE): mean 0.988, min 0.974 on these 128 sentences
+    # (dynamic quantization is the better mode for text). Margins: 0.004 and 0.01
+    assert cosines.mean() >= 0.984 and cosines.min() >= 0.964

@@ -8,7 +8,7 @@ import pytest
 from conftest import conv_relu_pool_model, random_feeds, run, save
 
 import lowbit
-from lowbit import LowbitError, load_config
+from lowbit import LowbitError, TensorReport, load_config
 from lowbit.cli import main
 from lowbit.search.metrics import METRICS, PairStats, compare
 from lowbit.search.modelwise import candidates
@@ -144,6 +144,83 @@ def test_layerwise_search_and_auto_tune(tmp_path):
         onnx.checker.check_model(str(tmp_path / path), full_check=True)
         feed = random_feeds(1, seed=3)[0]
         assert np.isfinite(run(tmp_path / path, feed)[0]).all()
+
+
+def _fake_quant_uint8(x, lo, hi):
+    """CPU activations: asymmetric uint8 over [min(lo, 0), max(hi, 0)], round half to even (as computed by hand)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = np.float32((hi - lo) / 255)
+    zero = np.clip(np.rint(-lo / scale), 0, 255)
+    return ((np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale).astype(np.float32)
+
+
+def _round_weight(w):
+    """Per output channel, symmetric int8 over [-127, 127]."""
+    scale = (np.abs(w).reshape(len(w), -1).max(axis=1) / 127).astype(np.float32).reshape(-1, 1, 1, 1)
+    return (np.clip(np.rint(w / scale), -127, 127) * scale).astype(np.float32)
+
+
+def _conv_cosine(inputs, weight, bias, reference, attributes):
+    """Cosine over all samples between Conv(inputs, weight) and the float op's outputs."""
+    from conftest import float_input, make_model
+    from onnx import helper
+
+    nodes = [helper.make_node("Conv", ["x", "w", "b"] if bias is not None else ["x", "w"], ["y"], **attributes)]
+    inits = [("w", weight)] + ([("b", bias)] if bias is not None else [])
+    model = make_model(nodes, [float_input("x", ["N", "C", "H", "W"])], [float_input("y", ["N", "K", "H2", "W2"])], inits)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    stats = PairStats()
+    for x, y in zip(inputs, reference):
+        stats.update(session.run(None, {"x": x})[0], y)
+    return METRICS["cosine-similarity"].value(stats)
+
+
+def test_layerwise_choice_beats_each_candidate_on_the_scored_ops(tmp_path):
+    """Per op, the layer-wise range gives an op output at least as close to float (cosine, the default
+    metric) as each candidate's range, computed here by hand: the op alone, its input fake-quantized
+    with the range, its weight rounded, on the tuning samples."""
+    import onnxruntime as ort
+
+    model = conv_relu_pool_model()
+    src = save(model, tmp_path / "m.onnx")
+    feeds = outlier_feeds(40)
+    settings = dict(progress=False, bias_correction=False, weight_rounding="NEAREST")
+    layerwise = lowbit.quantize(src, tmp_path / "l.onnx", data=feeds, activation_quant_method="MAX_MIN,KL",
+                                layerwise_search=True, **settings)
+    statistics = [f for i, f in enumerate(feeds) if i % 8 != 7]  # every 8th was held back
+    tuning = statistics[:32]
+    singles = {method: lowbit.quantize(src, tmp_path / f"{method}.onnx", data=statistics,
+                                       activation_quant_method=method, **settings).tensors
+               for method in ("MAX_MIN", "KL")}
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in ("c1", "p1", "output"):
+        if name != "output":
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    c1, p1, out = zip(*(session.run(["c1", "p1", "output"], f) for f in tuning))
+    ops = {  # tensor -> (its float values, the op's weight, bias, attributes, the op's float output)
+        "input": ([f["input"] for f in tuning], inits["w1"], inits["b1"], {"pads": [1, 1, 1, 1]}, c1),
+        "p1": (p1, inits["w2"], None, {}, out),
+    }
+    scored = 0
+    for tensor, (values, weight, bias, attributes, reference) in ops.items():
+        def score(report):
+            inputs = [_fake_quant_uint8(v, report.range_min, report.range_max) for v in values]
+            return _conv_cosine(inputs, _round_weight(weight), bias, reference, attributes)
+
+        candidates = {method: score(tensors[tensor]) for method, tensors in singles.items()}
+        if tensor not in layerwise.search.layerwise_ranges:  # one distinct range: nothing to choose
+            assert len({(t[tensor].range_min, t[tensor].range_max) for t in singles.values()}) == 1
+            continue
+        lo, hi = layerwise.search.layerwise_ranges[tensor]  # the layer-wise candidate's choice (it may not win)
+        chosen = score(TensorReport(tensor, 0, 0, lo, hi, 0, 0, ""))
+        assert all(chosen >= value - 1e-9 for value in candidates.values()), (tensor, chosen, candidates)
+        scored += len(set(candidates.values())) > 1  # the candidates differ here: a real choice was made
+    assert scored >= 1
 
 
 def test_too_few_samples_fall_back_to_max_min(tmp_path, capsys):

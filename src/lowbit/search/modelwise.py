@@ -78,6 +78,7 @@ class SearchReport:
     chosen: str
     rows: list[SearchRow] = field(default_factory=list)
     tuned_tensors: int = 0  # tensors whose range AUTO_TUNE / layer-wise changed
+    layerwise_ranges: dict[str, Range] = field(default_factory=dict)  # the layer-wise candidate's per-op choices
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ def choose_ranges(
     """
     scheme = plan.target.activation
     tuned = 0
+    chosen: dict[str, Range] = {}
     options_by_label: dict[str, dict[str, Range]] = {}
     for candidate in candidate_list:
         if candidate.method == "AUTO_TUNE":
@@ -127,7 +129,7 @@ def choose_ranges(
         return ranges, SearchReport(options.metric, 0, label, tuned_tensors=tuned)
     rows = _score_models(options_by_label, score, options.metric)
     best = METRICS[options.metric].best([row.score for row in rows])
-    report = SearchReport(options.metric, held_back, rows[best].label, rows, tuned)
+    report = SearchReport(options.metric, held_back, rows[best].label, rows, tuned, chosen)
     return options_by_label[rows[best].label], report
 
 
