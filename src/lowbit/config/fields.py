@@ -154,8 +154,17 @@ FIELDS: tuple[Field, ...] = (
           "how candidates are compared with the float model",
           choices=("cosine-similarity", "mse", "mae", "mre", "sqnr", "chebyshev"), extension=True),
     Field(FULL, "search_samples", Kind.INT, None,
-          "calibration samples held back from the statistics to score search candidates "
-          "(default: 1 in 8, between 1 and 32)", low=1, high=4096, extension=True),
+          "at most this many calibration samples (every 8th) are held back from the statistics to score "
+          "search candidates (default 32)", low=1, high=4096, extension=True),
+    Field(FULL, "calibration_table", Kind.STR, None,
+          "read the activation ranges from this table (lowbit JSON, tpu-mlir or TensorRT cache, told apart by "
+          "their content) instead of calibrating them", extension=True),
+    Field(FULL, "calibration_table_out", Kind.STR, None,
+          "write the activation ranges to this table, in table_format", extension=True),
+    Field(FULL, "table_format", Kind.ENUM, "json",
+          "format of calibration_table_out: json (lowbit: range, scale, zero point, bits, type), tpu-mlir "
+          "(threshold, min, max per tensor), tensorrt (TensorRT's calibration cache: a scale per tensor)",
+          choices=("json", "tpu-mlir", "tensorrt"), extension=True),
     Field(FULL, "bias_correction", Kind.BOOL, True,
           "fold the per-channel output shift that weight rounding causes into each quantized Conv/Gemm bias, "
           "measured on the calibration data (FULL_QUANT; WEIGHT_QUANT when data is given; DSP defaults to false)"),

@@ -21,7 +21,8 @@ DEFAULT = "default"
 
 # Keys that only steer the calibration of activation ranges (full quantization).
 CALIBRATION_KEYS = ("activation_quant_method", "num_bin", "max_num_bin", "max_percentile", "tune_num",
-                    "layerwise_search", "search_metric", "search_samples")
+                    "layerwise_search", "search_metric", "search_samples", "calibration_table",
+                    "calibration_table_out", "table_format")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ class Calibrate(Pass):
     provides = ("observers",)
 
     def applies(self, state: QuantState) -> bool:
-        return bool(state.plan.activations)
+        return bool(state.plan.activations) and state.config.calibration_table is None
 
     def measures(self, state: QuantState) -> str:
         return FLOAT

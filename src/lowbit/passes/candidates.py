@@ -26,7 +26,7 @@ class ActivationCandidates(Pass):
     provides = ("candidates",)
 
     def applies(self, state: QuantState) -> bool:
-        return bool(state.plan.activations)
+        return bool(state.plan.activations) and state.config.calibration_table is None
 
     def run(self, state: QuantState) -> None:
         config = state.config

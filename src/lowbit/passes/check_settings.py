@@ -12,18 +12,25 @@ a default) that changes nothing gets one warning naming it and why:
   ``max_percentile`` (REMOVAL_OUTLIER), ``max_num_bin`` (any method but MAX_MIN),
   ``tune_num`` (AUTO_TUNE), ``search_metric`` (a search), ``search_samples`` (a search or
   AUTO_TUNE);
-* any calibration data with dynamic quantization, which computes scales at run time.
+* any calibration data with dynamic quantization, which computes scales at run time;
+* the range keys when the ranges come from ``calibration_table``, and ``table_format``
+  without ``calibration_table_out`` (whose folder is checked here, before any work).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..config.model import CALIBRATION_KEYS
 from ..errors import closest
+from ..graph.saving import check_output_path
 from ..pipeline.passes import Pass
 from ..pipeline.state import QuantState
 
 IMAGE_KEYS = ("image_to_format", "normalize_mean", "normalize_std", "resize_width", "resize_height",
               "resize_method", "center_crop_width", "center_crop_height")
 BIN_KEYS = ("input_shape", "input_data_format")
+RANGE_KEYS = tuple(key for key in CALIBRATION_KEYS if "table" not in key)  # what chooses ranges from data
 
 
 class CheckSettings(Pass):
@@ -62,9 +69,18 @@ class CheckSettings(Pass):
             yield from _unused(config, BIN_KEYS, f"it is read with .bin files, and {where}")
 
     def _ranges(self, state: QuantState):
-        if state.config.quant_type != "FULL_QUANT" or not state.candidates:
-            return
         config = state.config
+        if config.quant_type != "FULL_QUANT":
+            return
+        if config.calibration_table_out is None:
+            yield from _unused(config, ("table_format",), "no calibration_table_out is written")
+        else:
+            check_output_path(Path(config.calibration_table_out), Path(config.calibration_table or state.model_path))
+        if config.calibration_table is not None:
+            yield from _unused(config, RANGE_KEYS, f"the ranges come from calibration_table "
+                                                   f"({config.source('calibration_table')})")
+        if not state.candidates:
+            return
         methods = {c.method for c in state.candidates}
         searched = len(state.candidates) > 1
         chosen = f"activation_quant_method={','.join(sorted(methods))}"

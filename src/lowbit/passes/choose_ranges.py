@@ -30,7 +30,7 @@ class ChooseRanges(Pass):
     provides = ("ranges",)
 
     def applies(self, state: QuantState) -> bool:
-        return bool(state.plan.activations)
+        return bool(state.plan.activations) and state.config.calibration_table is None
 
     def measures(self, state: QuantState) -> str | None:
         return FLOAT if compares(state) else None

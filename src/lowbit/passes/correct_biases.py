@@ -25,6 +25,9 @@ class CorrectBiases(Pass):
 
     def applies(self, state: QuantState) -> bool:
         if not state.config.bias_correction or not state.data.given:
+            if state.config.bias_correction and state.config.quant_type == "FULL_QUANT":  # ranges from a table
+                state.note("bias_correction measures the layers' outputs on calibration data, and none was given: "
+                           "biases are not corrected")
             return False
         # built at the pass's turn, so that the measuring model holds the weights as rounding left them
         self.job = plan_correction(state.model, [layer for layer in state.float_layers.values()

@@ -28,6 +28,10 @@ class RoundWeights(Pass):
     def applies(self, state: QuantState) -> bool:
         if state.config.weight_rounding != "GPTQ" or not state.plan.activations:
             return False
+        if not state.data.given:  # ranges from a calibration table, and no data
+            state.note("weight_rounding=GPTQ measures the layers' inputs on calibration data, and none was given: "
+                       "weights are rounded to nearest")
+            return False
         layers = [RoundingLayer(slot.node, state.float_layers[slot.node.name].float_weight, slot.scheme.qmin,
                                 slot.scheme.qmax)
                   for slot in state.plan.weights if slot.index == 1 and compensable(slot.node)]

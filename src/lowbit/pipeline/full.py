@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..passes.calibrate import Calibrate
+from ..passes.calibration_table import ReadCalibrationTable, WriteCalibrationTable
 from ..passes.candidates import ActivationCandidates
 from ..passes.check_settings import CheckSettings
 from ..passes.choose_ranges import ChooseRanges
@@ -19,6 +20,7 @@ def full_quant() -> list[Pass]:
     return [
         Prepare(),  # load, fold BatchNormalization and pads, name every node
         PlanFull(),  # per node: int8 or float (and why); per tensor: Q/DQ or not
+        ReadCalibrationTable(),  # calibration_table: the ranges from a file (then no calibration run)
         ActivationCandidates(),  # the range methods to try
         CheckSettings(),  # warn of every setting that has no effect
         Calibrate(),  # float model, all samples: a histogram (or min/max) per activation
@@ -27,4 +29,5 @@ def full_quant() -> list[Pass]:
         RoundWeights(),  # quantized model, 64 samples: GPTQ's second moments; weights re-rounded
         CorrectBiases(),  # quantized model, all samples: each layer's output shift; biases corrected
         Save(),  # checked, then moved into place
+        WriteCalibrationTable(),  # calibration_table_out: the ranges for tpu-mlir, TensorRT or lowbit
     ]

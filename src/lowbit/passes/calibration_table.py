@@ -1,0 +1,77 @@
+"""Calibration tables in and out: activation ranges from a file instead of calibration, or to a file for
+other tools (formats: :mod:`lowbit.calibration.tables`).
+
+ReadCalibrationTable reads: ``calibration_table`` and the plan. Sets: the ranges (then no
+calibration run is made; GPTQ and bias correction still read data when it is given). Every
+planned tensor must be in the table and every tensor of the table must be planned; either
+mismatch is a one-line error naming the tensors.
+
+WriteCalibrationTable reads: the ranges, the plan and the scales. Writes
+``calibration_table_out`` in ``table_format``, after the model is saved, each tensor with
+the range of its scale-sharing group (the range its scale comes from), so that reading the
+table back gives the same model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..calibration.tables import read_table, write_table
+from ..errors import LowbitError
+from ..pipeline.passes import Pass
+from ..pipeline.state import QuantState
+
+
+class ReadCalibrationTable(Pass):
+    name = "read_calibration_table"
+    requires = ("plan",)
+    provides = ("ranges",)
+
+    def applies(self, state: QuantState) -> bool:
+        return state.config.calibration_table is not None and bool(state.plan.activations)
+
+    def run(self, state: QuantState) -> None:
+        path = Path(state.config.calibration_table)
+        table = read_table(path)
+        planned = list(state.plan.activations)
+        missing = [name for name in planned if name not in table]
+        unknown = [name for name in table if name not in state.plan.activations]
+        if missing:
+            raise LowbitError(f"{path}: no range for {len(missing)} tensor(s) the model quantizes: "
+                              f"{_names(missing)}")
+        if unknown:
+            raise LowbitError(f"{path}: {len(unknown)} tensor(s) of the table are not quantized activations of "
+                              f"the model: {_names(unknown)}")
+        symmetric = state.target.activation.symmetric
+        state.ranges = {name: table[name].range(symmetric) for name in planned}
+
+    def describe(self, report) -> list[str]:
+        return ["  activation ranges: read from the calibration table"]
+
+
+class WriteCalibrationTable(Pass):
+    name = "write_calibration_table"
+    requires = ("plan", "qparams")
+
+    def applies(self, state: QuantState) -> bool:
+        return state.config.calibration_table_out is not None and bool(state.plan.activations)
+
+    def run(self, state: QuantState) -> Path:
+        path = Path(state.config.calibration_table_out)
+        groups = state.plan.groups()
+        ranges = {}
+        for members in groups.values():
+            lows, highs = zip(*(state.ranges[name] for name in members))
+            for name in members:
+                ranges[name] = (min(lows), max(highs))
+        about = {"target": state.target_name, "samples": state.calibration_samples,
+                 "histogram_bins": state.config.max_num_bin, "tune_num": state.config.tune_num}
+        write_table(path, state.config.table_format, ranges, state.qparams, about)
+        return path
+
+    def describe(self, path: Path) -> list[str]:
+        return [f"  calibration table: wrote {path}"]
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
