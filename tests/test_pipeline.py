@@ -40,7 +40,9 @@ def test_weight_only_reads_the_float_model_once_for_the_search_and_the_check(tmp
 def test_a_pass_before_what_it_needs_is_a_pipeline_error(tmp_path):
     src = save(conv_relu_pool_model(), tmp_path / "m.onnx")
     passes = full_quant()
-    passes.insert(1, passes.pop(6))  # the rewrite before the plan
+    rewrite = next(p for p in passes if p.name == "rewrite")
+    passes.remove(rewrite)
+    passes.insert(1, rewrite)  # the rewrite before the plan
     config = lowbit.load_config(None, {})
     state = QuantState(config, src, tmp_path / "q.onnx", note=print, progress=False, user_data=random_feeds(8))
     with pytest.raises(PipelineError, match="pass rewrite requires plan"):
@@ -106,3 +108,15 @@ def test_gptq_falls_back_on_a_singular_statistic():
     assert q is None and damping == np.inf
     q, damping = _round_with_fallback(rows, np.eye(3)[None], scale, zero, Layer)
     assert damping == 0.01 and q.tolist() == [[[30, -20, 10]]]
+
+
+def test_a_range_search_before_the_plan_names_what_it_misses(tmp_path):
+    src = save(conv_relu_pool_model(), tmp_path / "m.onnx")
+    passes = full_quant()
+    ranges = next(p for p in passes if p.name == "choose_ranges")
+    passes.remove(ranges)
+    passes.insert(1, ranges)
+    config = lowbit.load_config(None, {})
+    state = QuantState(config, src, tmp_path / "q.onnx", note=print, progress=False, user_data=random_feeds(8))
+    with pytest.raises(PipelineError, match="pass choose_ranges requires plan, observers, candidates"):
+        run_pipeline(passes, state)

@@ -48,7 +48,8 @@ class InputCovarianceObserver(Observer):
         # one sample at a time bounds the patch copy to one sample's patches
         for sample in (x if self.geometry is not None else [x]):
             rows = self._rows(np.asarray(sample, dtype=np.float32))
-            moments = np.matmul(rows.transpose(0, 2, 1), rows)
+            with np.errstate(over="ignore", invalid="ignore"):  # checked on the next line
+                moments = np.matmul(rows.transpose(0, 2, 1), rows)
             if not np.all(np.isfinite(moments)):  # float32 products overflow on huge (finite) inputs
                 self.seen_finite = self.seen_finite and bool(np.all(np.isfinite(rows)))
                 moments = np.matmul(rows.transpose(0, 2, 1).astype(np.float64), rows.astype(np.float64))

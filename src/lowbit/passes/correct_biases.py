@@ -9,8 +9,6 @@ quantized, float32 otherwise). The rule is :mod:`lowbit.recovery.bias_correction
 
 from __future__ import annotations
 
-import time
-
 from ..pipeline.engine import Request
 from ..pipeline.passes import CURRENT, Pass
 from ..pipeline.state import QuantState
@@ -41,14 +39,10 @@ class CorrectBiases(Pass):
         return self.job.model
 
     def requests(self, state: QuantState) -> list[Request]:
-        self.start = time.perf_counter()
         return [Request(self.job.observers)]
 
-    def served(self, state: QuantState, samples: int, split) -> None:
-        self.samples_seen = samples
-
     def run(self, state: QuantState) -> BiasCorrectionReport:
-        return correct_biases(state.model, self.job, self.samples_seen, self.start)
+        return correct_biases(state.model, self.job, self.samples_seen, self.started)
 
     def describe(self, report: BiasCorrectionReport) -> list[str]:
         if not report.layers:

@@ -8,8 +8,6 @@ points and file size stay). The rule and its fallbacks are :mod:`lowbit.recovery
 
 from __future__ import annotations
 
-import time
-
 import onnx_ir as ir
 
 from ..pipeline.engine import Request
@@ -46,17 +44,13 @@ class RoundWeights(Pass):
         return with_dequantized_constants(ir.serde.serialize_model(state.model))
 
     def requests(self, state: QuantState) -> list[Request]:
-        self.start = time.perf_counter()
         return [Request(self.job.observers)]
 
     def samples(self, state: QuantState) -> Samples:
         return Samples(limit=SAMPLES)
 
-    def served(self, state: QuantState, samples: int, split) -> None:
-        self.samples_seen = samples
-
     def run(self, state: QuantState) -> RoundingReport:
-        return compensate_rounding(self.job, self.samples_seen, self.start)
+        return compensate_rounding(self.job, self.samples_seen, self.started)
 
     def describe(self, report: RoundingReport) -> list[str]:
         lines = [] if not report.layers else [

@@ -74,7 +74,11 @@ class Pass(ABC):
         return state.model
 
     def served(self, state: QuantState, samples: int, split: Any) -> None:
-        """Called once the run that filled this pass's observers is over (``split``: the samples set aside)."""
+        """Called once the run that filled this pass's observers is over (``split``: the samples set aside).
+
+        The pipeline also sets ``started`` (when the pass's turn began, its run included) on every pass it runs.
+        """
+        self.samples_seen = samples
 
     @abstractmethod
     def run(self, state: QuantState) -> Any:
@@ -93,10 +97,15 @@ def run_pipeline(passes: Sequence[Pass], state: QuantState) -> None:
     """Run the passes in order, serving their statistics with as few runs over the data as possible."""
     float_served = False
     for index, current in enumerate(passes):
-        if not current.applies(state):  # may read the plan and the configuration only
+        try:
+            applies = current.applies(state)
+        except AttributeError:  # it read a field no pass set yet: name the missing requirement
+            _check(current, current.requires, state, "requires")
+            raise
+        if not applies:
             continue
         _check(current, current.requires, state, "requires")
-        start = time.perf_counter()
+        start = current.started = time.perf_counter()
         if not float_served and (current.changes_model or current.measures(state) == FLOAT):
             _serve_float(passes[index:], state)
             float_served = True
