@@ -57,7 +57,11 @@ class Pass(ABC):
     setting: ClassVar[str] = ""
 
     def applies(self, state: QuantState) -> bool:
-        """Whether the pass has work in this job (one that does not apply adds no section and needs nothing)."""
+        """Whether the pass has work in this job (one that does not apply adds no section and needs nothing).
+
+        Called once at the pass's turn; for a pass that measures the float model, also when the
+        float run is made, so there it must read only the plan and the configuration, and change nothing.
+        """
         return True
 
     def measures(self, state: QuantState) -> str | None:
@@ -127,7 +131,7 @@ def _serve_float(pending: Sequence[Pass], state: QuantState) -> None:
 
 def _serve(state: QuantState, group: list[Pass], model, label: str) -> None:
     samples = group[0].samples(state)
-    if any(p.samples(state).limit != samples.limit for p in group[1:]):
+    if any(p.samples(state) != Samples(limit=samples.limit) for p in group[1:]):  # only the first may split
         raise PipelineError(f"passes {', '.join(p.name for p in group)} read different samples of one model")
     requests = [request for p in group for request in p.requests(state)]
     count, split = state.engine.run(model, requests, what=" + ".join(p.name for p in group), model_label=label,
