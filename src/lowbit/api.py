@@ -7,6 +7,7 @@ the state. The steps themselves are passes (:mod:`lowbit.passes`).
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -63,11 +64,19 @@ def run(
         if warn is not None:
             warn(message)
         else:
-            warnings.warn(message, LowbitWarning, stacklevel=4)
+            warnings.warn(message, LowbitWarning, stacklevel=_caller_level())
 
     state = QuantState(config, Path(model), Path(output), note, progress, user_data=data)
     run_pipeline(PIPELINES[config.quant_type](), state)
     return _result(state, notes)
+
+
+def _caller_level() -> int:
+    """The stack level of the first frame outside lowbit: a warning points at the user's call."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("lowbit."):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _result(state: QuantState, notes: list[str]) -> QuantizeResult:

@@ -93,11 +93,10 @@ class DataEngine:
         or the given ``feeds``. Returns the statistics samples run and the split used.
         """
         start = time.perf_counter()
-        names = list(dict.fromkeys(name for request in requests for name in request.observers))
+        names = dict.fromkeys(name for request in requests for name in request.observers)
         graph_inputs = _graph_inputs(model)
-        session = make_session(model, [name for name in names if name not in graph_inputs])
-        fetched = [name for name in names if name not in graph_inputs]
-        runner = _Runner(session, fetched, model, requests, what)
+        fetched = [name for name in names if name not in graph_inputs]  # inputs come from the feed itself
+        runner = _Runner(make_session(model, fetched), fetched, model, requests, what)
         sample_split = None
         if feeds is not None:
             stream, total = iter(feeds), len(feeds)
@@ -118,12 +117,6 @@ class DataEngine:
         self.passes.append(DataPass(what, model_label, runner.samples, time.perf_counter() - start,
                                     feeds is None))
         return statistics, sample_split
-
-    def outputs(self, model: ir.Model | onnx.ModelProto, feeds: Sequence[Feed]) -> tuple[list[str], list[list]]:
-        """The model's float outputs (names, then per feed the arrays): the references of a comparison."""
-        session = make_session(model)
-        names = [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
-        return names, [session.run(names, feed) for feed in feeds]
 
     def score(self, model, feeds: Sequence[Feed], names: Sequence[str], references: Sequence[Sequence[np.ndarray]],
               overrides: Mapping[str, np.ndarray] | None = None) -> PairStats:
