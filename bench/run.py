@@ -97,8 +97,9 @@ def magika_case(n_calib: int, n_eval: int) -> Case:
     calib = [zoo.magika_input(files[i])[0] for i in order[:n_calib]]
     evaluation = np.concatenate([zoo.magika_input(files[i]) for i in order[n_calib:n_calib + n_eval]])
     return Case("magika", zoo.magika_model(), "bytes", calib, evaluation,
-                data=f"{len(files)} real files (fortune cookies of Debian's fortunes, Python sources, JSON, HTML, "
-                     "CSV, XML, Markdown, images, shared libraries, gzip ...), shuffled: the first for calibration, "
+                data=f"{len(files)} real files (fortune cookies of Debian's fortunes; Python sources, JSON, HTML, "
+                     "XML, Markdown, YAML, images, shared libraries, gzip ... of the Python standard library and "
+                     "Debian's opencv-doc), shuffled: the first for calibration, "
                      "the next for evaluation; agreement = the same content type as the float model.")
 
 

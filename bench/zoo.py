@@ -186,18 +186,19 @@ def fortunes() -> list[str]:
 
 
 def magika_files() -> list[bytes]:
-    """Contents of real files of many types, for magika: fortune cookies (text), Python sources,
-    JSON/HTML/CSV/XML/Markdown/TOML files of the installed packages, images, shared libraries,
-    gzip files. Sorted by path, so the list is the same on every run."""
-    import site
+    """Contents of real files of many types, for magika: fortune cookies (text), and the Python
+    sources, JSON/HTML/XML/Markdown/TOML/JavaScript files, images, shared libraries and gzip files
+    of the Python standard library and of Debian's opencv-doc. Not of the installed Python
+    packages, which change with the environment. Sorted by path, so the list is the same on every run."""
     import sysconfig
 
-    roots = [Path(sysconfig.get_paths()["stdlib"]), *map(Path, site.getsitepackages())]
-    kinds = {".py": 120, ".json": 80, ".html": 40, ".csv": 40, ".xml": 40, ".md": 40, ".toml": 20,
-             ".txt": 40, ".png": 60, ".jpg": 40, ".so": 60, ".gz": 40, ".js": 40, ".c": 20, ".h": 20}
+    roots = [Path(sysconfig.get_paths()["stdlib"]), _debian_package("opencv-doc")]
+    kinds = {".py": 120, ".json": 80, ".html": 40, ".xml": 40, ".md": 40, ".toml": 20, ".yml": 20,
+             ".txt": 40, ".png": 60, ".jpg": 40, ".so": 60, ".gz": 40, ".js": 40, ".c": 20}
     files = []
     for suffix, count in kinds.items():
-        found = sorted({p for root in roots for p in root.rglob(f"*{suffix}") if p.is_file()})
+        found = sorted({p for root in roots for p in root.rglob(f"*{suffix}")
+                        if p.is_file() and "site-packages" not in p.parts})
         step = max(1, len(found) // count)
         files += [p.read_bytes() for p in found[::step][:count]]
     cookies = fortunes()
