@@ -161,23 +161,32 @@ def model_bytes(path: Path) -> int:
     return total + (data.stat().st_size if data.exists() else 0)
 
 
-def quiet_session(path: Path) -> ort.InferenceSession:
+def quiet_session(path: Path, as_documented: bool = False) -> ort.InferenceSession:
     """A session whose threads do not spin after a run, so that it cannot steal the cores
-    from another session being timed (outputs and latencies both use these)."""
+    from another session being timed (outputs and latencies both use these).
+
+    ``as_documented``: with the options lowbit.session_options gives (weight-only models
+    dequantize their weights at load); otherwise ONNX Runtime's defaults."""
+    import lowbit
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if as_documented:
+        options = lowbit.session_options(path, options)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def compare_latency(paths: dict[str, Path], feed: dict[str, np.ndarray], runs: int, rounds: int = 5) -> dict[str, float]:
+def compare_latency(paths: dict[str, Path], feed: dict[str, np.ndarray], runs: int, rounds: int = 5,
+                    as_documented: frozenset[str] = frozenset()) -> dict[str, float]:
     """Latency in ms of each model on ``feed``: models take turns, ``rounds`` times ``runs`` runs each.
 
     A shared VM's speed drifts over minutes; taking turns exposes every model to the same
     drift, and the best of the per-round medians discards rounds that a neighbour slowed down.
+    The models named in ``as_documented`` run with lowbit.session_options.
     """
     gc.collect()
-    sessions = {name: quiet_session(path) for name, path in paths.items()}
+    sessions = {name: quiet_session(path, name in as_documented) for name, path in paths.items()}
     for session in sessions.values():
         session.run(None, feed)
     best = {name: float("inf") for name in sessions}

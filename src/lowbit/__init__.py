@@ -8,6 +8,7 @@
 from .api import LowbitWarning, NodeReport, QuantizeResult, TensorReport, quantize
 from .config import QuantConfig, load_config
 from .errors import LowbitError, NotSupportedYetError
+from .inference import inference_session, session_options
 
 __all__ = [
     "LowbitError",
@@ -17,7 +18,9 @@ __all__ = [
     "QuantConfig",
     "QuantizeResult",
     "TensorReport",
+    "inference_session",
     "load_config",
     "quantize",
+    "session_options",
 ]
 __version__ = "0.1.0"

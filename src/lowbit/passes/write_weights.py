@@ -42,4 +42,6 @@ class WriteWeights(Pass):
         average = sum(w.bits * w.elements for w in stored) / elements
         return [f"  weights: {len(stored)} tensors, {elements} values, average {average:.2f} bits ("
                 + ", ".join(f"{bits} bits as {storage}: {100 * n / elements:.1f}%"
-                            for (bits, storage), n in sorted(by_kind.items())) + ")"]
+                            for (bits, storage), n in sorted(by_kind.items())) + ")",
+                "  run it at float speed with lowbit.inference_session(path): ONNX Runtime then dequantizes the "
+                "weights once, at load (session.disable_quant_qdq=1)"]
