@@ -74,6 +74,3 @@ class QuantState:
 
     # save
     output_bytes: int | None = None
-
-    def section(self, name: str) -> Section | None:
-        return next((s for s in self.sections if s.name == name), None)
