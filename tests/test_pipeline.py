@@ -120,3 +120,20 @@ def test_a_range_search_before_the_plan_names_what_it_misses(tmp_path):
     state = QuantState(config, src, tmp_path / "q.onnx", note=print, progress=False, user_data=random_feeds(8))
     with pytest.raises(PipelineError, match="pass choose_ranges requires plan, observers, candidates"):
         run_pipeline(passes, state)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 7])
+def test_batched_calibration_gives_the_same_model(tmp_path, batch_size):
+    """Statistics samples run in batches, held-back ones one by one; the observers see the same values,
+    so ranges, scales and integers match the sample-by-sample run (a free batch dimension)."""
+    src = save(conv_relu_pool_model(), tmp_path / "m.onnx")
+    feeds = random_feeds(40)
+    one = lowbit.quantize(src, tmp_path / "one.onnx", data=feeds, progress=False)
+    batched = lowbit.quantize(src, tmp_path / f"b{batch_size}.onnx", data=feeds, calibrate_batch_size=batch_size,
+                              progress=False)
+    assert batched.calibration_samples == one.calibration_samples == 35 and batched.search.samples == 5
+    assert [(p.what, p.samples) for p in batched.data_passes] == [(p.what, p.samples) for p in one.data_passes]
+    for name, report in one.tensors.items():
+        assert batched.tensors[name].scale == pytest.approx(report.scale, rel=1e-6)
+        assert batched.tensors[name].zero_point == report.zero_point
+    assert batched.search.chosen == one.search.chosen
