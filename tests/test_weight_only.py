@@ -245,6 +245,10 @@ def test_inspect(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "weights: 2 tensors, average 3.00 bits; 3 bits in int4: 100.0%" in text
     assert "conv (Conv)" in text and "symmetric, per channel (axis 0)" in text
+    assert "weight-only: run it with lowbit.inference_session(path)" in text
+    full = tmp_path / "full.onnx"
+    lowbit.quantize(src, full, data=random_feeds(8, (1, 4, 6, 6)), progress=False)
+    assert main(["inspect", str(full)]) == 0 and "weight-only" not in capsys.readouterr().out
     assert main(["inspect", str(src)]) == 2
     assert "nothing in this model is quantized" in capsys.readouterr().err
 

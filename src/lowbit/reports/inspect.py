@@ -26,6 +26,7 @@ from onnx import numpy_helper
 
 from ..errors import LowbitError
 from ..graph.loading import load_model
+from ..inference import is_weight_only
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Inspection:
     file_bytes: int
     float_bytes: int  # estimate: integer weights back to float32, their scales and zero points dropped
     tensors: list[QuantizedTensor]
+    weight_only: bool = False  # integers over constants only: lowbit.inference_session runs it at float speed
 
     @property
     def ratio(self) -> float:
@@ -104,7 +106,7 @@ def inspect_model(path: str | Path) -> Inspection:
                                          tuple(scale.dims) if scale is not None else (), k * n))
             dropped += sum(_nbytes(constants[name]) for name in node.input[1:] if name in constants)
             added += 4 * k * n
-    return Inspection(path, file_bytes, file_bytes - dropped + added, found)
+    return Inspection(path, file_bytes, file_bytes - dropped + added, found, is_weight_only(proto))
 
 
 def _nbytes(tensor: onnx.TensorProto) -> int:
@@ -173,6 +175,9 @@ def format_inspection(report: Inspection) -> str:
                      + ", ".join(f"{b} bits in {d}: {100 * n / elements:.1f}%" for (b, d), n in sorted(bits.items())))
     kinds = Counter(t.kind for t in report.tensors)
     lines.append("quantized tensors: " + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()))
+    if report.weight_only:
+        lines.append("weight-only: run it with lowbit.inference_session(path) (session.disable_quant_qdq=1) to "
+                     "dequantize the weights once at load and run at float speed")
     header = ("node", "kind", "type", "bits", "scheme", "scale shape", "tensor")
     rows = [(", ".join(t.readers) or "-", t.kind, t.dtype, str(t.bits) if t.bits else "-", t.scheme,
              "x".join(map(str, t.scale_shape)) or "scalar", t.tensor) for t in report.tensors]
