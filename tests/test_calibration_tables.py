@@ -126,6 +126,9 @@ def test_table_keys_that_have_no_effect(tmp_path):
                         progress=False)
     with pytest.warns(lowbit.LowbitWarning, match="table_format .* has no effect: no calibration_table_out"):
         lowbit.quantize(src, tmp_path / "c.onnx", data=random_feeds(16), table_format="tensorrt", progress=False)
+    with pytest.raises(lowbit.LowbitError, match="is the output model's path"):
+        lowbit.quantize(src, tmp_path / "e.onnx", data=random_feeds(16), calibration_table_out=str(tmp_path / "e.onnx"),
+                        progress=False)
     with pytest.raises(lowbit.LowbitError, match="output folder does not exist"):
         lowbit.quantize(src, tmp_path / "d.onnx", data=random_feeds(16), calibration_table_out="/nowhere/t.json",
                         progress=False)

@@ -167,7 +167,8 @@ def _conv_cosine(inputs, weight, bias, reference, attributes):
 
     nodes = [helper.make_node("Conv", ["x", "w", "b"] if bias is not None else ["x", "w"], ["y"], **attributes)]
     inits = [("w", weight)] + ([("b", bias)] if bias is not None else [])
-    model = make_model(nodes, [float_input("x", ["N", "C", "H", "W"])], [float_input("y", ["N", "K", "H2", "W2"])], inits)
+    model = make_model(nodes, [float_input("x", ["N", "C", "H", "W"])], [float_input("y", ["N", "K", "H2", "W2"])],
+                       inits)
     import onnxruntime as ort
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config.model import CALIBRATION_KEYS
-from ..errors import closest
+from ..errors import LowbitError, closest
 from ..graph.saving import check_output_path
 from ..pipeline.passes import Pass
 from ..pipeline.state import QuantState
@@ -75,7 +75,10 @@ class CheckSettings(Pass):
         if config.calibration_table_out is None:
             yield from _unused(config, ("table_format",), "no calibration_table_out is written")
         else:
-            check_output_path(Path(config.calibration_table_out), Path(config.calibration_table or state.model_path))
+            table = Path(config.calibration_table_out)
+            check_output_path(table, Path(config.calibration_table or state.model_path))
+            if table.resolve() == state.output_path.resolve():
+                raise LowbitError(f"calibration_table_out {table} is the output model's path; choose another")
         if config.calibration_table is not None:
             yield from _unused(config, RANGE_KEYS, f"the ranges come from calibration_table "
                                                    f"({config.source('calibration_table')})")
