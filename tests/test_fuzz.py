@@ -55,7 +55,8 @@ def test_config_files(tmp_path, sections):
 @FUZZ
 @given(st.lists(st.tuples(st.sampled_from([f for f in FIELDS if f.key not in ("calibrate_path", "data_list")]),
                           VALUES), min_size=1, max_size=3))
-def test_flag_values(tmp_path, capsys, flags):
+def test_flag_values(tmp_path, capsys, monkeypatch, flags):
+    monkeypatch.chdir(tmp_path)  # a path-valued flag (calibration_table_out=0) writes here, not in the checkout
     model = tmp_path / "m.onnx"
     if not model.exists():
         save(conv_relu_pool_model(), model)
