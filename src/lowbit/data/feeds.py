@@ -105,13 +105,18 @@ def at_most(feeds: Iterable[dict[str, np.ndarray]], size: int | None, total: int
         yield from feeds
         return
     if total is not None and size > total:
-        raise LowbitError(f"calibrate_size={size}, but only {total} calibration samples were found in {where}")
+        raise too_few_samples(size, total, where)
     count = 0
     for feed in itertools.islice(feeds, size):  # never pulls a sample past the last one wanted
         count += 1
         yield feed
     if count < size:
-        raise LowbitError(f"calibrate_size={size}, but only {count} calibration samples were found in {where}")
+        raise too_few_samples(size, count, where)
+
+
+def too_few_samples(size: int, found: int, where: str) -> LowbitError:
+    """The error for calibrate_size above the samples there are, whatever holds them."""
+    return LowbitError(f"calibrate_size={size}, but only {found} calibration samples were found in {where}")
 
 
 def batched(feeds: Iterable[dict[str, np.ndarray]], specs: list[InputSpec], batch_size: int) -> Iterator[dict]:

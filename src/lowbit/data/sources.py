@@ -30,7 +30,7 @@ import numpy as np
 
 from ..config.model import CalibrationSource
 from ..errors import LowbitError
-from .feeds import InputSpec, check_sample
+from .feeds import InputSpec, check_sample, too_few_samples
 from .images import IMAGE_SUFFIXES, BadSampleError, ImagePreprocess, decode, preprocess
 
 KIND_SUFFIXES = {"NPY": {".npy"}, "NPZ": {".npz"}, "BIN": {".bin"}, "IMAGE": set(IMAGE_SUFFIXES)}
@@ -156,7 +156,7 @@ def list_samples(list_file: Path, specs: list[InputSpec], size: int | None, opti
 
 def _take(rows: list, size: int | None, where: str) -> list:
     if size is not None and size > len(rows):
-        raise LowbitError(f"calibrate_size={size}, but only {len(rows)} calibration samples were found in {where}")
+        raise too_few_samples(size, len(rows), where)
     return rows[:size] if size is not None else rows
 
 
