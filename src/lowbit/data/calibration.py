@@ -32,6 +32,7 @@ class CalibrationData:
                  warn: Callable[[str], None]):
         self.data, self.config, self.specs, self.warn = data, config, specs, warn
         self.reads = 0
+        self._listed: FileSamples | None = None  # the files, listed and checked once
 
     @property
     def given(self) -> bool:
@@ -78,6 +79,11 @@ class CalibrationData:
         return iter(samples), len(samples)
 
     def _files(self) -> FileSamples:
+        if self._listed is None:
+            self._listed = self._list_files()
+        return self._listed
+
+    def _list_files(self) -> FileSamples:
         config, size, options = self.config, self.config.calibrate_size, data_options(self.config)
         if self.data is not None:
             samples = folder_samples((CalibrationSource(Path(self.data)),), self.specs, size, options)
