@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 from tqdm import tqdm
 
 from ..calibration.observers import Observer
@@ -125,8 +126,7 @@ class DataEngine:
         ``model`` is a model or a ready ONNX Runtime session (the mixed-bit probe's, whose
         weights are inputs); ``overrides`` are extra inputs given with every feed.
         """
-        session = model if hasattr(model, "run") and not isinstance(model, (ir.Model, onnx.ModelProto)) \
-            else make_session(model)
+        session = model if isinstance(model, ort.InferenceSession) else make_session(model)
         stats = PairStats()
         extra = dict(overrides or {})
         for feed, expected in zip(feeds, references):
