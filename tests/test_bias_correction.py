@@ -57,3 +57,24 @@ def test_dsp_and_iterators_skip_it(tmp_path):
     with pytest.warns(lowbit.LowbitWarning, match="bias_correction needs another pass"):
         result = lowbit.quantize(src, tmp_path / "i.onnx", data=iter(feeds(4, 0)), progress=False)
     assert result.bias_correction is None
+
+
+def test_padded_strided_conv_mean_matches_float_on_the_calibration_data(tmp_path):
+    # Weight-only 3-bit weights: the conv's input is the float input, so after correction the
+    # mean of each output channel over the calibration samples must equal the float model's
+    # exactly (the shift is (W_q - W) . mean patch, and padding zeros count in the mean patch).
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(24, 3, 3, 3)).astype(np.float32)  # over MindSpore's min_quant_weight_channel (16)
+    conv = helper.make_node("Conv", ["input", "w", "b"], ["output"], name="conv", pads=[1, 0, 2, 1], strides=[2, 1])
+    model = make_model([conv], [float_input("input", ["N", 3, 9, 8])], [float_input("output", ["N", 24, 5, 7])],
+                       [("w", w), ("b", np.zeros(24, np.float32))])
+    src = save(model, tmp_path / "m.onnx")
+    data = [{"input": (rng.normal(size=(1, 3, 9, 8)) + 2).astype(np.float32)} for _ in range(12)]
+    settings = dict(quant_type="WEIGHT_QUANT", bit_num=3, progress=False)
+    plain = lowbit.quantize(src, tmp_path / "plain.onnx", **settings)
+    corrected = lowbit.quantize(src, tmp_path / "bc.onnx", data=data, bias_correction=True, **settings)
+    assert plain.bias_correction is None and corrected.bias_correction.layers == 1
+    before = channel_shift(src, tmp_path / "plain.onnx", data)
+    after = channel_shift(src, tmp_path / "bc.onnx", data)
+    assert np.abs(before).max() > 0.05
+    np.testing.assert_allclose(after, 0, atol=2e-5)

@@ -1,4 +1,4 @@
-"""Error-compensating weight rounding (GPTQ) and the input second moments it rounds against."""
+"""Error-compensating weight rounding (GPTQ) and the layer-input moments it (and bias correction) reads."""
 
 import numpy as np
 import onnx
@@ -7,7 +7,7 @@ from conftest import float_input, make_model, producers, run, save
 from onnx import helper, numpy_helper
 
 import lowbit
-from lowbit.calibration.covariance import ConvGeometry, InputCovarianceObserver
+from lowbit.calibration.layer_inputs import ConvGeometry, LayerInputObserver
 from lowbit.recovery.gptq import gptq_round, output_error
 
 
@@ -70,27 +70,68 @@ def naive_patches(x, kernel, group, strides, pads, dilations):
 @pytest.mark.parametrize("geometry", [
     ConvGeometry((3, 3), group=2, strides=(2, 1), pads=(1, 0, 1, 2), dilations=(1, 2)),
     ConvGeometry((3, 3), group=4, strides=(1, 1), pads=(1, 1, 1, 1)),  # depthwise
+    ConvGeometry((5, 5), group=4, strides=(3, 2), pads=(4, 0, 1, 5)),  # pads wider than a stride
     ConvGeometry((1, 1)),
 ])
-def test_conv_covariance_matches_explicit_patches(geometry):
+def test_conv_moments_match_explicit_patches(geometry):
     rng = np.random.default_rng(2)
     batches = [rng.normal(size=(2, 4, 7, 6)).astype(np.float32) for _ in range(2)]
-    observer, other = InputCovarianceObserver(geometry), InputCovarianceObserver(geometry)
+    # every patch kept (rows_per_sample above the 42 positions), so the moments are exact
+    observer, other = (LayerInputObserver(geometry, rows_per_sample=1000) for _ in range(2))
     observer.update(batches[0])
     other.update(batches[1])
     observer.merge(other)  # statistics of two workers add up
     rows = naive_patches(np.concatenate(batches), geometry.kernel, geometry.group, geometry.strides,
                          geometry.pads, geometry.dilations)
-    expected = np.stack([r.T @ r / len(r) for r in rows])
-    np.testing.assert_allclose(observer.covariance(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(observer.covariance(), np.stack([r.T @ r / len(r) for r in rows]), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(observer.mean(), np.stack([r.mean(axis=0) for r in rows]), rtol=1e-5, atol=1e-6)
 
 
-def test_matrix_covariance_reads_the_last_axis():
+def test_second_moments_read_a_fixed_subset_of_patches():
+    # a 3x3 conv over 4 channels: D = 36 values a patch, so 36 of the 20 x 20 = 400 positions a sample
+    geometry = ConvGeometry((3, 3), pads=(1, 1, 1, 1))
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 4, 20, 20)).astype(np.float32)
+    observer = LayerInputObserver(geometry)
+    observer.update(x)
+    assert observer.rows == 3 * 36 and observer.first_rows == 3 * 400  # the mean still reads every patch
+    kept = np.sort(np.random.default_rng(400).choice(400, 36, replace=False))
+    rows = [r[np.concatenate([kept + 400 * i for i in range(3)])]
+            for r in naive_patches(x, (3, 3), 1, (1, 1), (1, 1, 1, 1), (1, 1))]
+    np.testing.assert_allclose(observer.covariance(), np.stack([r.T @ r / len(r) for r in rows]), rtol=1e-5,
+                               atol=1e-6)
+    # the same positions for every sample: one sample at a time gives the same sums
+    one_by_one = LayerInputObserver(geometry)
+    for sample in x:
+        one_by_one.update(sample[np.newaxis])
+    np.testing.assert_allclose(one_by_one.covariance(), observer.covariance(), rtol=1e-6)
+
+
+def test_conv1d_is_a_conv2d_of_height_one():
+    geometry = ConvGeometry((1, 3), strides=(1, 2), pads=(0, 1, 0, 1))
+    x = np.arange(2 * 2 * 9, dtype=np.float32).reshape(2, 2, 9)  # (samples, channels, length)
+    observer = LayerInputObserver(geometry, rows_per_sample=1000)
+    observer.update(x)
+    rows = naive_patches(x[:, :, np.newaxis], (1, 3), 1, (1, 2), (0, 1, 0, 1), (1, 1))[0]
+    np.testing.assert_allclose(observer.mean()[0], rows.mean(axis=0))
+    np.testing.assert_allclose(observer.covariance()[0], rows.T @ rows / len(rows))
+
+
+def test_matrix_moments_read_the_last_axis():
     x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    observer = InputCovarianceObserver()
+    observer = LayerInputObserver()
     observer.update(x)
     rows = x.reshape(-1, 4).astype(np.float64)
     np.testing.assert_allclose(observer.covariance()[0], rows.T @ rows / 6)
+    np.testing.assert_allclose(observer.mean()[0], rows.mean(axis=0))
+
+
+def test_huge_inputs_are_summed_in_float64():
+    x = np.full((1, 1, 4), 1e30, dtype=np.float32)  # 1e60 overflows float32
+    observer = LayerInputObserver()
+    observer.update(x)
+    assert observer.finite() and observer.covariance()[0, 0, 0] == pytest.approx(1e60)
 
 
 def correlated_conv_model():

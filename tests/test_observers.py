@@ -46,7 +46,7 @@ def test_empty_observer_raises():
 
 def _observers():
     """(factory, batches) per kind of statistic lowbit collects."""
-    from lowbit.calibration.covariance import ConvGeometry, InputCovarianceObserver
+    from lowbit.calibration.layer_inputs import ConvGeometry, LayerInputObserver
     from lowbit.calibration.histogram import HistogramObserver
     from lowbit.calibration.observers import MeanObserver, OutputsObserver
 
@@ -59,16 +59,17 @@ def _observers():
         "mean per channel": (lambda: MeanObserver(axis=1), images),
         "histogram": (lambda: HistogramObserver(max_bins=256, values_per_batch=None),
                       [np.maximum(x, 0) * (i + 1) for i, x in enumerate(images)]),
-        "conv second moments": (lambda: InputCovarianceObserver(ConvGeometry((3, 3), 2, (1, 1), (1, 1, 1, 1))),
-                                images),
-        "matrix second moments": (lambda: InputCovarianceObserver(), rows),
+        "conv input moments": (lambda: LayerInputObserver(ConvGeometry((3, 3), 2, (1, 1), (1, 1, 1, 1))), images),
+        "conv input means": (lambda: LayerInputObserver(ConvGeometry((3, 3), 2, (2, 2), (1, 0, 1, 0)), (1,)),
+                             images),
+        "matrix input moments": (lambda: LayerInputObserver(), rows),
         "outputs": (lambda: OutputsObserver(), rows),
     }
 
 
 def _statistic(observer):
     """What each observer hands to the passes."""
-    from lowbit.calibration.covariance import InputCovarianceObserver
+    from lowbit.calibration.layer_inputs import LayerInputObserver
     from lowbit.calibration.histogram import HistogramObserver
     from lowbit.calibration.observers import MeanObserver, OutputsObserver
 
@@ -76,8 +77,8 @@ def _statistic(observer):
         return [observer.counts, np.array([observer.start, observer.exponent]), *observer.range()]
     if isinstance(observer, MeanObserver):
         return [observer.mean()]
-    if isinstance(observer, InputCovarianceObserver):
-        return [observer.covariance()]
+    if isinstance(observer, LayerInputObserver):
+        return [observer.mean()] + ([observer.covariance()] if 2 in observer.orders else [])
     if isinstance(observer, OutputsObserver):
         return [np.sort(np.concatenate([a.ravel() for a in observer.arrays]))]  # merged in any order: a multiset
     return list(observer.range())

@@ -29,6 +29,8 @@ def make_session(model: ir.Model | onnx.ModelProto, extra_outputs: Sequence[str]
             proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # between two runs the observers work in numpy: threads spinning for the next run would take their cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         if proto.ByteSize() < _PROTOBUF_LIMIT:
             return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -1,18 +1,27 @@
-"""Bias correction: take each int8 layer's measured output shift out of its bias.
+"""Bias correction: take each int8 layer's output shift out of its bias.
 
 Reads: the quantized model (after weight rounding, when that ran) and the float weights
-and biases before the rewrite. Needs: per layer, the mean of (quantized output - the
-float weight applied to the same quantized input), measured on the quantized model over
-all calibration samples. Changes the model: the biases (int32 where the input is
-quantized, float32 otherwise). The rule is :mod:`lowbit.recovery.bias_correction`'s.
+and biases before the rewrite. Needs: per layer, the mean patch of its input, measured on
+the quantized model as weight rounding left it (its first 64 calibration samples).
+Changes the model: the biases (int32 where the input is quantized, float32 otherwise).
+The rule is :mod:`lowbit.recovery.bias_correction`'s.
 """
 
 from __future__ import annotations
 
+import onnx_ir as ir
+
 from ..pipeline.engine import Request
-from ..pipeline.passes import CURRENT, Pass
+from ..pipeline.passes import CURRENT, Pass, Samples
 from ..pipeline.state import QuantState
-from ..recovery.bias_correction import BiasCorrectionReport, correct_biases, correctable, plan_correction
+from ..recovery.bias_correction import (
+    BiasCorrectionReport,
+    correct_biases,
+    correctable,
+    plan_correction,
+    with_dequantized_constants,
+)
+from ..recovery.layers import SAMPLES, by_tensor
 
 
 class CorrectBiases(Pass):
@@ -27,19 +36,20 @@ class CorrectBiases(Pass):
                 state.note("bias_correction measures the layers' outputs on calibration data, and none was given: "
                            "biases are not corrected")
             return False
-        # built at the pass's turn, so that the measuring model holds the weights as rounding left them
-        self.job = plan_correction(state.model, [layer for layer in state.float_layers.values()
-                                                 if correctable(layer.node)])
+        self.job = plan_correction([layer for layer in state.float_layers.values() if correctable(layer.node)])
         return bool(self.job.layers)
 
     def measures(self, state: QuantState) -> str:
         return CURRENT
 
     def measured_model(self, state: QuantState):
-        return self.job.model
+        return with_dequantized_constants(ir.serde.serialize_model(state.model))
 
     def requests(self, state: QuantState) -> list[Request]:
-        return [Request(self.job.observers)]
+        return [Request(observers) for observers in by_tensor(self.job.observers)]
+
+    def samples(self, state: QuantState) -> Samples:
+        return Samples(limit=SAMPLES)
 
     def run(self, state: QuantState) -> BiasCorrectionReport:
         return correct_biases(state.model, self.job, self.samples_seen, self.started)

@@ -13,7 +13,7 @@ from ..graph.query import constant_array
 from ..pipeline.passes import Pass
 from ..pipeline.state import QuantState
 from ..quantizers.qdq import activation_qparams, apply_plan
-from ..recovery.bias_correction import Layer
+from ..recovery.layers import Layer
 
 
 class RewriteQDQ(Pass):

@@ -2,8 +2,9 @@
 
 Reads: the rewritten model and the float weights before the rewrite. Needs: the second
 moment of every re-rounded layer's input, measured on the quantized model (its first 64
-calibration samples). Changes the model: which integer each weight gets (scales, zero
-points and file size stay). The rule and its fallbacks are :mod:`lowbit.recovery.gptq`'s.
+calibration samples, a subset of each one's patches). Changes the model: which integer
+each weight gets (scales, zero points and file size stay). The rule and its fallbacks are
+:mod:`lowbit.recovery.gptq`'s.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from ..pipeline.engine import Request
 from ..pipeline.passes import CURRENT, Pass, Samples
 from ..pipeline.state import QuantState
 from ..recovery.bias_correction import with_dequantized_constants
-from ..recovery.gptq import SAMPLES, RoundingLayer, RoundingReport, compensable, compensate_rounding, plan_rounding
+from ..recovery.gptq import RoundingLayer, RoundingReport, compensable, compensate_rounding, plan_rounding
+from ..recovery.layers import SAMPLES, by_tensor
 
 
 class RoundWeights(Pass):
@@ -30,10 +32,10 @@ class RoundWeights(Pass):
             state.note("weight_rounding=GPTQ measures the layers' inputs on calibration data, and none was given: "
                        "weights are rounded to nearest")
             return False
-        layers = [RoundingLayer(slot.node, state.float_layers[slot.node.name].float_weight, slot.scheme.qmin,
-                                slot.scheme.qmax)
-                  for slot in state.plan.weights if slot.index == 1 and compensable(slot.node)]
-        self.job = plan_rounding(layers)
+        self.job = plan_rounding([
+            RoundingLayer(slot.node, state.float_layers[slot.node.name].float_weight, slot.scheme.qmin,
+                          slot.scheme.qmax)
+            for slot in state.plan.weights if slot.index == 1 and compensable(slot.node)])
         return bool(self.job.layers)
 
     def measures(self, state: QuantState) -> str:
@@ -44,7 +46,7 @@ class RoundWeights(Pass):
         return with_dequantized_constants(ir.serde.serialize_model(state.model))
 
     def requests(self, state: QuantState) -> list[Request]:
-        return [Request(self.job.observers)]
+        return [Request(observers) for observers in by_tensor(self.job.observers)]
 
     def samples(self, state: QuantState) -> Samples:
         return Samples(limit=SAMPLES)

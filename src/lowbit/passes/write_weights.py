@@ -13,7 +13,7 @@ from ..graph.query import constant_array
 from ..pipeline.passes import Pass
 from ..pipeline.state import QuantState
 from ..quantizers.weight_only import StoredWeight, apply_weight_only
-from ..recovery.bias_correction import Layer
+from ..recovery.layers import Layer
 
 
 class WriteWeights(Pass):

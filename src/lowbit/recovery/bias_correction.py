@@ -1,22 +1,26 @@
 """Empirical bias correction (MindSpore's ``bias_correction``, DFQ's idea, measured on data).
 
 Rounding a weight to 8 bits changes what each output channel computes by
-``(W_q - W) * x``. Its mean over the data, the shift of the channel's output, is not
-zero: in depthwise and stem convolutions it is large enough to move the class scores
-(DFQ, Nagel et al. 2019). The correction measures the shift and takes it out of the bias.
+``(W_q - W) . p`` for every input patch ``p``. Its mean over the data, the shift of the
+channel's output, is not zero: in depthwise and stem convolutions it is large enough to
+move the class scores (DFQ, Nagel et al. 2019). The correction measures the shift and
+takes it out of the bias.
 
-Rule, for each Conv (any group) and Gemm of the quantized model whose weight is stored
-as integers (full quantization or weight-only):
+Rule, for each 1-D/2-D Conv (any group) and Gemm of the quantized model whose weight is
+stored as integers (full quantization or weight-only):
 
-    shift = mean_c( Conv(x_q, W_q) ) - mean_c( Conv(x_q, W) )
-    bias' = bias - shift          (int32 with the same scale where the input is quantized,
-                                   float32 otherwise; added where absent)
+    shift = (W_q - W) . mean(p_q)     per output channel, p_q the patches of the layer's
+                                       input in the *quantized* model
+    bias' = bias - shift              (int32 with the same scale where the input is quantized,
+                                       float32 otherwise; added where absent)
 
-Both terms are measured in one streaming pass of ONNX Runtime over the calibration data
-on the *quantized* model, each layer with a "shadow" copy that applies the float weight
-to the same quantized input. The shift is therefore the layer's own error given what
-really reaches it, and correcting every layer at once does not double-count errors
-coming from layers above.
+The layer is linear in its weight, so this is exactly the mean of ``Conv(x_q, W_q) -
+Conv(x_q, W)``: the layer's own error given what really reaches it, and correcting every
+layer at once does not double-count errors coming from layers above. ``mean(p_q)`` is
+the first moment of :class:`~lowbit.calibration.layer_inputs.LayerInputObserver`,
+measured on the model as weight rounding left it: measured before re-rounding (in GPTQ's
+run), it lost 0.001 to 0.003 of output cosine on PP-OCRv4 rec and EfficientNet-Lite0,
+for a run that costs less than a second.
 """
 
 from __future__ import annotations
@@ -29,21 +33,13 @@ import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
 
-from ..calibration.observers import MeanObserver
+from ..calibration.layer_inputs import LayerInputObserver
 from ..graph.query import attribute, constant_array
 from ..quantizers.qdq import add_initializer, dequantize_node
 from ..quantizers.qparams import INT32
+from .layers import InputKey, Layer, as_rows, dequantize_source, dequantized_weight, input_observer, integer_weight, reads_rows
 
 CORRECTABLE = ("Conv", "Gemm")
-
-
-@dataclass(frozen=True)
-class Layer:
-    """A layer to correct, with the float weight and bias it had before quantization."""
-
-    node: ir.Node
-    float_weight: np.ndarray
-    float_bias: np.ndarray | None
 
 
 @dataclass
@@ -55,59 +51,40 @@ class BiasCorrectionReport:
 
 
 def correctable(node: ir.Node) -> bool:
-    if node.op_type not in CORRECTABLE:
+    if node.op_type not in CORRECTABLE or not reads_rows(node):
         return False
-    if node.op_type == "Gemm" and (attribute(node, "transA", 0) or attribute(node, "alpha", 1.0) != 1.0
-                                   or attribute(node, "beta", 1.0) != 1.0):
+    if node.op_type == "Gemm" and (attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0):
         return False
     return True
 
 
-def dequantize_source(value: ir.Value) -> ir.Node | None:
-    producer = value.producer() if value is not None else None
-    return producer if producer is not None and producer.op_type == "DequantizeLinear" else None
-
-
 @dataclass
 class CorrectionJob:
-    """The layers to correct, the measuring model (with a shadow of each), and the shift observer of each."""
+    """The layers to correct, and the observer of each one's input (several layers may share one)."""
 
-    layers: list[Layer]
-    model: onnx.ModelProto
-    observers: dict[str, MeanObserver]
+    layers: list[tuple[Layer, InputKey]]  # (layer, the key of its input's observer)
+    observers: dict[InputKey, LayerInputObserver]
 
 
-def plan_correction(model: ir.Model, layers: list[Layer]) -> CorrectionJob:
-    """The measuring model: the quantized model plus, per layer, its float-weight shadow and the difference."""
-    layers = [layer for layer in layers if dequantize_source(layer.node.inputs[1]) is not None]
-    proto = with_dequantized_constants(ir.serde.serialize_model(model))
-    observers: dict[str, MeanObserver] = {}
-    for i, layer in enumerate(layers):
-        node = layer.node
-        shadow_out, difference = f"lowbit_bias_correction_{i}_float", f"lowbit_bias_correction_{i}"
-        weight_name = f"{shadow_out}_weight"
-        proto.graph.initializer.append(numpy_helper.from_array(layer.float_weight, weight_name))
-        shadow = onnx.helper.make_node(node.op_type, [node.inputs[0].name, weight_name], [shadow_out],
-                                       name=f"{shadow_out}_node")
-        shadow.attribute.extend(ir.serde.serialize_attribute(a) for a in node.attributes.values())
-        # one output per layer: (quantized output) - (float weight on the same input)
-        subtract = onnx.helper.make_node("Sub", [node.outputs[0].name, shadow_out], [difference],
-                                         name=f"{difference}_node")
-        proto.graph.node.extend([shadow, subtract])
-        observers[difference] = MeanObserver(1 if node.op_type == "Conv" else -1)
-    return CorrectionJob(layers, proto, observers)
+def plan_correction(layers: list[Layer]) -> CorrectionJob:
+    """The layers whose weight is stored as integers, with a first-moment observer on each input."""
+    job = CorrectionJob([], {})
+    for layer in layers:
+        if integer_weight(layer.node) is None:
+            continue
+        key = input_observer(layer.node, layer.float_weight.shape, job.observers, order=1)
+        job.layers.append((layer, key))
+    return job
 
 
 def correct_biases(model: ir.Model, job: CorrectionJob, samples: int, start: float) -> BiasCorrectionReport:
-    """Fold each layer's measured output shift (``job``'s observers) into its bias, in place."""
+    """Fold each layer's output shift (from ``job``'s observers and its weights now) into its bias, in place."""
     largest = 0.0
-    for i, layer in enumerate(job.layers):
+    for layer, key in job.layers:
         node = layer.node
-        # mean of Conv(x_q, W_q) + current bias - Conv(x_q, W): the shift, plus the bias in place now
-        shift_plus_bias = job.observers[f"lowbit_bias_correction_{i}"].mean()
-        current = _current_bias(node, shift_plus_bias.shape[0])
-        float_bias = layer.float_bias if layer.float_bias is not None else np.zeros_like(current)
-        shift = shift_plus_bias - current
+        error = as_rows(node, dequantized_weight(integer_weight(node)) - layer.float_weight.astype(np.float64))
+        shift = np.einsum("god,gd->go", error, job.observers[key].mean()).reshape(-1)
+        float_bias = layer.float_bias.astype(np.float64) if layer.float_bias is not None else np.zeros_like(shift)
         largest = max(largest, float(np.max(np.abs(shift))))
         _set_bias(model.graph, node, float_bias - shift)
     ir.passes.common.RemoveUnusedNodesPass()(model)  # the biases replaced by new initializers
@@ -153,15 +130,6 @@ def _scales(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _has_float_bias(node: ir.Node) -> bool:
     return len(node.inputs) > 2 and constant_array(node.inputs[2]) is not None
-
-
-def _current_bias(node: ir.Node, channels: int) -> np.ndarray:
-    if len(node.inputs) < 3 or node.inputs[2] is None:
-        return np.zeros(channels)
-    dq = dequantize_source(node.inputs[2])
-    if dq is None:
-        return constant_array(node.inputs[2]).astype(np.float64).reshape(-1)
-    return constant_array(dq.inputs[0]).astype(np.float64) * constant_array(dq.inputs[1]).astype(np.float64)
 
 
 def _set_bias(graph: ir.Graph, node: ir.Node, bias: np.ndarray) -> None:

@@ -6,12 +6,14 @@ strongly correlated inputs, they add up to most of an int8 model's error. GPTQ r
 the weights of an output channel one input at a time and, after each, moves the weights
 not yet rounded so that the channel's output on the calibration data stays as close as
 it can to the float weight's: the change that minimises ``e^T H e``, where ``H`` is the
-second moment of the layer's input (:mod:`lowbit.calibration.covariance`).
+second moment of the layer's input.
 
 Rule, for each 2-D Conv, Gemm and MatMul whose weight is stored as integers through a
 DequantizeLinear over a constant:
 
     H = mean(p p^T) over the rows p the layer reads, on the *quantized* model's input
+        (:class:`~lowbit.calibration.layer_inputs.LayerInputObserver`: every sample,
+        a fixed subset of each sample's patches)
     q = GPTQ(W_float, H + 1% mean(diag H) I) on the layer's own grid
 
 The grid (scale, zero point, integer range) stays the same, so the file size, the
@@ -28,14 +30,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ..calibration.covariance import ConvGeometry, InputCovarianceObserver
-from ..graph.query import attribute, constant_array
-from .bias_correction import dequantize_source
+from ..calibration.layer_inputs import LayerInputObserver
+from ..graph.query import constant_array
+from .layers import InputKey, as_rows, from_rows, input_observer, integer_weight, reads_rows
 
 DAMPING = 0.01  # of the mean diagonal of H: keeps H invertible where inputs are constant or collinear
-# H settles within a few dozen samples (a 3x3 depthwise layer sees thousands of patches per sample),
-# while each sample costs a patch copy per layer: GPTQ reads at most this many calibration samples.
-SAMPLES = 64
 BLOCK = 128  # columns rounded between two updates of the columns after them
 
 
@@ -103,37 +102,25 @@ def output_error(weights: np.ndarray, rounded: np.ndarray, covariance: np.ndarra
 
 
 def compensable(node: ir.Node) -> bool:
-    """A 2-D Conv with explicit pads, a Gemm without transA, or a MatMul, reading a 2-D/4-D weight."""
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
-    shape = weight.shape if weight is not None else None
-    if shape is None:
-        return False
-    if node.op_type == "Conv":
-        return len(shape) == 4 and attribute(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
-    if node.op_type == "Gemm":
-        return len(shape) == 2 and not attribute(node, "transA", 0)
-    return node.op_type == "MatMul" and len(shape) == 2
+    """A 1-D/2-D Conv with explicit pads, a Gemm without transA, or a MatMul, reading a 2-D/3-D/4-D weight."""
+    return node.op_type in ("Conv", "Gemm", "MatMul") and reads_rows(node)
 
 
 @dataclass
 class RoundingJob:
     """The layers GPTQ re-rounds, and the input statistic each one reads (several layers may share one)."""
 
-    layers: list[tuple[RoundingLayer, str]]  # (layer, the observer key of its input)
-    observers: dict[str, InputCovarianceObserver]
+    layers: list[tuple[RoundingLayer, InputKey]]  # (layer, the key of its input's observer)
+    observers: dict[InputKey, LayerInputObserver]
 
 
 def plan_rounding(layers: list[RoundingLayer]) -> RoundingJob:
     """The layers whose weight is stored as integers, with an input second-moment observer each."""
     job = RoundingJob([], {})
     for layer in layers:
-        if _integer_weight(layer.node) is None:
+        if integer_weight(layer.node) is None:
             continue
-        geometry = _geometry(layer.node, layer.float_weight)
-        key = layer.node.inputs[0].name
-        if key in job.observers and job.observers[key].geometry != geometry:
-            continue  # the same input read with another window: keep round to nearest
-        job.observers.setdefault(key, InputCovarianceObserver(geometry))
+        key = input_observer(layer.node, layer.float_weight.shape, job.observers, order=2)
         job.layers.append((layer, key))
     return job
 
@@ -147,12 +134,12 @@ def compensate_rounding(job: RoundingJob, samples: int, start: float) -> Roundin
     """
     before, after, fallbacks, done = [], [], [], 0
     for layer, key in job.layers:
-        dq = _integer_weight(layer.node)
+        dq = integer_weight(layer.node)
         covariance = job.observers[key].covariance()
-        rows = _as_rows(layer.node, layer.float_weight)
+        rows = as_rows(layer.node, layer.float_weight)
         scale, zero_point = _grid(dq, rows.shape[:2])
         stored = constant_array(dq.inputs[0])
-        nearest = _as_rows(layer.node, stored.astype(np.int64))
+        nearest = as_rows(layer.node, stored.astype(np.int64))
         q, damping = _round_with_fallback(rows, covariance, scale, zero_point, layer)
         if damping != DAMPING:
             fallbacks.append(f"{layer.node.name}: " + (f"damping raised to {damping:g}" if q is not None
@@ -165,7 +152,7 @@ def compensate_rounding(job: RoundingJob, samples: int, start: float) -> Roundin
         if after[-1] >= before[-1]:  # GPTQ's greedy order can lose on a tiny layer: keep the better
             after[-1] = before[-1]
             continue
-        new = _from_rows(layer.node, q, stored.shape).astype(stored.dtype)
+        new = from_rows(layer.node, q, stored.shape).astype(stored.dtype)
         dq.inputs[0].const_value = ir.tensor(new, name=dq.inputs[0].name)
         done += 1
     return RoundingReport(done, samples, time.perf_counter() - start,
@@ -185,39 +172,6 @@ def _round_with_fallback(rows, covariance, scale, zero_point, layer: RoundingLay
             continue
         return q, damping
     return None, math.inf
-
-
-def _integer_weight(node: ir.Node) -> ir.Node | None:
-    """The DequantizeLinear over a constant integer tensor that feeds the node's weight, if any."""
-    dq = dequantize_source(node.inputs[1]) if len(node.inputs) > 1 else None
-    if dq is None or constant_array(dq.inputs[0]) is None or constant_array(dq.inputs[1]) is None:
-        return None
-    return dq if np.issubdtype(constant_array(dq.inputs[0]).dtype, np.integer) else None
-
-
-def _geometry(node: ir.Node, weight: np.ndarray) -> ConvGeometry | None:
-    if node.op_type != "Conv":
-        return None
-    pads = tuple(attribute(node, "pads", (0, 0, 0, 0)))
-    return ConvGeometry(kernel=tuple(weight.shape[2:]), group=int(attribute(node, "group", 1)),
-                        strides=tuple(attribute(node, "strides", (1, 1))), pads=pads,
-                        dilations=tuple(attribute(node, "dilations", (1, 1))))
-
-
-def _as_rows(node: ir.Node, weight: np.ndarray) -> np.ndarray:
-    """The weight as (groups, outputs per group, D): one row per output channel."""
-    if node.op_type == "Conv":
-        group = int(attribute(node, "group", 1))
-        return weight.reshape(group, weight.shape[0] // group, -1)
-    if node.op_type == "Gemm" and attribute(node, "transB", 0):
-        return weight[np.newaxis]
-    return weight.T[np.newaxis]  # MatMul and Gemm: (K, N) -> N rows of K
-
-
-def _from_rows(node: ir.Node, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if node.op_type == "Conv" or (node.op_type == "Gemm" and attribute(node, "transB", 0)):
-        return rows.reshape(shape)
-    return rows[0].T
 
 
 def _grid(dq: ir.Node, rows_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
