@@ -10,7 +10,8 @@ is the method of onnxruntime's MinMax, ``lowbit-KL`` that of its Entropy) or ``o
 ``ort-percentile`` (onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights,
 uint8 activations: the same layout lowbit writes for the CPU target). Both read the same
 folder of .npy samples, one file at a time. Dynamic quantization: ``lowbit-dynamic``
-(per-token activation scales), ``lowbit-dynamic-tensor``, ``ort-dynamic`` (quantize_dynamic's
+(the default: per-token activation scales on the feed-forward MatMuls, per tensor on the
+others), ``lowbit-dynamic-token`` (per token everywhere), ``lowbit-dynamic-tensor``, ``ort-dynamic`` (quantize_dynamic's
 defaults) and ``ort-dynamic-per-channel``; they take no data (pass any CALIB_DIR).
 Prints one JSON line: {"seconds": ...}.
 """
@@ -99,7 +100,8 @@ def main() -> None:
     elif args.tool.startswith("lowbit-dynamic"):
         import lowbit
 
-        granularity = "TENSOR" if args.tool.endswith("tensor") else "TOKEN"
+        granularity = {"lowbit-dynamic": "AUTO", "lowbit-dynamic-token": "TOKEN",
+                       "lowbit-dynamic-tensor": "TENSOR"}[args.tool]
         lowbit.quantize(args.model, args.output, quant_type="DYNAMIC_QUANT", dynamic_quant_granularity=granularity,
                         progress=False)
     elif args.tool.startswith("ort-dynamic"):

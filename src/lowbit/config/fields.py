@@ -106,9 +106,11 @@ FIELDS: tuple[Field, ...] = (
           "names of nodes that stay float, comma separated"),
     Field(COMMON, "dynamic_quant_activation_matmul", Kind.BOOL, False,
           "DYNAMIC_QUANT: also quantize MatMuls of two activations (attention scores)", extension=True),
-    Field(COMMON, "dynamic_quant_granularity", Kind.ENUM, "TOKEN",
-          "DYNAMIC_QUANT: activation scales per row/token (TOKEN) or per tensor (TENSOR, ONNX Runtime's form)",
-          choices=("TOKEN", "TENSOR"), extension=True),
+    Field(COMMON, "dynamic_quant_granularity", Kind.ENUM, "AUTO",
+          "DYNAMIC_QUANT: activation scales per row/token (TOKEN), per tensor (TENSOR, ONNX Runtime's form), "
+          "or AUTO: per token for MatMuls whose weight widens or narrows the hidden size 2x or more "
+          "(feed-forward layers), per tensor for the others",
+          choices=("AUTO", "TOKEN", "TENSOR"), extension=True),
     Field(COMMON, "matmul_nbits", Kind.BOOL, False,
           "WEIGHT_QUANT with bit_num=4: write 2-D MatMul weights as ONNX Runtime's MatMulNBits "
           "(4-bit blocks along K; runs in ONNX Runtime only)", extension=True),

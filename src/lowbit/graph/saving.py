@@ -5,6 +5,13 @@ The model is written to a temporary folder beside the destination, checked with
 ``os.replace``. A failure at any step leaves no output (and no half-written file).
 Models whose tensors exceed protobuf's 2 GB limit get their weights in an external
 data file ``<name>.data`` beside the model.
+
+Only the graph's inputs and outputs carry shapes in the file. ONNX Runtime infers the
+others itself; shapes written for every intermediate tensor let it apply fusions it does
+not apply to the float model, and some are slower on the CPU: with them, the Add +
+LayerNormalization pairs of a dynamically quantized MiniLM became SkipLayerNormalization
+(1.1 ms each at 8 x 128 x 384, against 0.17 ms + an Add), and the model ran 15% slower
+at batch 8 than without them.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -45,7 +54,8 @@ def save_atomically(model: ir.Model, output: Path) -> int:
     staging = Path(tempfile.mkdtemp(prefix=".lowbit-", dir=output.parent))
     try:
         staged = staging / output.name
-        ir.save(model, staged, external_data=external)
+        with _shapes_of_inputs_and_outputs_only(model):
+            ir.save(model, staged, external_data=external)
         _verify(staged)
         written = sum(p.stat().st_size for p in staging.iterdir())
         if external:
@@ -54,6 +64,21 @@ def save_atomically(model: ir.Model, output: Path) -> int:
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def _shapes_of_inputs_and_outputs_only(model: ir.Model) -> Iterator[None]:
+    """Clear the type and shape of the graph's intermediate values while the model is written."""
+    ends = {id(v) for v in (*model.graph.inputs, *model.graph.outputs)}
+    cleared = [(v, v.type, v.shape) for node in model.graph for v in node.outputs
+               if id(v) not in ends and (v.type is not None or v.shape is not None)]
+    for value, _, _ in cleared:
+        value.type, value.shape = None, None
+    try:
+        yield
+    finally:
+        for value, kind, shape in cleared:
+            value.type, value.shape = kind, shape
 
 
 def _verify(path: Path) -> None:

@@ -7,15 +7,19 @@ No calibration data is needed: each activation's scale is computed by
   (symmetric, per output column; per tensor with ``per_channel=false``) with activations
   quantized on every run, in one of two forms, both built from standard operators:
 
-  - ``TOKEN`` (the default): each row of the activation (each token) gets its own
-    symmetric scale ``max|x_row| / 127``. The row is stored as uint8 around 128 so that
+  - per token: each row of the activation (each token) gets its own symmetric scale
+    ``max|x_row| / 127``. The row is stored as uint8 around 128 so that
     ``MatMulInteger`` runs ONNX Runtime's fast U8S8 kernel, then
     ``Cast -> Mul(row scale x W_scale)``. One outlier token no longer coarsens the
-    scale of all the others: on MiniLM this takes the embedding cosine from 0.992 (one
-    scale per tensor) to 0.997, at nearly the same speed;
-  - ``TENSOR``: ``DynamicQuantizeLinear(x) -> MatMulInteger -> Cast -> Mul``, one
+    scale of all the others;
+  - per tensor: ``DynamicQuantizeLinear(x) -> MatMulInteger -> Cast -> Mul``, one
     asymmetric uint8 scale for the whole tensor. This is ONNX Runtime's own
-    quantize_dynamic form, which it fuses into DynamicQuantizeMatMul;
+    quantize_dynamic form, which it fuses into DynamicQuantizeMatMul.
+
+  ``dynamic_quant_granularity`` picks the form: ``TOKEN`` everywhere, ``TENSOR``
+  everywhere, or ``AUTO`` (the default, :func:`token_scales`): per token for the
+  feed-forward MatMuls, per tensor for the others. MatMuls that read the same activation
+  (Q, K and V) share its run-time quantization;
 * ``MatMul`` of two activations (attention scores) stays float unless
   ``dynamic_quant_activation_matmul=true``: then both inputs are quantized at run time;
 * ``Gather`` from a float constant table (word embeddings) keeps the table as int8 and
@@ -43,8 +47,23 @@ DYNAMIC_OPS = ("MatMul", "Gemm", "Gather")
 
 @dataclass(frozen=True)
 class DynamicOptions(WeightSelection):
-    granularity: str = "TOKEN"  # activation scales per row (TOKEN) or per tensor (TENSOR)
+    granularity: str = "AUTO"  # activation scales per row (TOKEN), per tensor (TENSOR), or AUTO
     activation_matmul: bool = False
+
+
+def token_scales(weight_shape: tuple[int, int], granularity: str) -> bool:
+    """Whether a MatMul with this [K, N] weight quantizes its activation per token.
+
+    AUTO: the MatMuls that widen or narrow the hidden size by 2x or more (a transformer's
+    feed-forward pair, around its GELU/ReLU), per tensor the others (attention projections).
+    Measured on MiniLM-L6 (bench/RESULTS.md): per-token scales on the feed-forward pair alone
+    keep all of the per-token mode's accuracy (mean cosine 0.9967 against 0.9966; per tensor
+    everywhere: 0.9920), while the attention projections, per token, only cost time.
+    """
+    if granularity != "AUTO":
+        return granularity == "TOKEN"
+    k, n = weight_shape
+    return max(k, n) >= 2 * min(k, n)
 
 
 def plan_dynamic(model: ir.Model, options: DynamicOptions) -> Decisions:
@@ -88,12 +107,13 @@ def _why_float(node: ir.Node, options: DynamicOptions) -> str | None:
 
 def apply_dynamic(model: ir.Model, plan: Decisions, options: DynamicOptions) -> None:
     graph = model.graph
+    quantized_inputs: dict[tuple[str, bool], tuple] = {}  # one run-time quantization per tensor and form
     for decision in plan.quantized_nodes:
         node = decision.node
         if node.op_type == "Gather":
             _quantize_gather(graph, node)
         else:
-            _quantize_matmul(graph, node, options, model.opset_imports.get("", 14))
+            _quantize_matmul(graph, node, options, model.opset_imports.get("", 14), quantized_inputs)
     ir.passes.Sequential(
         ir.passes.common.RemoveUnusedNodesPass(),
         ir.passes.common.TopologicalSortPass(),
@@ -124,6 +144,9 @@ def _per_token_input(graph: ir.Graph, x: ir.Value, k: int, name: str, new: list,
     """x -> (uint8 rows [M, K] around 128, row scales [M, 1], zero point 128): symmetric per row.
 
     One QuantizeLinear along axis 0 rounds, shifts and saturates every row with its own scale.
+    (Quantizing ``x`` as it is, with opset 21's ``block_size``, would save the reshapes, but
+    onnxruntime 1.32 then fuses MatMulInteger + Cast + Mul with the ``[B, T, 1]`` scales into
+    MatMulIntegerToFloat and computes wrong results: MiniLM's cosine fell to 0.65.)
     """
     def op(op_type, inputs, attributes=None):
         node = _new_node(graph, op_type, inputs, attributes, name=name)
@@ -145,17 +168,22 @@ def _per_token_input(graph: ir.Graph, x: ir.Value, k: int, name: str, new: list,
     return q, op("Unsqueeze", [scale, const("column", np.array([1], np.int64))]), zero_point
 
 
-def _quantize_matmul(graph: ir.Graph, node: ir.Node, options: DynamicOptions, opset: int) -> None:
+def _quantize_matmul(graph: ir.Graph, node: ir.Node, options: DynamicOptions, opset: int,
+                     quantized_inputs: dict[tuple[str, bool], tuple]) -> None:
+    """Replace the node by its integer form; ``quantized_inputs`` shares the run-time quantization
+    of one activation between the MatMuls that read it (a transformer's Q, K and V projections)."""
     name = node.name
     new: list[ir.Node] = []
     weight = constant_array(node.inputs[1])
     if weight is not None and node.op_type == "Gemm" and attribute(node, "transB", 0):
         weight = weight.T
-    per_token = weight is not None and options.granularity == "TOKEN"
-    if per_token:
-        x_q, x_scale, x_zero = _per_token_input(graph, node.inputs[0], weight.shape[0], f"{name}_a", new, opset)
-    else:
-        x_q, x_scale, x_zero = _dynamic_input(graph, node.inputs[0], f"{name}_a", new)
+    per_token = weight is not None and token_scales(weight.shape, options.granularity)
+    key = (node.inputs[0].name, per_token)
+    if key not in quantized_inputs:
+        quantized_inputs[key] = (
+            _per_token_input(graph, node.inputs[0], weight.shape[0], f"{name}_a", new, opset) if per_token
+            else _dynamic_input(graph, node.inputs[0], f"{name}_a", new))
+    x_q, x_scale, x_zero = quantized_inputs[key]
     if weight is None:  # activation x activation: quantize both at run time
         w_q, w_scale, w_zero = _dynamic_input(graph, node.inputs[1], f"{name}_b", new)
     else:
