@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import job, weights, zoo  # noqa: E402
+from bench import job, shapes, weights, zoo  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MEMORY_LIMIT = 18 * 2**30  # a child that needs more fails alone instead of starving the machine
@@ -431,6 +431,8 @@ def markdown(results: dict) -> str:
                   f"preprocessing (RGB, resize 224x224 LINEAR, normalize): calibration {m['calibration_seconds']:.1f} s, "
                   f"of which reading, decoding and preprocessing {m['read_seconds']:.1f} s "
                   f"({100 * m['share']:.0f}%).", ""]
+    if results.get("shapes"):
+        lines += shapes.markdown(results["shapes"])
     if results.get("fewer_samples"):
         f = results["fewer_samples"]
         lowbit, minmax = f["seconds"]["lowbit"], f["seconds"]["ort-minmax"]
@@ -501,8 +503,9 @@ def text_ratios(rows: list[dict]) -> list[str]:
         by_tool.get("float32")
     if not (ours and theirs and float_row):
         return []
-    return [f"lowbit default / onnxruntime quantize_dynamic per-channel: latency {ours['latency_b1_ms'] / "
-            f"theirs['latency_b1_ms']:.2f}x at batch 1, {ours['latency_b8_ms'] / theirs['latency_b8_ms']:.2f}x at "
+    b1 = ours["latency_b1_ms"] / theirs["latency_b1_ms"]
+    b8 = ours["latency_b8_ms"] / theirs["latency_b8_ms"]
+    return [f"lowbit default / onnxruntime quantize_dynamic per-channel: latency {b1:.2f}x at batch 1, {b8:.2f}x at "
             f"batch 8; mean cosine {ours['cosine_mean']:.4f} vs {theirs['cosine_mean']:.4f}",
             f"speed-up over float32 at batch 8: lowbit default {float_row['latency_b8_ms'] / ours['latency_b8_ms']:.2f}x, "
             f"onnxruntime per-channel {float_row['latency_b8_ms'] / theirs['latency_b8_ms']:.2f}x"]
@@ -566,6 +569,7 @@ def main() -> None:
     results["text"] = text_case(work / "minilm", 256 if args.quick else 844, runs)
     results["weights"] = weights.section(cases[0], work / "weights", args.quick)
     results["images"] = image_pipeline_cost(work / "images", 100 if args.quick else 500)
+    results["shapes"] = shapes.section(work / "shapes", quantize_in_child, compare_latency, runs)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "RESULTS.md").write_text(markdown(results))
