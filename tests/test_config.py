@@ -2,7 +2,7 @@
 
 import pytest
 
-from lowbit import LowbitError, NotSupportedYetError, load_config
+from lowbit import LowbitError, load_config
 from lowbit.cli import main
 
 FULL_QUANT_CFG = """\
@@ -96,9 +96,12 @@ def test_full_quant_is_8_bit(tmp_path):
         load_config(write(tmp_path, "[common_quant_param]\nquant_type=FULL_QUANT\nbit_num=4\n"))
 
 
-def test_known_but_unimplemented_keys_are_rejected(tmp_path):
-    with pytest.raises(NotSupportedYetError, match="not supported yet"):
-        load_config(write(tmp_path, "[common_quant_param]\ndebug_info_save_path=/tmp/debug\n"))
+def test_debug_info_save_path_is_read_and_refused_for_dynamic(tmp_path):
+    config = load_config(write(tmp_path, "[common_quant_param]\ndebug_info_save_path=/tmp/debug\n"))
+    assert config.debug_info_save_path == "/tmp/debug"
+    with pytest.raises(LowbitError, match="debug_info_save_path applies to FULL_QUANT and WEIGHT_QUANT"):
+        load_config(write(tmp_path, "[common_quant_param]\nquant_type=DYNAMIC_QUANT\n"
+                                    "debug_info_save_path=/tmp/debug\n"))
 
 
 def test_mindspore_mixed_bit_weight_quant_file(tmp_path):

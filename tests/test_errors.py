@@ -3,8 +3,8 @@
 import re
 
 import numpy as np
-import pytest
 import onnx
+import pytest
 from conftest import conv_relu_pool_model, random_feeds, save, write_npy_folder
 
 import lowbit
@@ -190,9 +190,10 @@ def test_input_shape_of_the_wrong_rank_for_bin_data(tmp_path, capsys, out, tiny_
     check(code, err, out, "input_shape", "3 dimensions")
 
 
-def test_unsupported_option_value(capsys, out, tiny_model, tiny_calib):
-    code, err = quantize_cli(capsys, tiny_model, "-o", out, "--data", tiny_calib, "--debug-info-save-path", "/tmp/d")
-    check(code, err, out, "--debug-info-save-path", "not supported yet")
+def test_option_for_another_quant_type(capsys, out, tiny_model, tiny_calib):
+    code, err = quantize_cli(capsys, tiny_model, "-o", out, "--quant-type", "DYNAMIC_QUANT", "--debug-info-save-path",
+                             "/tmp/d")
+    check(code, err, out, "--debug-info-save-path", "applies to FULL_QUANT and WEIGHT_QUANT")
 
 
 def test_success_prints_a_summary(capsys, tmp_path, tiny_model, tiny_calib):

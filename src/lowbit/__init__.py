@@ -7,14 +7,13 @@
 
 from .api import LowbitWarning, NodeReport, QuantizeResult, TensorReport, quantize
 from .config import QuantConfig, load_config
-from .errors import LowbitError, NotSupportedYetError
+from .errors import LowbitError
 from .inference import inference_session, session_options
 
 __all__ = [
     "LowbitError",
     "LowbitWarning",
     "NodeReport",
-    "NotSupportedYetError",
     "QuantConfig",
     "QuantizeResult",
     "TensorReport",

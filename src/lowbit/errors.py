@@ -15,10 +15,6 @@ class LowbitError(Exception):
     """An error in what the user gave lowbit, reported without a traceback."""
 
 
-class NotSupportedYetError(LowbitError):
-    """A recognised option (from a toolchain's config format) that lowbit does not implement yet."""
-
-
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """Return " (did you mean 'x'?)" for the closest candidate, or "" when none is close."""
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)

@@ -6,15 +6,10 @@ The table follows MindSpore Lite's post-training quantization INI (sections
 lowbit addresses a setting by its key alone. The same table drives the INI reader,
 the CLI flags and the keyword arguments of :func:`lowbit.quantize`, so a key is
 declared once.
-
-A key can be *known but not supported yet*: it is part of the format lowbit reads,
-but the feature behind it is a later piece of work. Setting such a key (or such a
-value) is an error that says so, never a silent no-op.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -34,11 +29,7 @@ class Kind(Enum):
 
 @dataclass(frozen=True)
 class Field:
-    """One configuration key.
-
-    ``unsupported`` maps a parsed value to the reason it is not implemented yet
-    (None when it is); a key whose whole feature is missing uses ``always_unsupported``.
-    """
+    """One configuration key."""
 
     section: str
     key: str
@@ -50,7 +41,6 @@ class Field:
     low: float | None = None
     high: float | None = None
     open_interval: bool = False
-    unsupported: Callable[[Any], str | None] | None = None
     extension: bool = False  # a lowbit key, not MindSpore's
     many: bool = False  # one value or several, comma separated: candidates for the search
 
@@ -72,14 +62,6 @@ class Field:
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
-
-
-def always_unsupported(feature: str) -> Callable[[Any], str | None]:
-    return lambda value: f"{feature} is not supported yet"
-
-
-def unsupported_values(reasons: dict[Any, str]) -> Callable[[Any], str | None]:
-    return lambda value: reasons.get(value)
 
 
 COMMON = "common_quant_param"
@@ -118,8 +100,8 @@ FIELDS: tuple[Field, ...] = (
           "matmul_nbits: values per 4-bit block along K, each block with its own scale "
           "(a power of two, 16 to 256)", low=16, high=256, extension=True),
     Field(COMMON, "debug_info_save_path", Kind.STR, None,
-          "folder for the per-tensor debug reports",
-          unsupported=always_unsupported("debug reports (debug_info_save_path)")),
+          "folder for MindSpore's debug reports (output_summary.csv, round_*.csv, quant_param.csv); "
+          "FULL_QUANT and WEIGHT_QUANT"),
     # [mixed_bit_weight_quant_param]
     Field(MIXED_BIT, "init_scale", Kind.FLOAT, 0.02,
           "bit_num=0: the relative error each weight may add (to itself without data, to the model's "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import LowbitError, NotSupportedYetError, did_you_mean
+from ..errors import LowbitError, did_you_mean
 from .fields import FIELDS, FIELDS_BY_KEY, Field, Kind
 
 DEFAULT = "default"
@@ -214,12 +214,7 @@ def resolve(layers: list[tuple[dict[str, Any], str]]) -> QuantConfig:
             if key not in FIELDS_BY_KEY:
                 raise LowbitError(f"{origin}: unknown key '{key}'" + did_you_mean(key, FIELDS_BY_KEY))
             field = FIELDS_BY_KEY[key]
-            value = parse_value(field, raw, origin)
-            if field.unsupported is not None and value is not None:
-                reason = field.unsupported(value)
-                if reason:
-                    raise NotSupportedYetError(f"{origin}: {key}={raw}: {reason}")
-            settings[key] = Setting(value, origin)
+            settings[key] = Setting(parse_value(field, raw, origin), origin)
     _apply_dependent_defaults(settings)
     _check_combinations(settings)
     return QuantConfig(settings)
@@ -254,6 +249,9 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
         if settings["target_device"].value not in (None, "CPU"):
             raise LowbitError(f"{where('target_device')}: target_device={settings['target_device'].value}: "
                               "DYNAMIC_QUANT targets ONNX Runtime on CPU; leave target_device unset")
+        if settings["debug_info_save_path"].value is not None:
+            raise LowbitError(f"{where('debug_info_save_path')}: debug_info_save_path applies to FULL_QUANT and "
+                              "WEIGHT_QUANT; a dynamic model has no calibration to report on")
     elif settings["dynamic_quant_activation_matmul"].value:
         raise LowbitError(f"{where('dynamic_quant_activation_matmul')}: dynamic_quant_activation_matmul "
                           "applies to quant_type=DYNAMIC_QUANT only")

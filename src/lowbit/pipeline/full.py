@@ -8,6 +8,7 @@ from ..passes.candidates import ActivationCandidates
 from ..passes.check_settings import CheckSettings
 from ..passes.choose_ranges import ChooseRanges
 from ..passes.correct_biases import CorrectBiases
+from ..passes.debug_reports import WriteDebugReports
 from ..passes.plan import PlanFull
 from ..passes.prepare import Prepare
 from ..passes.rewrite import RewriteQDQ
@@ -29,5 +30,6 @@ def full_quant() -> list[Pass]:
         RoundWeights(),  # quantized model, 64 samples: GPTQ's second moments; weights re-rounded
         CorrectBiases(),  # quantized model, all samples: each layer's output shift; biases corrected
         Save(),  # checked, then moved into place
+        WriteDebugReports(),  # debug_info_save_path: MindSpore's CSV reports on the saved model
         WriteCalibrationTable(),  # calibration_table_out: the ranges for tpu-mlir, TensorRT or lowbit
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..passes.check_settings import CheckSettings
 from ..passes.choose_widths import ChooseWidths
 from ..passes.correct_biases import CorrectBiases
+from ..passes.debug_reports import WriteDebugReports
 from ..passes.output_check import CheckOutputs
 from ..passes.plan import PlanWeightOnly
 from ..passes.prepare import Prepare
@@ -25,4 +26,5 @@ def weight_quant() -> list[Pass]:
         CorrectBiases(),  # quantized model, all samples (when data is given)
         CheckOutputs(),  # output cosine against the float outputs of the probe
         Save(),
+        WriteDebugReports(),
     ]

@@ -26,7 +26,7 @@ for a run that costs less than a second.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -37,7 +37,16 @@ from ..calibration.layer_inputs import LayerInputObserver
 from ..graph.query import attribute, constant_array
 from ..quantizers.qdq import add_initializer, dequantize_node
 from ..quantizers.qparams import INT32
-from .layers import InputKey, Layer, as_rows, dequantize_source, dequantized_weight, input_observer, integer_weight, reads_rows
+from .layers import (
+    InputKey,
+    Layer,
+    as_rows,
+    dequantize_source,
+    dequantized_weight,
+    input_observer,
+    integer_weight,
+    reads_rows,
+)
 
 CORRECTABLE = ("Conv", "Gemm")
 
@@ -48,14 +57,13 @@ class BiasCorrectionReport:
     samples: int
     seconds: float
     largest_shift: float  # the largest |shift| corrected, in units of the output
+    shifts: dict[str, np.ndarray] = field(default_factory=dict)  # per layer: the shift per output channel
 
 
 def correctable(node: ir.Node) -> bool:
     if node.op_type not in CORRECTABLE or not reads_rows(node):
         return False
-    if node.op_type == "Gemm" and (attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0):
-        return False
-    return True
+    return node.op_type != "Gemm" or (attribute(node, "alpha", 1.0) == 1.0 and attribute(node, "beta", 1.0) == 1.0)
 
 
 @dataclass
@@ -79,16 +87,17 @@ def plan_correction(layers: list[Layer]) -> CorrectionJob:
 
 def correct_biases(model: ir.Model, job: CorrectionJob, samples: int, start: float) -> BiasCorrectionReport:
     """Fold each layer's output shift (from ``job``'s observers and its weights now) into its bias, in place."""
-    largest = 0.0
+    largest, shifts = 0.0, {}
     for layer, key in job.layers:
         node = layer.node
         error = as_rows(node, dequantized_weight(integer_weight(node)) - layer.float_weight.astype(np.float64))
         shift = np.einsum("god,gd->go", error, job.observers[key].mean()).reshape(-1)
         float_bias = layer.float_bias.astype(np.float64) if layer.float_bias is not None else np.zeros_like(shift)
         largest = max(largest, float(np.max(np.abs(shift))))
+        shifts[node.name] = shift
         _set_bias(model.graph, node, float_bias - shift)
     ir.passes.common.RemoveUnusedNodesPass()(model)  # the biases replaced by new initializers
-    return BiasCorrectionReport(len(job.layers), samples, time.perf_counter() - start, largest)
+    return BiasCorrectionReport(len(job.layers), samples, time.perf_counter() - start, largest, shifts)
 
 
 def with_dequantized_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
