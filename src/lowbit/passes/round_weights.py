@@ -15,7 +15,13 @@ from ..pipeline.engine import Request
 from ..pipeline.passes import CURRENT, Pass, Samples
 from ..pipeline.state import QuantState
 from ..recovery.bias_correction import with_dequantized_constants
-from ..recovery.gptq import RoundingLayer, RoundingReport, compensable, compensate_rounding, plan_rounding
+from ..recovery.gptq import (
+    RoundingLayer,
+    RoundingReport,
+    compensable,
+    compensate_rounding,
+    plan_rounding,
+)
 from ..recovery.layers import SAMPLES, by_tensor
 
 

@@ -33,18 +33,17 @@ import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
 
-from ..calibration.layer_inputs import LayerInputObserver
 from ..graph.query import attribute, constant_array
 from ..quantizers.qdq import add_initializer, dequantize_node
 from ..quantizers.qparams import INT32
 from .layers import (
-    InputKey,
     Layer,
+    LayerJob,
     as_rows,
     dequantize_source,
     dequantized_weight,
-    input_observer,
     integer_weight,
+    plan_layer_inputs,
     reads_rows,
 )
 
@@ -66,26 +65,12 @@ def correctable(node: ir.Node) -> bool:
     return node.op_type != "Gemm" or (attribute(node, "alpha", 1.0) == 1.0 and attribute(node, "beta", 1.0) == 1.0)
 
 
-@dataclass
-class CorrectionJob:
-    """The layers to correct, and the observer of each one's input (several layers may share one)."""
-
-    layers: list[tuple[Layer, InputKey]]  # (layer, the key of its input's observer)
-    observers: dict[InputKey, LayerInputObserver]
-
-
-def plan_correction(layers: list[Layer]) -> CorrectionJob:
+def plan_correction(layers: list[Layer]) -> LayerJob:
     """The layers whose weight is stored as integers, with a first-moment observer on each input."""
-    job = CorrectionJob([], {})
-    for layer in layers:
-        if integer_weight(layer.node) is None:
-            continue
-        key = input_observer(layer.node, layer.float_weight.shape, job.observers, order=1)
-        job.layers.append((layer, key))
-    return job
+    return plan_layer_inputs(layers, order=1)
 
 
-def correct_biases(model: ir.Model, job: CorrectionJob, samples: int, start: float) -> BiasCorrectionReport:
+def correct_biases(model: ir.Model, job: LayerJob, samples: int, start: float) -> BiasCorrectionReport:
     """Fold each layer's output shift (from ``job``'s observers and its weights now) into its bias, in place."""
     largest, shifts = 0.0, {}
     for layer, key in job.layers:

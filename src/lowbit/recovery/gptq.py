@@ -30,9 +30,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ..calibration.layer_inputs import LayerInputObserver
 from ..graph.query import constant_array
-from .layers import InputKey, as_rows, from_rows, input_observer, integer_weight, reads_rows
+from .layers import (
+    LayerJob,
+    as_rows,
+    from_rows,
+    integer_weight,
+    plan_layer_inputs,
+    reads_rows,
+)
 
 DAMPING = 0.01  # of the mean diagonal of H: keeps H invertible where inputs are constant or collinear
 BLOCK = 128  # columns rounded between two updates of the columns after them
@@ -106,26 +112,12 @@ def compensable(node: ir.Node) -> bool:
     return node.op_type in ("Conv", "Gemm", "MatMul") and reads_rows(node)
 
 
-@dataclass
-class RoundingJob:
-    """The layers GPTQ re-rounds, and the input statistic each one reads (several layers may share one)."""
-
-    layers: list[tuple[RoundingLayer, InputKey]]  # (layer, the key of its input's observer)
-    observers: dict[InputKey, LayerInputObserver]
-
-
-def plan_rounding(layers: list[RoundingLayer]) -> RoundingJob:
+def plan_rounding(layers: list[RoundingLayer]) -> LayerJob:
     """The layers whose weight is stored as integers, with an input second-moment observer each."""
-    job = RoundingJob([], {})
-    for layer in layers:
-        if integer_weight(layer.node) is None:
-            continue
-        key = input_observer(layer.node, layer.float_weight.shape, job.observers, order=2)
-        job.layers.append((layer, key))
-    return job
+    return plan_layer_inputs(layers, order=2)
 
 
-def compensate_rounding(job: RoundingJob, samples: int, start: float) -> RoundingReport:
+def compensate_rounding(job: LayerJob, samples: int, start: float) -> RoundingReport:
     """Re-round each layer's integer weight in place, from the second moments ``job``'s observers hold.
 
     A second moment that GPTQ cannot invert (a singular or ill-conditioned one, from huge

@@ -10,6 +10,7 @@ turns a graph node into those shapes and back.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -104,6 +105,23 @@ def input_observer(node: ir.Node, weight_shape: tuple[int, ...], observers: dict
     key = (node.inputs[0].name, geometry)
     observers.setdefault(key, LayerInputObserver(geometry, orders=(order,)))
     return key
+
+
+@dataclass
+class LayerJob:
+    """Layers to refine, each with the key of its input's observer (several layers may share one)."""
+
+    layers: list[tuple[Any, InputKey]]  # (a Layer or RoundingLayer: .node and .float_weight, its key)
+    observers: dict[InputKey, LayerInputObserver]
+
+
+def plan_layer_inputs(layers: list, order: int) -> LayerJob:
+    """The layers whose weight is stored as integers, with an observer of the ``order``-th moments of each input."""
+    job = LayerJob([], {})
+    for layer in layers:
+        if integer_weight(layer.node) is not None:
+            job.layers.append((layer, input_observer(layer.node, layer.float_weight.shape, job.observers, order)))
+    return job
 
 
 def by_tensor(observers: dict[InputKey, LayerInputObserver]) -> list[dict[str, LayerInputObserver]]:
