@@ -99,6 +99,24 @@ def test_auto_scales_feed_forward_matmuls_per_token_and_shares_quantization(tmp_
         assert zoo.cosine(expected, got) > 0.999
 
 
+@pytest.mark.parametrize("opset", [12, 14])
+def test_per_token_scales_on_older_opsets(tmp_path, opset):
+    # opset 12: QuantizeLinear has no axis yet, so the model is converted to opset 13;
+    # before opset 15, Shape has no ``end``: the leading dimensions come from a Slice
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="up")]
+    src = save(make_model(nodes, [float_input("x", [2, 5, 8])], [float_input("y", [2, 5, 32])],
+                          [("w", rng.normal(size=(8, 32)).astype(np.float32))], opset=opset), tmp_path / "m.onnx")
+    out = tmp_path / "d.onnx"
+    lowbit.quantize(src, out, quant_type="DYNAMIC_QUANT", min_quant_weight_channel=0, progress=False)
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.opset_import[0].version >= 13
+    assert "QuantizeLinear" in [n.op_type for n in model.graph.node]  # per token: the weight widens 4x
+    f = {"x": rng.normal(size=(2, 5, 8)).astype(np.float32)}
+    assert zoo.cosine(run(src, f)[0], run(out, f)[0]) > 0.999
+
+
 def test_weights_per_tensor_skip_and_activation_matmul(tmp_path):
     src = save(small_model(), tmp_path / "m.onnx")
     result = lowbit.quantize(src, tmp_path / "d.onnx", quant_type="DYNAMIC_QUANT", per_channel=False,

@@ -18,6 +18,7 @@ from ..quantizers.targets import TARGETS
 from ..quantizers.weight_only import WeightOnlyOptions, plan_weight_only
 
 INT4_OPSET = 21  # DequantizeLinear reads int4 and int16 from this opset on
+PER_TOKEN_OPSET = 13  # QuantizeLinear quantizes along an axis (per-token scales) from this opset on
 
 
 class PlanFull(Pass):
@@ -80,7 +81,17 @@ class PlanDynamic(Pass):
     def run(self, state: QuantState) -> None:
         config = state.config
         state.target_name = "CPU, dynamic"
+        granularity = config.dynamic_quant_granularity
+        if granularity != "TENSOR" and state.model.opset_imports.get("", 1) < PER_TOKEN_OPSET:
+            upgraded = with_opset(state.model, PER_TOKEN_OPSET)
+            if upgraded is not None:
+                state.model = upgraded
+            else:
+                granularity = "TENSOR"
+                state.note(f"dynamic_quant_granularity={config.dynamic_quant_granularity}: per-token scales need "
+                           f"QuantizeLinear along an axis (opset {PER_TOKEN_OPSET}), and onnx's converter could not "
+                           "take the model there: every activation gets one scale per tensor")
         state.weight_options = DynamicOptions(**WeightSelection.settings(config),
                                               activation_matmul=config.dynamic_quant_activation_matmul,
-                                              granularity=config.dynamic_quant_granularity)
+                                              granularity=granularity)
         state.plan = plan_dynamic(state.model, state.weight_options)

@@ -205,11 +205,11 @@ def _quantize_matmul(graph: ir.Graph, node: ir.Node, options: DynamicOptions, op
     new.append(result)
     out = result.outputs[0]
     if per_token:  # back from rows [M, N] to the input's leading dims
-        lead = _new_node(graph, "Shape", [node.inputs[0]], {"end": -1}, name=f"{name}_lead")
+        lead = _leading_dims(graph, node.inputs[0], name, new, opset)
         columns = add_initializer(graph, f"{name}_columns", np.array([weight.shape[1]], np.int64))
-        shape = _new_node(graph, "Concat", [lead.outputs[0], columns], {"axis": 0}, name=f"{name}_out")
+        shape = _new_node(graph, "Concat", [lead, columns], {"axis": 0}, name=f"{name}_out")
         restored = _new_node(graph, "Reshape", [out, shape.outputs[0]], name=f"{name}_out")
-        new += [lead, shape, restored]
+        new += [shape, restored]
         out = restored.outputs[0]
     if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
         bias = node.inputs[2]
@@ -223,6 +223,20 @@ def _quantize_matmul(graph: ir.Graph, node: ir.Node, options: DynamicOptions, op
         new.append(add)
         out = add.outputs[0]
     _replace(graph, node, new, out)
+
+
+def _leading_dims(graph: ir.Graph, x: ir.Value, name: str, new: list, opset: int) -> ir.Value:
+    """The shape of ``x`` without its last axis: Shape's ``end`` from opset 15, a Slice of it before."""
+    if opset >= 15:
+        lead = _new_node(graph, "Shape", [x], {"end": -1}, name=f"{name}_lead")
+        new.append(lead)
+        return lead.outputs[0]
+    shape = _new_node(graph, "Shape", [x], name=f"{name}_lead")
+    bounds = [add_initializer(graph, f"{name}_lead_{tag}", np.array([value], np.int64))
+              for tag, value in (("start", 0), ("end", -1))]
+    lead = _new_node(graph, "Slice", [shape.outputs[0], *bounds], name=f"{name}_lead")
+    new += [shape, lead]
+    return lead.outputs[0]
 
 
 def _quantize_gather(graph: ir.Graph, node: ir.Node) -> None:
