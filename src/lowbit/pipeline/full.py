@@ -27,8 +27,8 @@ def full_quant() -> list[Pass]:
         Calibrate(),  # float model, all samples: a histogram (or min/max) per activation
         ChooseRanges(),  # float model, held-back samples: the search's references; ranges chosen
         RewriteQDQ(),  # Q/DQ pairs, integer weights, int32 biases
-        RoundWeights(),  # quantized model, 64 samples: GPTQ's second moments; weights re-rounded
-        CorrectBiases(),  # quantized model, all samples: each layer's output shift; biases corrected
+        RoundWeights(),  # quantized model, 64 samples (D patches each): GPTQ's second moments; weights re-rounded
+        CorrectBiases(),  # quantized model, 64 samples: each layer's input mean; biases corrected
         Save(),  # checked, then moved into place
         WriteDebugReports(),  # debug_info_save_path: MindSpore's CSV reports on the saved model
         WriteCalibrationTable(),  # calibration_table_out: the ranges for tpu-mlir, TensorRT or lowbit

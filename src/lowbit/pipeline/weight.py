@@ -23,7 +23,7 @@ def weight_quant() -> list[Pass]:
         KeepProbe(),  # float model, first 16 samples: the samples, float outputs, input means
         ChooseWidths(),  # bit_num, or the mixed-bit search on the probe
         WriteWeights(),  # integers + DequantizeLinear (or MatMulNBits)
-        CorrectBiases(),  # quantized model, all samples (when data is given)
+        CorrectBiases(),  # quantized model, 64 samples (when data is given)
         CheckOutputs(),  # output cosine against the float outputs of the probe
         Save(),
         WriteDebugReports(),
