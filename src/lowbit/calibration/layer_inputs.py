@@ -54,7 +54,7 @@ class LayerInputObserver(Observer):
     samples are the leading axis when the input has three or more axes.
     """
 
-    STATE = (*Observer.STATE, "total", "rows", "first", "first_rows", "geometry", "orders")
+    STATE = (*Observer.STATE, "total", "rows", "first", "first_rows", "geometry", "orders", "rows_per_sample")
 
     def __init__(self, geometry: ConvGeometry | None = None, orders: tuple[int, ...] = (1, 2),
                  rows_per_sample: int = 0):
@@ -95,7 +95,6 @@ class LayerInputObserver(Observer):
         state["geometry"] = np.array([] if self.geometry is None else
                                      [*self.geometry.kernel, self.geometry.group, *self.geometry.strides,
                                       *self.geometry.pads, *self.geometry.dilations], dtype=np.int64)
-        state["orders"] = np.array([self.rows_per_sample, *self.orders], dtype=np.int64)
         return state
 
     @classmethod
@@ -104,8 +103,7 @@ class LayerInputObserver(Observer):
         g = [int(v) for v in np.asarray(state["geometry"])]
         observer.geometry = ConvGeometry(tuple(g[0:2]), g[2], tuple(g[3:5]), tuple(g[5:9]), tuple(g[9:11])) if g \
             else None
-        observer.rows_per_sample, *orders = (int(v) for v in np.asarray(state["orders"]))
-        observer.orders = tuple(orders)
+        observer.orders = tuple(int(v) for v in np.atleast_1d(observer.orders))
         observer.seen_finite = True
         return observer
 

@@ -9,22 +9,17 @@ The rule is :mod:`lowbit.recovery.bias_correction`'s.
 
 from __future__ import annotations
 
-import onnx_ir as ir
-
-from ..pipeline.engine import Request
-from ..pipeline.passes import CURRENT, Pass, Samples
 from ..pipeline.state import QuantState
 from ..recovery.bias_correction import (
     BiasCorrectionReport,
     correct_biases,
     correctable,
     plan_correction,
-    with_dequantized_constants,
 )
-from ..recovery.layers import SAMPLES, by_tensor
+from .layer_inputs import LayerInputsPass
 
 
-class CorrectBiases(Pass):
+class CorrectBiases(LayerInputsPass):
     name = "correct_biases"
     setting = "bias_correction"
     requires = ("plan", "float_layers")
@@ -38,18 +33,6 @@ class CorrectBiases(Pass):
             return False
         self.job = plan_correction([layer for layer in state.float_layers.values() if correctable(layer.node)])
         return bool(self.job.layers)
-
-    def measures(self, state: QuantState) -> str:
-        return CURRENT
-
-    def measured_model(self, state: QuantState):
-        return with_dequantized_constants(ir.serde.serialize_model(state.model))
-
-    def requests(self, state: QuantState) -> list[Request]:
-        return [Request(observers) for observers in by_tensor(self.job.observers)]
-
-    def samples(self, state: QuantState) -> Samples:
-        return Samples(limit=SAMPLES)
 
     def run(self, state: QuantState) -> BiasCorrectionReport:
         return correct_biases(state.model, self.job, self.samples_seen, self.started)

@@ -9,12 +9,7 @@ each weight gets (scales, zero points and file size stay). The rule and its fall
 
 from __future__ import annotations
 
-import onnx_ir as ir
-
-from ..pipeline.engine import Request
-from ..pipeline.passes import CURRENT, Pass, Samples
 from ..pipeline.state import QuantState
-from ..recovery.bias_correction import with_dequantized_constants
 from ..recovery.gptq import (
     RoundingLayer,
     RoundingReport,
@@ -22,10 +17,10 @@ from ..recovery.gptq import (
     compensate_rounding,
     plan_rounding,
 )
-from ..recovery.layers import SAMPLES, by_tensor
+from .layer_inputs import LayerInputsPass
 
 
-class RoundWeights(Pass):
+class RoundWeights(LayerInputsPass):
     name = "round_weights"
     setting = "weight_rounding=GPTQ"
     requires = ("plan", "float_layers")
@@ -43,19 +38,6 @@ class RoundWeights(Pass):
                           slot.scheme.qmax)
             for slot in state.plan.weights if slot.index == 1 and compensable(slot.node)])
         return bool(self.job.layers)
-
-    def measures(self, state: QuantState) -> str:
-        return CURRENT
-
-    def measured_model(self, state: QuantState):
-        # weights stored dequantized: ORT would otherwise dequantize every weight on every batch
-        return with_dequantized_constants(ir.serde.serialize_model(state.model))
-
-    def requests(self, state: QuantState) -> list[Request]:
-        return [Request(observers) for observers in by_tensor(self.job.observers)]
-
-    def samples(self, state: QuantState) -> Samples:
-        return Samples(limit=SAMPLES)
 
     def run(self, state: QuantState) -> RoundingReport:
         return compensate_rounding(self.job, self.samples_seen, self.started)
