@@ -102,6 +102,18 @@ def _infer(model: ir.Model) -> ir.Model:
     )(model).model
 
 
+def typed(model: ir.Model) -> ir.Model:
+    """A model as read from a file, with constants as initializers and every tensor typed.
+
+    Saved models carry types on their inputs and outputs only (see :mod:`lowbit.graph.saving`);
+    the analysis reads the types of intermediate tensors.
+    """
+    return ir.passes.Sequential(
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.ShapeInferencePass(strict_mode=False),
+    )(model).model
+
+
 def unique_name(graph: ir.Graph, base: str) -> str:
     """A value or node name not yet used in the graph: base, or base_1, base_2, ..."""
     taken = graph.meta.get("lowbit.names")

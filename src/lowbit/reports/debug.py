@@ -145,8 +145,10 @@ def _grid(dq: ir.Node) -> Grid | None:
     scale = constant_array(dq.inputs[1])
     if scale is None:
         return None
-    zero = constant_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
-    dtype = dq.inputs[0].dtype
+    zero_value = dq.inputs[2] if len(dq.inputs) > 2 else None
+    zero = constant_array(zero_value)
+    # a model read from a file may not type its intermediate tensors: the zero point's type is the integers'
+    dtype = dq.inputs[0].dtype or (zero_value.dtype if zero_value is not None else ir.DataType.UINT8)
     if dtype not in _INTEGER_RANGES:
         return None
     qmin, qmax = _INTEGER_RANGES[dtype]

@@ -1,0 +1,168 @@
+"""``lowbit analyze``: where a quantized model loses accuracy, and what to revert.
+
+Given the float model, its quantized (QDQ) form and a few samples, one job measures:
+
+1. per quantized node, the output error with only that node quantized and with only that
+   node left float (:mod:`.sensitivity`, one session of the switched model, :mod:`.switches`);
+2. per tensor along the graph, the quantized model's value against the float one, with
+   the histogram, range and clip rate of each quantized activation, and the per-channel
+   ranges of each quantized weight (:mod:`.tensors`);
+3. a suggestion: the first nodes of the ranking, with the output error measured when
+   they are left float together (1, 2, ... of them), as a ``skip_quant_node`` line and a
+   Horizon ``node_config`` snippet.
+
+The float model is prepared as lowbit prepares it for quantization, so its node and tensor
+names match those of a model lowbit wrote.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from ..data.feeds import batched, input_specs
+from ..errors import LowbitError
+from ..graph.loading import load_model
+from ..graph.passes import prepare, typed
+from ..graph.query import is_float32
+from ..graph.runtime import make_session
+from ..reports import debug
+from .sensitivity import NodeSensitivity, OutputError, mean_error, node_sensitivities
+from .switches import switched_model
+from .tensors import ActivationRange, ErrorSums, TensorRow, WeightRow, weight_row
+
+SUGGESTED = 3  # nodes in the suggestion
+CURVE = 8  # the output error is measured with the first 1 .. CURVE nodes of the ranking left float
+BATCH = 8  # samples per run where the model's batch dimension is free
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    nodes: list[str]  # the suggested nodes, in ranking order
+    curve: list[tuple[str, float]]  # (node, output error with it and every node before it left float)
+
+    @property
+    def skip_quant_node(self) -> str:
+        return "skip_quant_node=" + ",".join(self.nodes)
+
+    @property
+    def node_config(self) -> dict:
+        """The Horizon quant_config form: each node computes in float32."""
+        return {"node_config": {name: {"qtype": "float32"} for name in self.nodes}}
+
+
+@dataclass
+class Analysis:
+    float_path: Path
+    quantized_path: Path
+    samples: int
+    outputs: list[str]
+    quantized_error: float  # the quantized model as ONNX Runtime runs it
+    simulated_error: float  # every switch on: the same model as fake quantization
+    nodes: list[NodeSensitivity]  # ranked, largest gain first
+    tensors: list[TensorRow]  # in graph order
+    weights: list[WeightRow]
+    suggestion: Suggestion
+    seconds: float = 0.0
+    runs: int = 0  # runs of the switched model
+    notes: list[str] = field(default_factory=list)
+
+
+def analyze(float_path: str | Path, quantized_path: str | Path, samples: Sequence[dict[str, np.ndarray]],
+            progress: Callable[[str, int], Callable[[], None]] | None = None) -> Analysis:
+    """Analyse ``quantized_path`` against ``float_path`` on ``samples`` (feed dicts of the float model's inputs).
+
+    ``progress(label, total)`` returns a function called once per step (the CLI shows a bar).
+    """
+    start = time.perf_counter()
+    float_path, quantized_path = Path(float_path), Path(quantized_path)
+    if not samples:
+        raise LowbitError("analyze needs at least one sample")
+    float_model = prepare(load_model(float_path)[0])
+    quantized = typed(load_model(quantized_path)[0])
+    _check_pair(float_model, quantized, float_path, quantized_path)
+    outputs = [v.name for v in float_model.graph.outputs if is_float32(v)]
+    batches = list(batched(samples, input_specs(float_model), BATCH))
+
+    switched = switched_model(typed(load_model(quantized_path)[0]), float_model)
+    if not switched.nodes:
+        raise LowbitError(f"{quantized_path}: no node reads a DequantizeLinear output; "
+                          "analyze reads QDQ models (QuantizeLinear/DequantizeLinear pairs)")
+    error = OutputError(make_session(switched.model), switched, batches, outputs)
+    simulated = error({n.name for n in switched.nodes})
+    quantized_session = make_session(quantized)
+    quantized_error = mean_error(error.references, (quantized_session.run(outputs, b) for b in batches))
+
+    step = progress("sensitivity", len(switched.nodes)) if progress else (lambda: None)
+    nodes = node_sensitivities(error, simulated, step)
+    suggestion = _suggest(error, nodes)
+
+    traced = debug.trace(float_model, quantized, [n.name for n in switched.nodes])
+    step = progress("tensors", len(samples)) if progress else (lambda: None)
+    tensors = _compare_tensors(float_model, quantized, traced, samples, step)
+    weights = [weight_row(t) for t in traced if t.weight is not None and t.grid is not None]
+    notes = []
+    if abs(simulated - quantized_error) > max(0.1 * quantized_error, 1e-4):
+        notes.append(f"ONNX Runtime's integer kernels give an output error of {quantized_error:.3g}, the float "
+                     f"simulation of the same model {simulated:.3g}: the per-node figures are the simulation's")
+    return Analysis(float_path, quantized_path, len(samples), outputs, quantized_error, simulated, nodes, tensors,
+                    weights, suggestion, time.perf_counter() - start, error.runs, notes)
+
+
+def _check_pair(float_model: ir.Model, quantized: ir.Model, float_path: Path, quantized_path: Path) -> None:
+    float_inputs = {v.name for v in float_model.graph.inputs}
+    quant_inputs = {v.name for v in quantized.graph.inputs}
+    if float_inputs != quant_inputs:
+        raise LowbitError(f"{quantized_path} does not look like a quantized form of {float_path}: inputs "
+                          f"{sorted(quant_inputs)} against {sorted(float_inputs)}")
+    float_outputs = {v.name for v in float_model.graph.outputs}
+    if not float_outputs & {v.name for v in quantized.graph.outputs}:
+        raise LowbitError(f"{quantized_path} does not look like a quantized form of {float_path}: "
+                          "no output name in common")
+
+
+def _suggest(error: OutputError, nodes: list[NodeSensitivity]) -> Suggestion:
+    """The first nodes of the ranking that help, with the error measured as each joins the float set."""
+    helpful = [n.name for n in nodes if n.gain > 0][:CURVE]
+    everything = {n.name for n in nodes}
+    curve = []
+    for count in range(1, len(helpful) + 1):
+        curve.append((helpful[count - 1], error(everything - set(helpful[:count]))))
+    return Suggestion(helpful[:SUGGESTED], curve)
+
+
+def _compare_tensors(float_model: ir.Model, quantized: ir.Model, traced: list[debug.TracedTensor],
+                     samples: Sequence[dict[str, np.ndarray]], step: Callable[[], None]) -> list[TensorRow]:
+    """Both models sample by sample, every matched tensor as an extra output (see :mod:`.tensors`)."""
+    quant_values = {v.name for node in quantized.graph for v in node.outputs if v is not None}
+    rows: dict[str, TensorRow] = {}
+    for node in float_model.graph:
+        for value in node.outputs:
+            if is_float32(value) and value.name in quant_values:
+                rows[value.name] = TensorRow(value.name, node.name, node.op_type)
+    rounded: dict[str, str] = {}  # float tensor -> the dequantized tensor its readers see
+    for t in traced:
+        if t.weight is None and t.grid is not None and t.tensor in rows and t.tensor != t.dequant:
+            rounded[t.tensor] = t.dequant
+            row = rows[t.tensor]
+            if row.activation is None:
+                row.rounded, row.activation = ErrorSums(), ActivationRange(t.grid)
+    names = list(rows)
+    float_session = make_session(float_model, names)
+    quant_names = names + list(dict.fromkeys(rounded.values()))
+    quant_session = make_session(quantized, quant_names)
+    for sample in samples:
+        reference = dict(zip(names, float_session.run(names, sample)))
+        values = dict(zip(quant_names, quant_session.run(quant_names, sample)))
+        for name, row in rows.items():
+            row.computed.add(reference[name], values[name])
+            if name in rounded:
+                row.rounded.add(reference[name], values[rounded[name]])
+                row.activation.add(reference[name])
+        step()
+    return list(rows.values())
