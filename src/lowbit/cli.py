@@ -1,6 +1,7 @@
 """The ``lowbit`` command.
 
-    lowbit quantize MODEL -o OUT [--config FILE] [--data FOLDER] [--KEY VALUE ...]
+    lowbit quantize MODEL -o OUT [--config FILE] [--data FOLDER] [--report REPORT.html] [--KEY VALUE ...]
+    lowbit analyze FLOAT QUANTIZED --data FOLDER [--report REPORT.html] [--samples N] [--config FILE]
     lowbit inspect MODEL
     lowbit config show [FILE] [--KEY VALUE ...]
 
@@ -65,6 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
                                               "scheme and scale shape; and the file size against float32.")
     inspect.add_argument("model", help="quantized ONNX model (lowbit's or another tool's)")
 
+    analyze = commands.add_parser(
+        "analyze", help="where a quantized model loses accuracy, and which nodes to leave float",
+        description="Per quantized node: the output error with only it quantized and with only it left float; "
+                    "per tensor: the quantized model against the float one (cosine, SQNR), histograms, ranges "
+                    "and clip rates; and the nodes to leave float, as a skip_quant_node line and a Horizon "
+                    "node_config snippet. The report is one self-contained HTML page and a JSON file beside it.")
+    analyze.add_argument("float_model", help="the float32 ONNX model")
+    analyze.add_argument("quantized_model", help="its quantized QDQ form (lowbit's, or another tool's)")
+    analyze.add_argument("--data", help="samples: a folder of .npy/.npz/.bin/image files (as for quantize)")
+    analyze.add_argument("--config", help="MindSpore-style INI: [data_preprocess_param] for images, "
+                                          "calibrate_path or data_list")
+    analyze.add_argument("--report", help="write REPORT.html (and REPORT.json beside it)")
+    analyze.add_argument("--samples", type=int, default=32, help="samples to analyse (default 32)")
+    analyze.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary")
+
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser("show", help="print the resolved configuration and where each value came from")
@@ -108,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(format_inspection(inspect_model(args.model)))
             return 0
+        if args.command == "analyze":
+            return _analyze(args)
         config = load_config(getattr(args, "config", None), _overrides(args), describe=_describe_flag)
         if args.command == "config":
             print(format_config(config))
@@ -125,6 +143,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from .analysis.analyze import analyze
+    from .reports.analysis import check_report_path, format_analysis, write_report
+
+    if args.report is not None:
+        check_report_path(args.report)
+    config = load_config(args.config, {}, describe=_describe_flag)
+    analysis = analyze(args.float_model, args.quantized_model, args.data, config=config, samples=args.samples,
+                       progress=None if args.quiet else _progress_bar,
+                       warn=lambda message: print(f"lowbit: warning: {message}", file=sys.stderr))
+    written = write_report(analysis, args.report) if args.report is not None else None
+    if not args.quiet:
+        print(format_analysis(analysis))
+        if written:
+            print(f"wrote {written[0]} and {written[1]}")
+    return 0
+
+
+def _progress_bar(label: str, total: int):
+    """A tqdm bar for one stage of the analysis; returns the function that advances it."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=label, unit="step", leave=False)
+
+    def step() -> None:
+        bar.update()
+        if bar.n >= total:
+            bar.close()
+    return step
 
 
 if __name__ == "__main__":

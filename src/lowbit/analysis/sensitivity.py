@@ -43,6 +43,7 @@ class OutputError:
         self.session, self.switched, self.batches, self.outputs = session, switched, batches, list(outputs)
         self.runs = 0
         self.references = [self._run(batch, frozenset()) for batch in batches]
+        self._known: dict[frozenset[str], float] = {}
 
     def _run(self, batch: dict[str, np.ndarray], quantized: frozenset[str]) -> list[np.ndarray]:
         self.runs += 1
@@ -50,7 +51,9 @@ class OutputError:
 
     def __call__(self, quantized: Iterable[str]) -> float:
         chosen = frozenset(quantized)
-        return mean_error(self.references, (self._run(batch, chosen) for batch in self.batches))
+        if chosen not in self._known:  # the search asks again for sets the ranking measured
+            self._known[chosen] = mean_error(self.references, (self._run(batch, chosen) for batch in self.batches))
+        return self._known[chosen]
 
 
 def mean_error(references: Sequence[list[np.ndarray]], results: Iterable[list[np.ndarray]]) -> float:

@@ -72,27 +72,21 @@ def switched_model(quantized: ir.Model, float_model: ir.Model) -> SwitchedModel:
     for node in list(graph):
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") or not any(is_float32(v) for v in node.outputs):
             continue  # the pairs themselves, and nodes that only read a shape
-        inputs = _both_inputs(graph, node, float_nodes.get(node.name))
+        entry = SwitchedNode(node.name, node.op_type, unique_name(graph, SWITCH_PREFIX + node.name))
+        inputs = _both_inputs(graph, node, float_nodes.get(node.name), entry)
         if inputs is None:
             continue
-        switch = ir.Value(name=unique_name(graph, SWITCH_PREFIX + node.name), type=ir.TensorType(ir.DataType.BOOL),
-                          shape=ir.Shape([]))
+        switch = ir.Value(name=entry.switch, type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
         graph.inputs.append(switch)
-        entry = SwitchedNode(node.name, node.op_type, switch.name)
-        for index, (dequantized, original) in enumerate(zip(*inputs)):
-            if dequantized is not original:
-                is_constant = constant_array(original) is not None
-                (entry.weights if is_constant else entry.activations).append(
-                    node.inputs[index].name if is_constant else original.name)
         _replace_with_if(graph, node, switch, *inputs)
         nodes.append(entry)
     ir.passes.common.RemoveUnusedNodesPass()(quantized)  # the weights' DequantizeLinear nodes, now constants
     return SwitchedModel(quantized, nodes)
 
 
-def _both_inputs(graph: ir.Graph, node: ir.Node,
-                 float_node: ir.Node | None) -> tuple[list[ir.Value | None], list[ir.Value | None]] | None:
-    """The node's inputs in its quantized and its float form; None when no input is read through a DQ."""
+def _both_inputs(graph: ir.Graph, node: ir.Node, float_node: ir.Node | None,
+                 entry: SwitchedNode) -> tuple[list[ir.Value | None], list[ir.Value | None]] | None:
+    """The node's inputs in its quantized and its float form (noted in ``entry``); None when none differs."""
     quantized, original = list(node.inputs), list(node.inputs)
     for index, value in enumerate(node.inputs):
         dq = value.producer() if value is not None else None
@@ -101,21 +95,26 @@ def _both_inputs(graph: ir.Graph, node: ir.Node,
         source = dq.inputs[0].producer()
         if source is not None and source.op_type == "QuantizeLinear":
             original[index] = source.inputs[0]
+            entry.activations.append(source.inputs[0].name)
             continue
         if dq.inputs[0].const_value is None:
             continue  # an integer graph input: nothing float to switch to
+        entry.weights.append(value.name)
         quantized[index] = add_initializer(graph, f"{value.name}_float", dequantized_weight(dq).astype(np.float32))
+        if float_node is not None and index >= len(float_node.inputs):
+            original[index] = None  # a bias that bias correction added: the float node has none
+            continue
         float_constant = _float_constant(float_node, index, dq.inputs[0])
         original[index] = (quantized[index] if float_constant is None
                            else add_initializer(graph, f"{value.name}_original", float_constant))
-    if all(q is o for q, o in zip(quantized, original)):
+    if not entry.activations and not entry.weights:
         return None
     return quantized, original
 
 
 def _float_constant(float_node: ir.Node | None, index: int, integers: ir.Value) -> np.ndarray | None:
     """The float model's constant at this input, if it has the shape of the integers read in its place."""
-    if float_node is None or index >= len(float_node.inputs):
+    if float_node is None:
         return None
     array = constant_array(float_node.inputs[index])
     if array is None or array.dtype != np.float32 or tuple(integers.const_value.shape) != array.shape:

@@ -102,6 +102,12 @@ FIELDS: tuple[Field, ...] = (
     Field(COMMON, "debug_info_save_path", Kind.STR, None,
           "folder for MindSpore's debug reports (output_summary.csv, round_*.csv, quant_param.csv); "
           "FULL_QUANT and WEIGHT_QUANT"),
+    Field(COMMON, "report", Kind.STR, None,
+          "write the analysis report of the quantized model (REPORT.html, and REPORT.json beside it): "
+          "per-node sensitivity, tensors along the graph, what to leave float; FULL_QUANT and WEIGHT_QUANT, "
+          "with data; needs lowbit[report]", extension=True),
+    Field(COMMON, "report_samples", Kind.INT, 32,
+          "report: calibration samples the analysis reads", low=1, high=100000, extension=True),
     # [mixed_bit_weight_quant_param]
     Field(MIXED_BIT, "init_scale", Kind.FLOAT, 0.02,
           "bit_num=0: the relative error each weight may add (to itself without data, to the model's "

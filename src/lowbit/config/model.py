@@ -249,9 +249,10 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
         if settings["target_device"].value not in (None, "CPU"):
             raise LowbitError(f"{where('target_device')}: target_device={settings['target_device'].value}: "
                               "DYNAMIC_QUANT targets ONNX Runtime on CPU; leave target_device unset")
-        if settings["debug_info_save_path"].value is not None:
-            raise LowbitError(f"{where('debug_info_save_path')}: debug_info_save_path applies to FULL_QUANT and "
-                              "WEIGHT_QUANT; a dynamic model has no calibration to report on")
+        for key in ("debug_info_save_path", "report"):
+            if settings[key].value is not None:
+                raise LowbitError(f"{where(key)}: {key} applies to FULL_QUANT and WEIGHT_QUANT; "
+                                  "a dynamic model has no calibration to report on")
     elif settings["dynamic_quant_activation_matmul"].value:
         raise LowbitError(f"{where('dynamic_quant_activation_matmul')}: dynamic_quant_activation_matmul "
                           "applies to quant_type=DYNAMIC_QUANT only")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..passes.analysis_report import CheckReportPath, WriteAnalysisReport
 from ..passes.calibrate import Calibrate
 from ..passes.calibration_table import ReadCalibrationTable, WriteCalibrationTable
 from ..passes.candidates import ActivationCandidates
@@ -20,6 +21,7 @@ from .passes import Pass
 def full_quant() -> list[Pass]:
     return [
         Prepare(),  # load, fold BatchNormalization and pads, name every node
+        CheckReportPath(),  # report: its folder and libraries, before any work
         PlanFull(),  # per node: int8 or float (and why); per tensor: Q/DQ or not
         ReadCalibrationTable(),  # calibration_table: the ranges from a file (then no calibration run)
         ActivationCandidates(),  # the range methods to try
@@ -32,4 +34,5 @@ def full_quant() -> list[Pass]:
         Save(),  # checked, then moved into place
         WriteDebugReports(),  # debug_info_save_path: MindSpore's CSV reports on the saved model
         WriteCalibrationTable(),  # calibration_table_out: the ranges for tpu-mlir, TensorRT or lowbit
+        WriteAnalysisReport(),  # report: lowbit analyze on the saved model
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..passes.analysis_report import CheckReportPath, WriteAnalysisReport
 from ..passes.check_settings import CheckSettings
 from ..passes.choose_widths import ChooseWidths
 from ..passes.correct_biases import CorrectBiases
@@ -18,6 +19,7 @@ from .passes import Pass
 def weight_quant() -> list[Pass]:
     return [
         Prepare(),
+        CheckReportPath(),  # report: its folder and libraries, before any work
         PlanWeightOnly(),  # which weights, and opset 21 when int4 / int16 may be stored
         CheckSettings(),
         KeepProbe(),  # float model, first 16 samples: the samples, float outputs, input means
@@ -27,4 +29,5 @@ def weight_quant() -> list[Pass]:
         CheckOutputs(),  # output cosine against the float outputs of the probe
         Save(),
         WriteDebugReports(),
+        WriteAnalysisReport(),  # report: lowbit analyze on the saved model
     ]

@@ -37,7 +37,7 @@ import onnx_ir as ir
 from ..calibration.observers import MinMaxObserver
 from ..graph.passes import unique_name
 from ..graph.query import STANDARD_DOMAINS, attribute, constant_array, is_activation, is_float32
-from .plan import Decisions, NodeDecision
+from .plan import SKIPPED, Decisions, NodeDecision
 from .qdq import add_initializer, dequantize_node
 from .qparams import INT8, QuantScheme, compute_qparams
 from .selection import WeightSelection
@@ -79,7 +79,7 @@ def plan_dynamic(model: ir.Model, options: DynamicOptions) -> Decisions:
 def _why_float(node: ir.Node, options: DynamicOptions) -> str | None:
     op = node.op_type
     if node.name in options.skip_nodes:
-        return "listed in skip_quant_node"
+        return SKIPPED
     if node.domain not in STANDARD_DOMAINS or op not in DYNAMIC_OPS:
         return f"{op} has no dynamic int8 rule" + (" (ConvInteger lacks kernels in ONNX Runtime)" if op == "Conv" else "")
     weight_index = 0 if op == "Gather" else 1

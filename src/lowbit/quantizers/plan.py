@@ -26,6 +26,9 @@ from .selection import WeightSelection
 from .targets import FUSABLE_ACTIVATIONS, FUSION_PRODUCERS, SAME_SCALE_OPS, WEIGHTED_OPS, Target
 
 
+SKIPPED = "listed in skip_quant_node"
+
+
 @dataclass
 class NodeDecision:
     node: ir.Node
@@ -187,7 +190,7 @@ class _Planner:
     def _why_float(self, node: ir.Node) -> str | None:
         op = node.op_type
         if node.name in self.options.skip_nodes:
-            return "listed in skip_quant_node"
+            return SKIPPED
         if node.domain not in STANDARD_DOMAINS:
             return f"custom domain '{node.domain}'"
         if op not in self.target.op_types:

@@ -22,7 +22,7 @@ import onnx_ir as ir
 from ..calibration.observers import MinMaxObserver
 from ..graph.passes import unique_name
 from ..graph.query import constant_array
-from .plan import BiasSlot, QuantPlan
+from .plan import SKIPPED, BiasSlot, QuantPlan
 from .qparams import INT32, QParams, QuantScheme, compute_qparams
 
 
@@ -118,15 +118,20 @@ class _Rewriter:
             self.graph.insert_after(producer, [quantize, dq.producer()])
 
     def _keeps_float_input(self, node: ir.Node, index: int) -> bool:
-        """A float Conv/ConvTranspose/Gemm reads the float tensor, not the dequantized one.
+        """A node listed in skip_quant_node, and any float Conv/ConvTranspose/Gemm, read the float tensor.
 
+        A skipped node computes on the value before the rounding, so that leaving a node
+        float removes all of its quantization error (what ``lowbit analyze`` measures as
+        its gain). Other float nodes read the dequantized tensor, so that the producer
+        keeps its integer kernel with an integer output, except Conv/ConvTranspose/Gemm:
         ONNX Runtime's WeightBiasQuantization rewrites any such op whose data input comes
-        from a DequantizeLinear: it quantizes the float weight to int8 *per tensor*, which
+        from a DequantizeLinear, quantizing its float weight to int8 *per tensor*, which
         on a depthwise convolution wrecks the output (EfficientNet-Lite0 with its first
-        depthwise convolution in skip_quant_node: cosine 0.99 -> 0.92). Reading the float
-        tensor keeps the node float in every runtime.
+        depthwise convolution in skip_quant_node: cosine 0.99 -> 0.92).
         """
         decision = self.plan.decisions.get(node.name)
+        if decision is not None and decision.reason == SKIPPED:
+            return True
         return (index == 0 and node.op_type in RUNTIME_REQUANTIZED
                 and (decision is None or not decision.quantized))
 

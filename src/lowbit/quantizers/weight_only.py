@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from ..graph.passes import unique_name
 from ..graph.query import STANDARD_DOMAINS, attribute, constant_array
-from .plan import Decisions, NodeDecision
+from .plan import SKIPPED, Decisions, NodeDecision
 from .qdq import add_initializer, dequantize_node
 from .selection import WeightSelection
 from .weight_bits import level_bound, quantize_weight, storage_type
@@ -117,7 +117,7 @@ def _channel_axis(node: ir.Node, ndim: int) -> int:
 
 def _why_float(node: ir.Node, weight: np.ndarray, axis: int, options: WeightOnlyOptions) -> str | None:
     if node.name in options.skip_nodes:
-        return "listed in skip_quant_node"
+        return SKIPPED
     return options.too_small(weight.size, weight.shape[axis])
 
 
