@@ -13,6 +13,10 @@ folder of .npy samples, one file at a time. Dynamic quantization: ``lowbit-dynam
 (the default: per-token activation scales on the feed-forward MatMuls, per tensor on the
 others), ``lowbit-dynamic-token`` (per token everywhere), ``lowbit-dynamic-tensor``, ``ort-dynamic`` (quantize_dynamic's
 defaults) and ``ort-dynamic-per-channel``; they take no data (pass any CALIB_DIR).
+Diagnosis (``--quantized QUANTIZED``; OUTPUT is the report): ``lowbit-analyze`` (lowbit analyze
+with its HTML/JSON report) and ``ort-qdq-loss-debug`` (onnxruntime.quantization.qdq_loss_debug:
+every intermediate tensor of both models collected, then each tensor's and weight's SQNR), both
+on the first ``--size`` samples (32 by default).
 Prints one JSON line: {"seconds": ...}.
 """
 
@@ -79,6 +83,45 @@ def run_onnxruntime_dynamic(model: Path, output: Path, per_channel: bool) -> Non
     quantize_dynamic(str(model), str(output), per_channel=per_channel, weight_type=QuantType.QInt8)
 
 
+def run_lowbit_analyze(model: Path, quantized: Path, calib: Path, report: Path, size: int | None) -> None:
+    from lowbit.analysis.analyze import analyze
+    from lowbit.reports.analysis import write_report
+
+    write_report(analyze(model, quantized, calib, samples=size or 32), report)
+
+
+def run_onnxruntime_loss_debug(model: Path, quantized: Path, calib: Path, output: Path, size: int | None) -> None:
+    """onnxruntime.quantization.qdq_loss_debug on the same pair: every tensor's SQNR, every weight's SQNR."""
+    from onnxruntime.quantization import qdq_loss_debug as debug
+
+    files = sorted(calib.glob("*.npy"))[: size or 32]
+
+    class Reader:
+        def __init__(self):
+            self.files = iter(files)
+
+        def get_next(self):
+            path = next(self.files, None)
+            return None if path is None else {_input_name(model): np.load(path)}
+
+    with tempfile.TemporaryDirectory() as folder:
+        float_augmented, quant_augmented = Path(folder) / "float.onnx", Path(folder) / "quant.onnx"
+        debug.modify_model_output_intermediate_tensors(str(model), str(float_augmented))
+        debug.modify_model_output_intermediate_tensors(str(quantized), str(quant_augmented))
+        float_activations = debug.collect_activations(str(float_augmented), Reader())
+        quant_activations = debug.collect_activations(str(quant_augmented), Reader())
+    matched = debug.create_activation_matching(quant_activations, float_activations)
+    errors = debug.compute_activation_error(matched)
+    weights = debug.compute_weight_error(debug.create_weight_matching(str(model), str(quantized)))
+    output.write_text(json.dumps({"activations": len(errors), "weights": len(weights)}))
+
+
+def _input_name(model: Path) -> str:
+    import onnx
+
+    return onnx.load(str(model), load_external_data=False).graph.input[0].name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("tool")
@@ -86,9 +129,14 @@ def main() -> None:
     parser.add_argument("calib", type=Path)
     parser.add_argument("output", type=Path)
     parser.add_argument("--size", type=int)
+    parser.add_argument("--quantized", type=Path, help="analysis tools: the quantized model to analyse")
     args = parser.parse_args()
     start = time.perf_counter()
-    if args.tool == "lowbit":
+    if args.tool == "lowbit-analyze":
+        run_lowbit_analyze(args.model, args.quantized, args.calib, args.output, args.size)
+    elif args.tool == "ort-qdq-loss-debug":
+        run_onnxruntime_loss_debug(args.model, args.quantized, args.calib, args.output, args.size)
+    elif args.tool == "lowbit":
         run_lowbit(args.model, args.calib, args.output, args.size)
     elif args.tool == "lowbit-nearest":
         run_lowbit(args.model, args.calib, args.output, args.size, weight_rounding="NEAREST")

@@ -138,7 +138,8 @@ def time_with_fewer_samples(case: Case, work: Path, size: int = 128) -> dict[str
     return {"samples": size, "seconds": times}
 
 
-def quantize_in_child(tool: str, model: Path, calib_dir: Path, output: Path, size: int | None = None) -> Row:
+def quantize_in_child(tool: str, model: Path, calib_dir: Path, output: Path, size: int | None = None,
+                      quantized: Path | None = None) -> Row:
     """Run bench/job.py under GNU time, which reports the job's own peak RSS.
 
     The job is forked from ``time`` (a small process), not from this one: a child forked
@@ -149,6 +150,8 @@ def quantize_in_child(tool: str, model: Path, calib_dir: Path, output: Path, siz
                str(calib_dir), str(output)]
     if size:
         command += ["--size", str(size)]
+    if quantized is not None:
+        command += ["--quantized", str(quantized)]
 
     def limit_memory():
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
@@ -228,13 +231,19 @@ def fidelity(row: Row, reference: np.ndarray, got: np.ndarray, case: Case) -> No
             row.accuracy = float(np.mean(got.argmax(-1) == case.labels))
 
 
-def bench_case(case: Case, tools: list[str], work: Path, runs: int) -> list[Row]:
+def write_calibration(case: Case, work: Path) -> Path:
+    """The case's calibration samples as a folder of .npy files (what both tools read)."""
     calib_dir = work / "calib"
     calib_dir.mkdir(parents=True, exist_ok=True)
     for old in calib_dir.glob("*.npy"):
         old.unlink()
     for i, x in enumerate(case.calib):
         np.save(calib_dir / f"{i:05d}.npy", x[np.newaxis])
+    return calib_dir
+
+
+def bench_case(case: Case, tools: list[str], work: Path, runs: int) -> list[Row]:
+    calib_dir = write_calibration(case, work)
     print(f"== {case.name}: {len(case.calib)} calibration samples, {len(case.evaluation)} held-out inputs",
           flush=True)
     reference = outputs(case.model, case)

@@ -45,18 +45,36 @@ SAMPLES = 32  # samples analysed unless told otherwise
 
 
 @dataclass(frozen=True)
+class Precision:
+    """A suggested node's output error with the rest of the suggestion float and it in each form."""
+
+    int8: float
+    int16: float
+    float32: float
+
+    @property
+    def qtype(self) -> str:
+        """int16 where it recovers at least 90% of what float recovers, else float32."""
+        recovered = self.int8 - self.float32
+        return "int16" if recovered <= 0 or self.int8 - self.int16 >= 0.9 * recovered else "float32"
+
+
+@dataclass(frozen=True)
 class Suggestion:
-    nodes: list[str]  # the suggested nodes, in ranking order
+    nodes: list[str]  # the suggested nodes, in the order the search chose them
     curve: list[tuple[str, float]]  # (node, output error with it and every node before it left float)
+    precisions: dict[str, Precision] = field(default_factory=dict)
 
     @property
     def skip_quant_node(self) -> str:
+        """lowbit's form: each suggested node float (lowbit does not write int16 nodes yet)."""
         return "skip_quant_node=" + ",".join(self.nodes)
 
     @property
     def node_config(self) -> dict:
-        """The Horizon quant_config form: each node computes in float32."""
-        return {"node_config": {name: {"qtype": "float32"} for name in self.nodes}}
+        """The Horizon quant_config form: int16 where the measurement says it is enough, else float32."""
+        return {"node_config": {name: {"qtype": self.precisions[name].qtype if name in self.precisions
+                                       else "float32"} for name in self.nodes}}
 
 
 @dataclass
@@ -97,7 +115,13 @@ def analyze(float_path: str | Path, quantized_path: str | Path, data: FeedSource
     feeds = _read_samples(CalibrationData(data, config, specs, warn), samples)
     batches = list(batched(feeds, specs, BATCH))
 
-    switched = switched_model(typed(load_model(quantized_path)[0]), float_model)
+    traced = debug.trace(float_model, quantized, [node.name for node in quantized.graph])
+    step = progress("tensors", len(feeds)) if progress else (lambda: None)
+    tensors = _compare_tensors(float_model, quantized, traced, feeds, step)
+    float_ranges = {t.name: (t.activation.histogram.min, t.activation.histogram.max)
+                    for t in tensors if t.activation is not None and t.activation.histogram.min is not None}
+
+    switched = switched_model(typed(load_model(quantized_path)[0]), float_model, float_ranges)
     if not switched.nodes:
         raise LowbitError(f"{quantized_path}: no node reads a DequantizeLinear output; "
                           "analyze reads QDQ models (QuantizeLinear/DequantizeLinear pairs)")
@@ -109,10 +133,6 @@ def analyze(float_path: str | Path, quantized_path: str | Path, data: FeedSource
     step = progress("sensitivity", len(switched.nodes)) if progress else (lambda: None)
     nodes = node_sensitivities(error, simulated, step)
     suggestion = _suggest(error, nodes)
-
-    traced = debug.trace(float_model, quantized, [n.name for n in switched.nodes])
-    step = progress("tensors", len(feeds)) if progress else (lambda: None)
-    tensors = _compare_tensors(float_model, quantized, traced, feeds, step)
     weights = [weight_row(t) for t in traced if t.weight is not None and t.grid is not None and t.grid.bits <= 16]
     notes = []
     if abs(simulated - quantized_error) > max(0.1 * quantized_error, 1e-4):
@@ -169,14 +189,19 @@ def _suggest(error: OutputError, nodes: list[NodeSensitivity]) -> Suggestion:
         return Suggestion([], [])
     errors = [e for _, e in curve[:SUGGESTED]]
     count = errors.index(min(errors)) + 1
-    return Suggestion(chosen[:count], curve)
+    suggested = chosen[:count]
+    floated = everything - set(suggested)
+    precisions = {name: Precision(error(floated | {name}), error(floated | {name}, wide={name}), errors[count - 1])
+                  for name in suggested}
+    return Suggestion(suggested, curve, precisions)
 
 
 def _compare_tensors(float_model: ir.Model, quantized: ir.Model, traced: list[debug.TracedTensor],
                      samples: Sequence[dict[str, np.ndarray]], step: Callable[[], None]) -> list[TensorRow]:
     """Both models sample by sample, every matched tensor as an extra output (see :mod:`.tensors`)."""
     quant_values = {v.name for node in quantized.graph for v in node.outputs if v is not None}
-    rows: dict[str, TensorRow] = {}
+    rows: dict[str, TensorRow] = {v.name: TensorRow(v.name, "", "(graph input)")
+                                  for v in float_model.graph.inputs if is_float32(v)}
     for node in float_model.graph:
         for value in node.outputs:
             if is_float32(value) and value.name in quant_values:
@@ -188,13 +213,14 @@ def _compare_tensors(float_model: ir.Model, quantized: ir.Model, traced: list[de
             row = rows[t.tensor]
             if row.activation is None:
                 row.rounded, row.activation = ErrorSums(), ActivationRange(t.grid)
-    names = list(rows)
+    inputs = {v.name for v in float_model.graph.inputs}
+    names = [name for name in rows if name not in inputs]
     float_session = make_session(float_model, names)
     quant_names = names + list(dict.fromkeys(rounded.values()))
     quant_session = make_session(quantized, quant_names)
     for sample in samples:
-        reference = dict(zip(names, float_session.run(names, sample)))
-        values = dict(zip(quant_names, quant_session.run(quant_names, sample)))
+        reference = {**sample, **dict(zip(names, float_session.run(names, sample)))}
+        values = {**sample, **dict(zip(quant_names, quant_session.run(quant_names, sample)))}
         for name, row in rows.items():
             row.computed.add(reference[name], values[name])
             if name in rounded:

@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .switches import SwitchedModel
-from .tensors import cosine
+from ..search.metrics import compare
 
 
 @dataclass(frozen=True)
@@ -43,17 +43,19 @@ class OutputError:
         self.session, self.switched, self.batches, self.outputs = session, switched, batches, list(outputs)
         self.runs = 0
         self.references = [self._run(batch, frozenset()) for batch in batches]
-        self._known: dict[frozenset[str], float] = {}
+        self._known: dict[tuple[frozenset[str], frozenset[str]], float] = {}
 
-    def _run(self, batch: dict[str, np.ndarray], quantized: frozenset[str]) -> list[np.ndarray]:
+    def _run(self, batch: dict[str, np.ndarray], quantized: frozenset[str],
+             wide: frozenset[str] = frozenset()) -> list[np.ndarray]:
         self.runs += 1
-        return self.session.run(self.outputs, {**batch, **self.switched.feeds(quantized)})
+        return self.session.run(self.outputs, {**batch, **self.switched.feeds(quantized, wide)})
 
-    def __call__(self, quantized: Iterable[str]) -> float:
-        chosen = frozenset(quantized)
-        if chosen not in self._known:  # the search asks again for sets the ranking measured
-            self._known[chosen] = mean_error(self.references, (self._run(batch, chosen) for batch in self.batches))
-        return self._known[chosen]
+    def __call__(self, quantized: Iterable[str], wide: Iterable[str] = ()) -> float:
+        """The error with the ``quantized`` nodes quantized (the ``wide`` ones among them to 16 bits)."""
+        key = (frozenset(quantized), frozenset(wide))
+        if key not in self._known:  # the search asks again for sets the ranking measured
+            self._known[key] = mean_error(self.references, (self._run(batch, *key) for batch in self.batches))
+        return self._known[key]
 
 
 def mean_error(references: Sequence[list[np.ndarray]], results: Iterable[list[np.ndarray]]) -> float:
@@ -64,7 +66,7 @@ def mean_error(references: Sequence[list[np.ndarray]], results: Iterable[list[np
             rows = len(expected) if expected.ndim > 1 else 1
             a = expected.reshape(rows, -1).astype(np.float64)
             b = got.reshape(rows, -1).astype(np.float64)
-            errors.extend(1.0 - cosine(x, y) for x, y in zip(a, b))
+            errors.extend(1.0 - compare(y, x) for x, y in zip(a, b))
     return float(np.mean(errors)) if errors else 0.0
 
 

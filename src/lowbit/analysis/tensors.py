@@ -24,45 +24,38 @@ import numpy as np
 
 from ..calibration.histogram import HistogramObserver
 from ..reports.debug import Grid, TracedTensor
+from ..search.metrics import METRICS, PairStats
+
+COSINE, SQNR = METRICS["cosine-similarity"], METRICS["sqnr"]
 
 PLOT_BINS = 96  # the histogram as reported: this many bins over the float values and the range
 
 
 @dataclass
 class ErrorSums:
-    """Running sums of one compared tensor."""
+    """Running sums of one compared tensor: the metrics' sums over all samples, and the per-sample cosines."""
 
+    totals: PairStats = field(default_factory=PairStats)
     cosine_sum: float = 0.0
     samples: int = 0
-    signal: float = 0.0
-    noise: float = 0.0
 
     def add(self, reference: np.ndarray, value: np.ndarray) -> None:
         """One sample's tensor (whatever its shape) and the value compared with it."""
-        a = reference.reshape(-1).astype(np.float64)
-        b = value.reshape(-1).astype(np.float64)
-        self.cosine_sum += cosine(a, b)
+        pair = PairStats()
+        pair.update(value.reshape(-1), reference.reshape(-1))
+        self.totals.add(pair)
+        self.cosine_sum += COSINE.value(pair)
         self.samples += 1
-        self.signal += float(np.dot(a, a))
-        self.noise += float(np.sum((a - b) ** 2))
 
     @property
     def cosine(self) -> float:
+        """The mean over samples of each sample's cosine."""
         return self.cosine_sum / self.samples if self.samples else math.nan
 
     @property
     def sqnr_db(self) -> float:
-        """10 log10(signal / error energy); infinite when the two agree exactly."""
-        if self.noise == 0:
-            return math.inf
-        return 10 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
-    if norms == 0:
-        return 1.0 if np.array_equal(a, b) else 0.0
-    return float(np.dot(a, b) / norms)
+        """10 log10(signal / error energy) over all samples; infinite when the two agree exactly."""
+        return SQNR.value(self.totals)
 
 
 @dataclass

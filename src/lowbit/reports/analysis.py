@@ -64,6 +64,8 @@ def as_json(analysis: Analysis) -> dict[str, Any]:
             "error_left_float": [{"node": name, "error": error} for name, error in analysis.suggestion.curve],
             "skip_quant_node": analysis.suggestion.skip_quant_node if analysis.suggestion.nodes else "",
             "node_config": analysis.suggestion.node_config,
+            "precisions": [{"node": name, "int8": p.int8, "int16": p.int16, "float32": p.float32, "qtype": p.qtype}
+                           for name, p in analysis.suggestion.precisions.items()],
         },
     }
 

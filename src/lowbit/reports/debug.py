@@ -65,15 +65,25 @@ class Grid:
     def bits(self) -> int:
         return int(math.log2(self.qmax - self.qmin + 1))
 
-    def clip_rate(self, values: np.ndarray) -> float:
-        """Share of ``values`` beyond the representable range by more than half a step."""
+    def bounds(self, ndim: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The lowest and highest value the grid represents (per channel, shaped to broadcast over ``ndim`` axes)."""
         scale, zero = self.scale.astype(np.float64), self.zero_point.astype(np.float64)
         if self.axis is not None and scale.size > 1:
-            shape = [1] * values.ndim
+            shape = [1] * ndim
             shape[self.axis] = -1
             scale, zero = scale.reshape(shape), zero.reshape(shape)
-        low, high = (self.qmin - zero - 0.5) * scale, (self.qmax - zero + 0.5) * scale
-        return float(np.mean((values < low) | (values > high)))
+        return (self.qmin - zero) * scale, (self.qmax - zero) * scale
+
+    def clip_rate(self, values: np.ndarray) -> float:
+        """Share of ``values`` beyond the representable range by more than half a step.
+
+        A value exactly half a step out (-1.0 for a uint8 grid over [-0.996, 1.004], whose
+        zero point rounded) rounds to the end of the grid like any value inside; the margin
+        of a thousandth of a step keeps float rounding from counting it as clipped.
+        """
+        low, high = self.bounds(values.ndim)
+        margin = (0.5 + 1e-3) * (high - low) / (self.qmax - self.qmin)
+        return float(np.mean((values < low - margin) | (values > high + margin)))
 
 
 @dataclass(frozen=True)
@@ -119,9 +129,9 @@ def _input(node: str, op: str, original: ir.Value, value: ir.Value) -> TracedTen
     if weight is not None:
         if dq is None or constant_array(dq.inputs[0]) is None or weight.dtype != np.float32:
             return None  # a constant the quantized model keeps as it was (shapes, axes)
-        return TracedTensor(node, op, original.name, "Input", value.name, _grid(dq), weight.shape, weight,
+        return TracedTensor(node, op, original.name, "Input", value.name, grid_of(dq), weight.shape, weight,
                             dequantized_weight(dq).astype(np.float32))
-    return TracedTensor(node, op, original.name, "Input", value.name, _grid(dq) if dq is not None else None,
+    return TracedTensor(node, op, original.name, "Input", value.name, grid_of(dq) if dq is not None else None,
                         _shape(original))
 
 
@@ -132,7 +142,7 @@ def _output(node: str, op: str, original: ir.Value, value: ir.Value) -> TracedTe
             for next_use in use.node.outputs[0].uses():
                 dq = next_use.node
                 if dq.op_type == "DequantizeLinear":
-                    return TracedTensor(node, op, original.name, "Output", dq.outputs[0].name, _grid(dq),
+                    return TracedTensor(node, op, original.name, "Output", dq.outputs[0].name, grid_of(dq),
                                         _shape(original))
     return TracedTensor(node, op, original.name, "Output", value.name, None, _shape(original))
 
@@ -141,7 +151,8 @@ def _shape(value: ir.Value) -> tuple:
     return () if value.shape is None else tuple(d if isinstance(d, int) else str(d) for d in value.shape)
 
 
-def _grid(dq: ir.Node) -> Grid | None:
+def grid_of(dq: ir.Node) -> Grid | None:
+    """The grid of a DequantizeLinear whose scale (and zero point) are constants; None otherwise."""
     scale = constant_array(dq.inputs[1])
     if scale is None:
         return None
