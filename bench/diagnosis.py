@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import run, zoo  # noqa: E402
+from bench import run, zoo
 
 HERE = Path(__file__).resolve().parent
 DRAWS = 3

@@ -10,7 +10,15 @@ import subprocess
 import numpy as np
 import onnx
 import pytest
-from conftest import conv_relu_pool_model, float_input, make_model, random_feeds, run, save, write_npy_folder
+from conftest import (
+    conv_relu_pool_model,
+    float_input,
+    make_model,
+    random_feeds,
+    run,
+    save,
+    write_npy_folder,
+)
 from onnx import helper, numpy_helper
 
 import lowbit
@@ -237,7 +245,7 @@ def test_report_in_headless_chromium(tmp_path):
 
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'p'}"]
     dom = subprocess.run([browser, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True,
-                         timeout=120).stdout
+                         timeout=120, check=True).stdout
     assert dom.count("<tr") >= 1 + 3 + 1 + 5  # the node table (3 nodes) and the tensor table, with their headers
     assert "skip_quant_node=" in dom and "node_config" in dom
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from .switches import SwitchedModel
 from ..search.metrics import compare
+from .switches import SwitchedModel
 
 
 @dataclass(frozen=True)

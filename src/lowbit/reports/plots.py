@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -15,7 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display, whatever the user's environment says
 
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import matplotlib.pyplot as plt
 
 WIDE = (10, 3.2)
 SMALL = (4.6, 2.6)
@@ -82,7 +83,7 @@ def histogram(title: str, edges: Sequence[float], counts: Sequence[float], low: 
               clip_rate: float) -> str:
     """A tensor's float values (log counts) with the range its integers represent."""
     figure, axes = plt.subplots(figsize=SMALL)
-    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    widths = [b - a for a, b in itertools.pairwise(edges)]
     axes.bar(edges[:-1], [max(c, 0.0) for c in counts], width=widths, align="edge", color="#729fcf")
     axes.set_yscale("log")
     for bound in (low, high):
