@@ -162,6 +162,17 @@ def test_cli_writes_html_and_json(tmp_path, quantized_tiny, capsys):
     assert "http://" not in page and "https://" not in page  # nothing fetched to view it
 
 
+def test_python_api(tmp_path, quantized_tiny):
+    src, out = quantized_tiny
+    report = tmp_path / "r.html"
+    analysis = lowbit.analyze(src, out, data=random_feeds(5, seed=3), samples=4, report=report)
+    assert analysis.samples == 4 and {n.name for n in analysis.nodes} == {"conv1", "pool1", "conv2"}
+    assert json.loads(report.with_suffix(".json").read_text())["output_error"]["quantized"] == pytest.approx(
+        analysis.quantized_error)
+    with pytest.raises(lowbit.LowbitError, match="needs data"):
+        lowbit.analyze(src, out)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--report", "r.txt"], "name the HTML file"),
     (["--samples", "0"], "at least one sample"),
@@ -186,7 +197,7 @@ def test_cli_refuses_a_model_that_is_not_the_quantized_form(tmp_path, quantized_
     assert main(["analyze", str(src), str(other), "--data", str(data)]) == 2
     assert "does not look like a quantized form" in capsys.readouterr().err
     assert main(["analyze", str(src), str(src), "--data", str(data)]) == 2
-    assert "no node reads a DequantizeLinear" in capsys.readouterr().err
+    assert "no DequantizeLinear in the model" in capsys.readouterr().err
 
 
 def test_quantize_with_report(tmp_path, capsys):
@@ -200,6 +211,20 @@ def test_quantize_with_report(tmp_path, capsys):
     assert main([*argv, "--report-samples", "5"]) == 0
     assert "report: " in capsys.readouterr().out
     assert json.loads(report.with_suffix(".json").read_text())["samples"] == 5
+
+
+def test_weight_only_model(tmp_path):
+    """Weight-only models have no activation pairs: each node switches its weights alone."""
+    src = save(conv_relu_pool_model(), tmp_path / "m.onnx")
+    out = tmp_path / "w4.onnx"
+    report = tmp_path / "w.html"
+    lowbit.quantize(src, out, quant_type="WEIGHT_QUANT", bit_num=4, min_quant_weight_size=0,
+                    min_quant_weight_channel=0, data=random_feeds(6), report=str(report), progress=False)
+    figures = json.loads(report.with_suffix(".json").read_text())
+    assert {n["name"] for n in figures["nodes"]} == {"conv1", "conv2"}
+    assert all(not n["activations"] and n["weights"] for n in figures["nodes"])
+    assert figures["output_error"]["quantized"] > 0
+    assert all(n["error_without"] < figures["output_error"]["simulated"] for n in figures["nodes"])
 
 
 def test_dynamic_quant_refuses_a_report(tmp_path, capsys):

@@ -96,7 +96,7 @@ def test_without_data_the_table_is_enough(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("# op_name threshold min max\ninput 1.0 -1.0 1.0\n", "no range for 2 tensor(s) the model quantizes: r1, p1"),
-    ("input 1 -1 1\nr1 1 0 1\np1 1 0 1\nconv7 1 0 1\n", "1 tensor(s) of the table are not quantized activations"),
+    ("input 1 -1 1\nr1 1 0 1\np1 1 0 1\nconv7 1 0 1\n", "1 tensor(s) of the table are not tensors of the model: conv7"),
     ("input 1 -1\n", "line 1: expected 'name threshold min max'"),
     ("input one -1 1\n", "line 1: threshold, min and max must be numbers"),
     ("TRT-8601-EntropyCalibration2\ninput: zz\n", "line 2: expected 'tensor: <hex float32 scale>'"),
@@ -115,6 +115,16 @@ def test_bad_tables_are_one_line_errors(tmp_path, capsys, content, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_tensors_the_target_leaves_float_are_ignored(tmp_path):
+    """A table for another target (or a TensorRT cache, which lists every tensor) names tensors of the
+    model that this target does not quantize: noted, not an error."""
+    src = save(conv_relu_pool_model(), tmp_path / "m.onnx")
+    table = tmp_path / "t.txt"
+    table.write_text("input 1 -1 1\nr1 1 0 1\np1 1 0 1\nc1 2 -2 2\n")
+    with pytest.warns(lowbit.LowbitWarning, match="1 tensor.* not quantized for target CPU.*: c1"):
+        lowbit.quantize(src, tmp_path / "q.onnx", calibration_table=str(table), progress=False)
 
 
 def test_table_keys_that_have_no_effect(tmp_path):

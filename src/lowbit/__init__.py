@@ -3,9 +3,10 @@
     import lowbit
     result = lowbit.quantize("model.onnx", "model_int8.onnx", config="full_quant.cfg")
     print(result.summary())
+    analysis = lowbit.analyze("model.onnx", "model_int8.onnx", data="calib/", report="report.html")
 """
 
-from .api import LowbitWarning, NodeReport, QuantizeResult, TensorReport, quantize
+from .api import LowbitWarning, NodeReport, QuantizeResult, TensorReport, analyze, quantize
 from .config import QuantConfig, load_config
 from .errors import LowbitError
 from .inference import inference_session, session_options
@@ -17,6 +18,7 @@ __all__ = [
     "QuantConfig",
     "QuantizeResult",
     "TensorReport",
+    "analyze",
     "inference_session",
     "load_config",
     "quantize",

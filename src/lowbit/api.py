@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .analysis.analyze import Analysis
 from .config import QuantConfig, load_config
 from .data.calibration import FeedSource
 from .errors import LowbitWarning
@@ -21,7 +22,7 @@ from .pipeline.passes import run_pipeline
 from .pipeline.state import QuantState
 from .reports.result import NodeReport, QuantizeResult, TensorReport
 
-__all__ = ["LowbitWarning", "NodeReport", "QuantizeResult", "TensorReport", "quantize", "run"]
+__all__ = ["LowbitWarning", "NodeReport", "QuantizeResult", "TensorReport", "analyze", "quantize", "run"]
 
 
 def quantize(
@@ -44,6 +45,34 @@ def quantize(
     """
     resolved = load_config(config, settings, describe=lambda key: f"argument {key}=")
     return run(model, output, resolved, data, progress=progress)
+
+
+def analyze(
+    float_model: str | Path,
+    quantized_model: str | Path,
+    data: FeedSource | None = None,
+    config: str | Path | None = None,
+    *,
+    samples: int = 32,
+    report: str | Path | None = None,
+) -> Analysis:
+    """Where ``quantized_model`` (a QDQ model of ``float_model``) loses accuracy; see :mod:`lowbit.analysis`.
+
+    ``data`` as for :func:`quantize` (``config``'s ``[data_preprocess_param]`` settings apply
+    to image folders); the first ``samples`` are read. ``report``: also write REPORT.html and
+    REPORT.json (needs ``lowbit[report]``).
+    """
+    from .analysis.analyze import analyze as run_analysis
+    from .reports.analysis import check_report_path, write_report
+
+    if report is not None:
+        check_report_path(report)
+    resolved = load_config(config, {}, describe=lambda key: f"argument {key}=")
+    analysis = run_analysis(float_model, quantized_model, data, config=resolved, samples=samples,
+                            warn=lambda message: warnings.warn(message, LowbitWarning, stacklevel=2))
+    if report is not None:
+        write_report(analysis, report)
+    return analysis
 
 
 def run(

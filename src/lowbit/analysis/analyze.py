@@ -8,8 +8,9 @@ Given the float model, its quantized (QDQ) form and a few samples, one job measu
    the histogram, range and clip rate of each quantized activation, and the per-channel
    ranges of each quantized weight (:mod:`.tensors`);
 3. a suggestion: the few nodes to leave float together, found by a greedy search over the
-   first nodes of the ranking with the error measured at each step, as a ``skip_quant_node``
-   line and a Horizon ``node_config`` snippet.
+   first nodes of the ranking with the error measured at each step, and for each of them
+   whether 16-bit inputs would do as well, as a ``skip_quant_node`` line and a Horizon
+   ``node_config`` snippet.
 
 The float model is prepared as lowbit prepares it for quantization, so its node and tensor
 names match those of a model lowbit wrote.
@@ -160,6 +161,9 @@ def _check_pair(float_model: ir.Model, quantized: ir.Model, float_path: Path, qu
     if float_inputs != quant_inputs:
         raise LowbitError(f"{quantized_path} does not look like a quantized form of {float_path}: inputs "
                           f"{sorted(quant_inputs)} against {sorted(float_inputs)}")
+    if not any(node.op_type == "DequantizeLinear" for node in quantized.graph):
+        raise LowbitError(f"{quantized_path}: no DequantizeLinear in the model; analyze reads QDQ models "
+                          "(QuantizeLinear/DequantizeLinear pairs)")
     float_outputs = {v.name for v in float_model.graph.outputs}
     if not float_outputs & {v.name for v in quantized.graph.outputs}:
         raise LowbitError(f"{quantized_path} does not look like a quantized form of {float_path}: "

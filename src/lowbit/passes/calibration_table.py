@@ -3,8 +3,10 @@ other tools (formats: :mod:`lowbit.calibration.tables`).
 
 ReadCalibrationTable reads: ``calibration_table`` and the plan. Sets: the ranges (then no
 calibration run is made; GPTQ and bias correction still read data when it is given). Every
-planned tensor must be in the table and every tensor of the table must be planned; either
-mismatch is a one-line error naming the tensors.
+planned tensor must be in the table and every tensor of the table must be a tensor of the
+model; either mismatch is a one-line error naming the tensors. Tensors of the model that the
+target leaves float (a table made for another target, or a TensorRT cache, which lists
+every tensor) are noted and ignored.
 
 WriteCalibrationTable reads: the ranges, the plan and the scales. Writes
 ``calibration_table_out`` in ``table_format``, after the model is saved, each tensor with
@@ -35,13 +37,19 @@ class ReadCalibrationTable(Pass):
         table = read_table(path)
         planned = list(state.plan.activations)
         missing = [name for name in planned if name not in table]
-        unknown = [name for name in table if name not in state.plan.activations]
+        tensors = {v.name for v in state.model.graph.inputs} | {
+            v.name for node in state.model.graph for v in node.outputs if v is not None}
+        unknown = [name for name in table if name not in tensors]
+        unused = [name for name in table if name in tensors and name not in state.plan.activations]
         if missing:
             raise LowbitError(f"{path}: no range for {len(missing)} tensor(s) the model quantizes: "
                               f"{_names(missing)}")
         if unknown:
-            raise LowbitError(f"{path}: {len(unknown)} tensor(s) of the table are not quantized activations of "
-                              f"the model: {_names(unknown)}")
+            raise LowbitError(f"{path}: {len(unknown)} tensor(s) of the table are not tensors of the model: "
+                              f"{_names(unknown)}")
+        if unused:  # a table made for another target, or by a tool that lists every tensor (TensorRT)
+            state.note(f"{path}: {len(unused)} tensor(s) of the table are not quantized for target "
+                       f"{state.target_name}, their ranges are not used: {_names(unused)}")
         symmetric = state.target.activation.symmetric
         state.ranges = {name: table[name].range(symmetric) for name in planned}
 
