@@ -11,9 +11,10 @@ bench/run.py), each case:
    (under ``.cache/bench/diagnosis/<case>/``);
 2. writes the tpu-mlir and TensorRT tables from the json table (``calibration_table``: no
    calibration run) and checks that the model made from each table is the one calibrated;
-3. times ``lowbit analyze`` (32 samples, HTML + JSON) beside onnxruntime's
-   ``qdq_loss_debug`` (every tensor's SQNR on the same pair and samples), each in a child
-   process under GNU time for its peak RSS;
+3. times ``lowbit analyze`` (32 samples, HTML + JSON) on lowbit's model, and on
+   onnxruntime's (quantize_static, MinMax) beside onnxruntime's ``qdq_loss_debug`` (every
+   tensor's SQNR on the same pair and samples; it matches tensors by onnxruntime's Q/DQ
+   names, so it reads onnxruntime's models only), each in a child process under GNU time;
 4. checks the ranking on held-out data: the model quantized again with the 3 first-ranked
    nodes in ``skip_quant_node`` against 3 nodes drawn at random (3 draws), and the
    suggestion itself.
@@ -92,14 +93,18 @@ def diagnose(case: run.Case, work: Path) -> dict:
     result["tables"] = tables
 
     analyze = run.quantize_in_child("lowbit-analyze", case.model, calib, work / "analyze.html", 32, work / "q.onnx")
+    # onnxruntime's tool matches tensors by onnxruntime's own Q/DQ names: both tools read its model
+    run.quantize_in_child("ort-minmax", case.model, calib, work / "ort.onnx")
+    analyze_ort = run.quantize_in_child("lowbit-analyze", case.model, calib, work / "analyze_ort.html", 32,
+                                        work / "ort.onnx")
     ort_debug = run.quantize_in_child("ort-qdq-loss-debug", case.model, calib, work / "ort_debug.json", 32,
-                                      work / "q.onnx")
-    result["analyze"] = {"lowbit analyze": {"seconds": analyze.seconds, "peak_rss_mb": analyze.peak_rss_mb,
-                                            "error": analyze.error},
-                         "ort qdq_loss_debug": {"seconds": ort_debug.seconds, "peak_rss_mb": ort_debug.peak_rss_mb,
-                                                "error": ort_debug.error}}
-    print(f"   analyze {analyze.seconds} s / {analyze.peak_rss_mb} MB; ort qdq_loss_debug {ort_debug.seconds} s / "
-          f"{ort_debug.peak_rss_mb} MB {ort_debug.error or ''}", flush=True)
+                                      work / "ort.onnx")
+    result["analyze"] = {name: {"seconds": row.seconds, "peak_rss_mb": row.peak_rss_mb, "error": row.error}
+                         for name, row in (("lowbit analyze", analyze), ("lowbit analyze, onnxruntime's model",
+                                                                          analyze_ort),
+                                           ("ort qdq_loss_debug, onnxruntime's model", ort_debug))}
+    print("   " + "; ".join(f"{k} {v['seconds']} s / {v['peak_rss_mb']} MB {v['error'] or ''}"
+                            for k, v in result["analyze"].items()), flush=True)
 
     figures = json.loads((work / "analyze.json").read_text())
     ranked = [n["name"] for n in figures["nodes"]]
@@ -128,11 +133,13 @@ def markdown(results: dict) -> str:
     lines = ["# Diagnosis on real models", "",
              f"`{results['command']}` on {results['date']}: {results['machine']}.", "",
              "Per case: the time the reports add to `lowbit quantize` (defaults), `lowbit analyze` (32 samples, "
-             "HTML + JSON) beside onnxruntime's `qdq_loss_debug` on the same pair and samples, and on held-out data "
+             "HTML + JSON), and on onnxruntime's model beside onnxruntime's `qdq_loss_debug` (which does the "
+             "per-tensor part only) on the same pair and samples, and on held-out data "
              "the output error (1 - cosine) of the model quantized again with 3 nodes left float: the first 3 of "
              "the ranking, the report's suggestion, and 3 drawn at random.", ""]
     for case in results["cases"]:
-        a, o = case["analyze"]["lowbit analyze"], case["analyze"]["ort qdq_loss_debug"]
+        a, b = case["analyze"]["lowbit analyze"], case["analyze"]["lowbit analyze, onnxruntime's model"]
+        o = case["analyze"]["ort qdq_loss_debug, onnxruntime's model"]
         lines += [f"## {case['name']}", "",
                   f"- calibration {case['calibration']} samples, held-out {case['evaluation']}; "
                   f"{case['nodes']} quantized nodes ranked",
@@ -140,9 +147,11 @@ def markdown(results: dict) -> str:
                   f"`calibration_table_out` {case['quantize_with_reports_s']:.1f} s (debug CSVs "
                   f"{case['debug_reports_s']:.1f} s: {case['debug_files']['round files']} round files, "
                   f"{case['debug_files']['bytes'] / 1e6:.1f} MB; report {case['analysis_report_s']:.1f} s)",
-                  f"- `lowbit analyze`: {_s(a)}; onnxruntime `qdq_loss_debug`: {_s(o)}"
-                  + (f"; time ratio {a['seconds'] / o['seconds']:.2f}x, memory {a['peak_rss_mb'] / o['peak_rss_mb']:.2f}x"
-                     if a["seconds"] and o["seconds"] else ""),
+                  f"- `lowbit analyze` on lowbit's model: {_s(a)}",
+                  f"- on onnxruntime's model (`quantize_static` MinMax): `lowbit analyze` {_s(b)}; onnxruntime "
+                  f"`qdq_loss_debug` {_s(o)}"
+                  + (f"; lowbit / onnxruntime: time {b['seconds'] / o['seconds']:.2f}x, memory "
+                     f"{b['peak_rss_mb'] / o['peak_rss_mb']:.2f}x" if b["seconds"] and o["seconds"] else ""),
                   "- tables: " + "; ".join(f"{k} {v['lines']} lines" + (
                       f", read back: the same model ({v['same model from the table']})"
                       if "same model from the table" in v else

@@ -92,11 +92,12 @@ def run_lowbit_analyze(model: Path, quantized: Path, calib: Path, report: Path, 
 
 def run_onnxruntime_loss_debug(model: Path, quantized: Path, calib: Path, output: Path, size: int | None) -> None:
     """onnxruntime.quantization.qdq_loss_debug on the same pair: every tensor's SQNR, every weight's SQNR."""
+    from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization import qdq_loss_debug as debug
 
     files = sorted(calib.glob("*.npy"))[: size or 32]
 
-    class Reader:
+    class Reader(CalibrationDataReader):
         def __init__(self):
             self.files = iter(files)
 

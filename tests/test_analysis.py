@@ -57,6 +57,39 @@ def test_switched_model_is_the_float_model_off_and_the_quantized_model_on(quanti
 GEMM_WEIGHT = np.array([[1.0, -0.5], [0.25, 2.0]], dtype=np.float32)
 
 
+def test_a_model_from_onnxruntime_quantize_static(tmp_path):
+    """onnxruntime drops the Relu after a Conv (its Q/DQ clips) and quantizes graph outputs: the float
+    form gets the Relu back, and the output's rounding is switched, ranked, and never suggested."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    src = save(conv_relu_pool_model(), tmp_path / "m.onnx")
+    out = tmp_path / "ort.onnx"
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter(random_feeds(8))
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    assert "Relu" not in {n.op_type for n in onnx.load(str(out)).graph.node}
+    float_model = prepare(load_model(src)[0])
+    switched = switched_model(typed(load_model(out)[0]), float_model)
+    session = make_session(switched.model)
+    feed = random_feeds(1, seed=11)[0]
+    off = session.run(None, {**feed, **switched.feeds(set())})[0]
+    on = session.run(None, {**feed, **switched.feeds({n.name for n in switched.nodes})})[0]
+    np.testing.assert_allclose(off, run(src, feed)[0], atol=1e-5)
+    np.testing.assert_allclose(on, run(out, feed)[0], atol=0.05)  # integer kernels against fake quantization
+
+    analysis = analyze(src, out, random_feeds(8, seed=12))
+    rounding = [n for n in analysis.nodes if n.op_type == "(output rounding)"]
+    assert [n.name for n in rounding] == ["output (output rounding)"] and rounding[0].gain > 0
+    assert rounding[0].name not in analysis.suggestion.nodes
+    assert analysis.quantized_error == pytest.approx(analysis.simulated_error, rel=0.2)
+
+
 def gemm_model():
     nodes = [helper.make_node("Gemm", ["input", "w"], ["output"], name="gemm")]
     return make_model(nodes, [float_input("input", ["N", 2])], [float_input("output", ["N", 2])],

@@ -3,13 +3,14 @@
 Given the float model, its quantized (QDQ) form and a few samples, one job measures:
 
 1. per quantized node, the output error with only that node quantized and with only that
-   node left float (:mod:`.sensitivity`, one session of the switched model, :mod:`.switches`);
+   node left float (:mod:`.sensitivity`, one session of the switched model, :mod:`.switches`),
+   and a ranking: first the nodes in the order in which leaving them float helps most, found
+   by a greedy search with every step measured, then the others by their own gain;
 2. per tensor along the graph, the quantized model's value against the float one, with
    the histogram, range and clip rate of each quantized activation, and the per-channel
    ranges of each quantized weight (:mod:`.tensors`);
-3. a suggestion: the few nodes to leave float together, found by a greedy search over the
-   first nodes of the ranking with the error measured at each step, and for each of them
-   whether 16-bit inputs would do as well, as a ``skip_quant_node`` line and a Horizon
+3. a suggestion: the first few nodes of the ranking, and for each of them whether 16-bit
+   inputs would do as well as float, as a ``skip_quant_node`` line and a Horizon
    ``node_config`` snippet.
 
 The float model is prepared as lowbit prepares it for quantization, so its node and tensor
@@ -36,7 +37,7 @@ from ..graph.query import is_float32
 from ..graph.runtime import make_session
 from ..reports import debug
 from .sensitivity import NodeSensitivity, OutputError, mean_error, node_sensitivities
-from .switches import switched_model
+from .switches import OUTPUT_ROUNDING, switched_model
 from .tensors import ActivationRange, ErrorSums, TensorRow, WeightRow, weight_row
 
 SUGGESTED = 3  # at most this many nodes in the suggestion
@@ -86,7 +87,7 @@ class Analysis:
     outputs: list[str]
     quantized_error: float  # the quantized model as ONNX Runtime runs it
     simulated_error: float  # every switch on: the same model as fake quantization
-    nodes: list[NodeSensitivity]  # ranked, largest gain first
+    nodes: list[NodeSensitivity]  # ranked: the greedy order first (see _greedy_order), then by gain
     tensors: list[TensorRow]  # in graph order
     weights: list[WeightRow]  # the weights (int32 biases left out: their grid is far finer than the weights')
     suggestion: Suggestion
@@ -132,8 +133,11 @@ def analyze(float_path: str | Path, quantized_path: str | Path, data: FeedSource
     quantized_error = mean_error(error.references, (quantized_session.run(outputs, b) for b in batches))
 
     step = progress("sensitivity", len(switched.nodes)) if progress else (lambda: None)
-    nodes = node_sensitivities(error, simulated, step)
-    suggestion = _suggest(error, nodes)
+    by_gain = node_sensitivities(error, simulated, step)
+    curve = _greedy_order(error, by_gain)
+    first = [name for name, _ in curve]
+    nodes = sorted(by_gain, key=lambda n: first.index(n.name) if n.name in first else len(first))
+    suggestion = _suggest(error, curve, {n.name for n in nodes})
     weights = [weight_row(t) for t in traced if t.weight is not None and t.grid is not None and t.grid.bits <= 16]
     notes = []
     if abs(simulated - quantized_error) > max(0.1 * quantized_error, 1e-4):
@@ -170,30 +174,38 @@ def _check_pair(float_model: ir.Model, quantized: ir.Model, float_path: Path, qu
                           "no output name in common")
 
 
-def _suggest(error: OutputError, nodes: list[NodeSensitivity]) -> Suggestion:
-    """Which nodes to leave float together: a greedy search over the first nodes of the ranking.
+def _greedy_order(error: OutputError, nodes: list[NodeSensitivity]) -> list[tuple[str, float]]:
+    """The first nodes of the ranking, in the order in which leaving them float helps most.
+
+    Only nodes of the model take part (not the rounding of a quantized graph output).
 
     Gains do not add up: leaving two nodes float can give less than either alone (on
-    EfficientNet-Lite0, the first three of the ranking together gave 0.00135 where the first
-    alone gave 0.00132). So each step measures every remaining candidate with the ones
-    already chosen and keeps the best; the suggestion is the prefix of at most
-    :data:`SUGGESTED` nodes with the lowest error.
+    EfficientNet-Lite0, the first three by gain together gave 0.00135 where the first alone
+    gave 0.00132). So, over the :data:`CURVE` nodes of largest gain, each step measures every
+    remaining one with those already chosen and keeps the best. Returns (node, output error
+    with it and every node before it float), in that order.
     """
-    candidates = [n.name for n in nodes if n.gain > 0][:CURVE]
+    candidates = [n.name for n in nodes if n.gain > 0 and n.op_type != OUTPUT_ROUNDING][:CURVE]
     everything = {n.name for n in nodes}
     chosen: list[str] = []
     curve: list[tuple[str, float]] = []
     while candidates:
         trials = {name: error(everything - {*chosen, name}) for name in candidates}
-        best = min(trials, key=trials.get)  # ties: the first in ranking order
+        best = min(trials, key=trials.get)  # ties: the first by gain
         chosen.append(best)
         candidates.remove(best)
         curve.append((best, trials[best]))
+    return curve
+
+
+def _suggest(error: OutputError, curve: list[tuple[str, float]], everything: set[str]) -> Suggestion:
+    """The prefix of the greedy order, at most :data:`SUGGESTED` nodes, with the lowest error;
+    and each of its nodes measured in int8, int16 and float with the others float."""
     if not curve:
         return Suggestion([], [])
     errors = [e for _, e in curve[:SUGGESTED]]
     count = errors.index(min(errors)) + 1
-    suggested = chosen[:count]
+    suggested = [name for name, _ in curve[:count]]
     floated = everything - set(suggested)
     precisions = {name: Precision(error(floated | {name}), error(floated | {name}, wide={name}), errors[count - 1])
                   for name in suggested}
@@ -217,16 +229,21 @@ def _compare_tensors(float_model: ir.Model, quantized: ir.Model, traced: list[de
             row = rows[t.tensor]
             if row.activation is None:
                 row.rounded, row.activation = ErrorSums(), ActivationRange(t.grid)
+    # a Relu/Clip that the quantized model left to the tensor's Q/DQ pair (onnxruntime drops them):
+    # there the quantized model computes the float model's tensor as the dequantized value
+    quant_producers = {v.name: node.name for node in quantized.graph for v in node.outputs if v is not None}
+    computed = {name: rounded[name] if name in rounded and quant_producers.get(name, "") != row.producer else name
+                for name, row in rows.items()}
     inputs = {v.name for v in float_model.graph.inputs}
     names = [name for name in rows if name not in inputs]
     float_session = make_session(float_model, names)
-    quant_names = names + list(dict.fromkeys(rounded.values()))
+    quant_names = list(dict.fromkeys([computed[name] for name in names] + list(rounded.values())))
     quant_session = make_session(quantized, quant_names)
     for sample in samples:
         reference = {**sample, **dict(zip(names, float_session.run(names, sample)))}
         values = {**sample, **dict(zip(quant_names, quant_session.run(quant_names, sample)))}
         for name, row in rows.items():
-            row.computed.add(reference[name], values[name])
+            row.computed.add(reference[name], values[computed[name]])
             if name in rounded:
                 row.rounded.add(reference[name], values[rounded[name]])
                 row.activation.add(reference[name])

@@ -8,8 +8,10 @@ model, averaged over samples and outputs):
   ``gain = error of the quantized model - without`` is what reverting it buys.
 
 The two disagree where errors interact (a node whose rounding is harmless alone but not
-after the rounding before it); the ranking uses the gain, which answers the user's
-question directly: what to revert.
+after the rounding before it); the gain answers the user's question directly (what to
+revert), and :func:`node_sensitivities` orders by it. Gains of several nodes do not add up:
+the analysis orders the first ones by measuring them together (see
+:func:`lowbit.analysis.analyze._greedy_order`).
 """
 
 from __future__ import annotations

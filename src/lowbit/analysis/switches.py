@@ -40,6 +40,7 @@ from ..recovery.layers import dequantized_weight
 from ..reports.debug import grid_of
 
 SWITCH_PREFIX = "lowbit_switch_"
+OUTPUT_ROUNDING = "(output rounding)"  # the op type shown for a quantized graph output's rounding
 WIDE_PREFIX = "lowbit_int16_"
 WIDE_LEVELS = 65536
 
@@ -93,13 +94,15 @@ def switched_model(quantized: ir.Model, float_model: ir.Model,
     """
     float_nodes = {node.name: node for node in float_model.graph}
     graph = quantized.graph
+    restore = _AbsorbedActivations(graph, float_model)
+    output_readers = _read_quantized_outputs(graph)
     nodes = []
     for node in list(graph):
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") or not any(is_float32(v) for v in node.outputs):
             continue  # the pairs themselves, and nodes that only read a shape
-        entry = SwitchedNode(node.name, node.op_type, unique_name(graph, SWITCH_PREFIX + node.name),
-                             unique_name(graph, WIDE_PREFIX + node.name))
-        forms = _forms(graph, node, float_nodes.get(node.name), entry, float_ranges or {})
+        entry = SwitchedNode(node.name, OUTPUT_ROUNDING if node in output_readers else node.op_type,
+                             unique_name(graph, SWITCH_PREFIX + node.name), unique_name(graph, WIDE_PREFIX + node.name))
+        forms = _forms(graph, node, float_nodes.get(node.name), entry, float_ranges or {}, restore)
         if forms is None:
             continue
         switches = []
@@ -114,7 +117,7 @@ def switched_model(quantized: ir.Model, float_model: ir.Model,
 
 
 def _forms(graph: ir.Graph, node: ir.Node, float_node: ir.Node | None, entry: SwitchedNode,
-           float_ranges: dict[str, tuple[float, float]]) -> _Forms | None:
+           float_ranges: dict[str, tuple[float, float]], restore: _AbsorbedActivations) -> _Forms | None:
     """The node's inputs in each form (noted in ``entry``); None when no input is read through a DQ."""
     forms = _Forms(list(node.inputs), list(node.inputs), list(node.inputs))
     for index, value in enumerate(node.inputs):
@@ -124,7 +127,7 @@ def _forms(graph: ir.Graph, node: ir.Node, float_node: ir.Node | None, entry: Sw
         grid = grid_of(dq)
         source = dq.inputs[0].producer()
         if source is not None and source.op_type == "QuantizeLinear":
-            original = source.inputs[0]
+            original = restore(source.inputs[0])
             forms.original[index] = original
             if grid is not None and grid.axis is None:
                 low, high = float_ranges.get(original.name, grid.bounds())
@@ -152,6 +155,61 @@ def _forms(graph: ir.Graph, node: ir.Node, float_node: ir.Node | None, entry: Sw
     if not entry.activations and not entry.weights:
         return None
     return forms
+
+
+def _read_quantized_outputs(graph: ir.Graph) -> list[ir.Node]:
+    """Give each graph output that a DequantizeLinear writes (onnxruntime quantizes outputs) a reader to switch.
+
+    An Identity takes the output's place, named after it, so that the output's rounding can
+    be switched like any node's inputs (op type :data:`OUTPUT_ROUNDING` in the ranking; no
+    node of the model to list in skip_quant_node). Returns the Identity nodes.
+    """
+    readers = []
+    for index, value in enumerate(list(graph.outputs)):
+        dq = value.producer()
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        name = value.name
+        value.name = unique_name(graph, f"{name}_dequantized")
+        reader = ir.node("Identity", [value], name=unique_name(graph, f"{name} {OUTPUT_ROUNDING}"))
+        reader.outputs[0].name, reader.outputs[0].type, reader.outputs[0].shape = name, value.type, value.shape
+        graph.append(reader)
+        graph.outputs[index] = reader.outputs[0]
+        readers.append(reader)
+    return readers
+
+
+class _AbsorbedActivations:
+    """The float value of a tensor whose Relu or Clip the quantized model left to its Q/DQ pair.
+
+    onnxruntime's quantize_static drops a Relu (or Clip) after a Conv when the pair's range
+    clips as it would, and the Conv's output takes the Relu's output name. The tensor
+    before the QuantizeLinear is then not the float model's tensor: the float form gets the
+    activation back, one node in the main graph per such tensor (lowbit keeps its Relus).
+    """
+
+    def __init__(self, graph: ir.Graph, float_model: ir.Model):
+        self.graph = graph
+        self.float_producers = {v.name: node for node in float_model.graph for v in node.outputs if v is not None}
+        self.restored: dict[str, ir.Value] = {}
+
+    def __call__(self, value: ir.Value) -> ir.Value:
+        theirs, mine = self.float_producers.get(value.name), value.producer()
+        if theirs is None or mine is None or theirs.name == mine.name or theirs.op_type not in ("Relu", "Clip"):
+            return value
+        if value.name not in self.restored:
+            bounds = [constant_array(v) for v in theirs.inputs[1:]]
+            if any(b is None for b, v in zip(bounds, theirs.inputs[1:]) if v is not None):
+                return value  # a Clip whose bounds are computed: nothing to copy
+            inputs = [value] + [None if b is None else add_initializer(self.graph, f"{value.name}_{theirs.op_type}", b)
+                                for b in bounds]
+            node = ir.Node("", theirs.op_type, inputs, list(theirs.attributes.values()), num_outputs=1,
+                           name=unique_name(self.graph, f"{value.name}_restored_{theirs.op_type}"))
+            node.outputs[0].name = unique_name(self.graph, f"{value.name}_float")
+            node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+            self.graph.insert_after(mine, node)
+            self.restored[value.name] = node.outputs[0]
+        return self.restored[value.name]
 
 
 def _float_constant(float_node: ir.Node | None, index: int, integers: ir.Value) -> np.ndarray | None:

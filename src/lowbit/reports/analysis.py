@@ -42,6 +42,7 @@ def check_report_path(html: str | Path) -> None:
 
 def as_json(analysis: Analysis) -> dict[str, Any]:
     """Every figure of the analysis as plain JSON values (infinite SQNR as null: exact agreement)."""
+    greedy = dict(analysis.suggestion.curve)
     return {
         "float_model": str(analysis.float_path),
         "quantized_model": str(analysis.quantized_path),
@@ -53,7 +54,8 @@ def as_json(analysis: Analysis) -> dict[str, Any]:
         "runs": analysis.runs,
         "notes": analysis.notes,
         "nodes": [{"rank": rank, "name": n.name, "op_type": n.op_type, "error_alone": n.alone,
-                   "error_without": n.without, "gain": n.gain, "activations": list(n.activations),
+                   "error_without": n.without, "gain": n.gain,
+                   "error_float_with_ranks_above": greedy.get(n.name), "activations": list(n.activations),
                    "weights": list(n.weights)} for rank, n in enumerate(analysis.nodes, start=1)],
         "tensors": [_tensor(t) for t in analysis.tensors],
         "weights": [{"node": w.node, "tensor": w.tensor, "cosine": w.cosine, "sqnr_db": _number(w.sqnr_db),
