@@ -77,9 +77,11 @@ def format_analysis(analysis: Analysis, nodes: int = 10) -> str:
     lines = [f"output error (1 - cosine): {analysis.quantized_error:.4g} in ONNX Runtime, "
              f"{analysis.simulated_error:.4g} simulated; {analysis.samples} samples, {len(analysis.nodes)} "
              f"quantized nodes, {analysis.seconds:.1f} s",
-             f"{'rank':>4}  {'error alone':>11}  {'without it':>11}  {'gain':>10}  node"]
+             f"{'rank':>4}  {'error alone':>11}  {'without it':>11}  {'gain':>10}  {'+ ranks above':>13}  node"]
+    together = dict(analysis.suggestion.curve)  # the error with this node and the ranks above it float
     for rank, node in enumerate(analysis.nodes[:nodes], start=1):
-        lines.append(f"{rank:>4}  {node.alone:>11.4g}  {node.without:>11.4g}  {node.gain:>10.4g}  "
+        above = f"{together[node.name]:>13.4g}" if node.name in together else " " * 13
+        lines.append(f"{rank:>4}  {node.alone:>11.4g}  {node.without:>11.4g}  {node.gain:>10.4g}  {above}  "
                      f"{node.name} ({node.op_type})")
     suggestion = analysis.suggestion
     if suggestion.nodes:
