@@ -130,7 +130,7 @@ def _render(figures: dict[str, Any]) -> str:
     suggested = set(figures["suggestion"]["nodes"])
     order = {t["producer"]: i for i, t in enumerate(tensors)}
     images = {
-        "graph": plots.error_along_graph([t["name"] for t in tensors], [_db(t["sqnr_db"]) for t in tensors],
+        "graph": plots.error_along_graph([_db(t["sqnr_db"]) for t in tensors],
                                          [_db(t["rounded_sqnr_db"]) if "rounded_sqnr_db" in t else None
                                           for t in tensors],
                                          [order[n] for n in suggested if n in order]),
@@ -139,8 +139,7 @@ def _render(figures: dict[str, Any]) -> str:
     }
     curve = figures["suggestion"]["error_left_float"]
     if curve:
-        images["curve"] = plots.suggestion_curve(figures["output_error"]["simulated"], [c["node"] for c in curve],
-                                                 [c["error"] for c in curve])
+        images["curve"] = plots.suggestion_curve(figures["output_error"]["simulated"], [c["error"] for c in curve])
     details = _details(figures)
     environment = jinja2.Environment(loader=jinja2.PackageLoader("lowbit.reports", "templates"),
                                      autoescape=True, trim_blocks=True, lstrip_blocks=True)

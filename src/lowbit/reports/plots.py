@@ -35,13 +35,12 @@ def _finite(values: Sequence[float], cap: float) -> list[float]:
     return [cap if math.isinf(v) and v > 0 else v for v in values]
 
 
-def error_along_graph(labels: Sequence[str], computed_db: Sequence[float], rounded_db: Sequence[float | None],
-                      marked: Sequence[int]) -> str:
+def error_along_graph(computed_db: Sequence[float], rounded_db: Sequence[float | None], marked: Sequence[int]) -> str:
     """SQNR of each tensor in graph order: a line for the computed values, dots after rounding, marks at suggested nodes."""
     figure, axes = plt.subplots(figsize=WIDE)
     finite = [v for v in list(computed_db) + [r for r in rounded_db if r is not None] if not math.isinf(v)]
     cap = (max(finite) + 5) if finite else 100.0
-    x = range(len(labels))
+    x = range(len(computed_db))
     axes.plot(x, _finite(computed_db, cap), color="#3465a4", linewidth=1.4, label="as computed")
     rounded = [(i, v) for i, v in enumerate(_finite([r if r is not None else math.nan for r in rounded_db], cap))
                if not math.isnan(v)]
@@ -69,7 +68,8 @@ def node_gains(names: Sequence[str], gains: Sequence[float], alone: Sequence[flo
     return _data_uri(figure)
 
 
-def suggestion_curve(quantized_error: float, names: Sequence[str], errors: Sequence[float]) -> str:
+def suggestion_curve(quantized_error: float, errors: Sequence[float]) -> str:
+    """The output error with none, then the first 1, 2 ... ranks left float."""
     figure, axes = plt.subplots(figsize=SMALL)
     axes.plot(range(len(errors) + 1), [quantized_error, *errors], marker="o", color="#3465a4")
     axes.set_xlabel("nodes left float")
