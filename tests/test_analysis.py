@@ -60,7 +60,11 @@ GEMM_WEIGHT = np.array([[1.0, -0.5], [0.25, 2.0]], dtype=np.float32)
 def test_a_model_from_onnxruntime_quantize_static(tmp_path):
     """onnxruntime drops the Relu after a Conv (its Q/DQ clips) and quantizes graph outputs: the float
     form gets the Relu back, and the output's rounding is switched, ranked, and never suggested."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        quantize_static,
+    )
 
     src = save(conv_relu_pool_model(), tmp_path / "m.onnx")
     out = tmp_path / "ort.onnx"
