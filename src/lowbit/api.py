@@ -55,12 +55,15 @@ def analyze(
     *,
     samples: int = 32,
     report: str | Path | None = None,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Analysis:
     """Where ``quantized_model`` (a QDQ model of ``float_model``) loses accuracy; see :mod:`lowbit.analysis`.
 
     ``data`` as for :func:`quantize` (``config``'s ``[data_preprocess_param]`` settings apply
     to image folders); the first ``samples`` are read. ``report``: also write REPORT.html and
-    REPORT.json (needs ``lowbit[report]``).
+    REPORT.json (needs ``lowbit[report]``). ``progress(label, total)`` returns a function called
+    once per step; ``warn`` receives the warnings (default: :class:`LowbitWarning`).
     """
     from .analysis.analyze import analyze as run_analysis
     from .reports.analysis import check_report_path, write_report
@@ -68,8 +71,11 @@ def analyze(
     if report is not None:
         check_report_path(report)
     resolved = load_config(config, {}, describe=lambda key: f"argument {key}=")
+    if warn is None:
+        def warn(message: str) -> None:
+            warnings.warn(message, LowbitWarning, stacklevel=_caller_level())
     analysis = run_analysis(float_model, quantized_model, data, config=resolved, samples=samples,
-                            warn=lambda message: warnings.warn(message, LowbitWarning, stacklevel=2))
+                            progress=progress, warn=warn)
     if report is not None:
         write_report(analysis, report)
     return analysis

@@ -146,20 +146,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from .analysis.analyze import analyze
-    from .reports.analysis import check_report_path, format_analysis, write_report
+    from .api import analyze
+    from .reports.analysis import format_analysis, report_paths
 
-    if args.report is not None:
-        check_report_path(args.report)
-    config = load_config(args.config, {}, describe=_describe_flag)
-    analysis = analyze(args.float_model, args.quantized_model, args.data, config=config, samples=args.samples,
-                       progress=None if args.quiet else _progress_bar,
+    analysis = analyze(args.float_model, args.quantized_model, args.data, args.config, samples=args.samples,
+                       report=args.report, progress=None if args.quiet else _progress_bar,
                        warn=lambda message: print(f"lowbit: warning: {message}", file=sys.stderr))
-    written = write_report(analysis, args.report) if args.report is not None else None
     if not args.quiet:
         print(format_analysis(analysis))
-        if written:
-            print(f"wrote {written[0]} and {written[1]}")
+        if args.report is not None:
+            print("wrote {} and {}".format(*report_paths(args.report)))
     return 0
 
 

@@ -215,12 +215,12 @@ def _suggest(error: OutputError, curve: list[tuple[str, float]], everything: set
 def _compare_tensors(float_model: ir.Model, quantized: ir.Model, traced: list[debug.TracedTensor],
                      samples: Sequence[dict[str, np.ndarray]], step: Callable[[], None]) -> list[TensorRow]:
     """Both models sample by sample, every matched tensor as an extra output (see :mod:`.tensors`)."""
-    quant_values = {v.name for node in quantized.graph for v in node.outputs if v is not None}
+    quant_producers = {v.name: node.name for node in quantized.graph for v in node.outputs if v is not None}
     rows: dict[str, TensorRow] = {v.name: TensorRow(v.name, "", "(graph input)")
                                   for v in float_model.graph.inputs if is_float32(v)}
     for node in float_model.graph:
         for value in node.outputs:
-            if is_float32(value) and value.name in quant_values:
+            if is_float32(value) and value.name in quant_producers:
                 rows[value.name] = TensorRow(value.name, node.name, node.op_type)
     rounded: dict[str, str] = {}  # float tensor -> the dequantized tensor its readers see
     for t in traced:
@@ -231,7 +231,6 @@ def _compare_tensors(float_model: ir.Model, quantized: ir.Model, traced: list[de
                 row.rounded, row.activation = ErrorSums(), ActivationRange(t.grid)
     # a Relu/Clip that the quantized model left to the tensor's Q/DQ pair (onnxruntime drops them):
     # there the quantized model computes the float model's tensor as the dequantized value
-    quant_producers = {v.name: node.name for node in quantized.graph for v in node.outputs if v is not None}
     computed = {name: rounded[name] if name in rounded and quant_producers.get(name, "") != row.producer else name
                 for name, row in rows.items()}
     inputs = {v.name for v in float_model.graph.inputs}

@@ -78,8 +78,8 @@ class ActivationRange:
 
     @property
     def representable(self) -> tuple[float, float]:
-        scale, zero = float(self.grid.scale.reshape(-1)[0]), float(self.grid.zero_point.reshape(-1)[0])
-        return (self.grid.qmin - zero) * scale, (self.grid.qmax - zero) * scale
+        low, high = self.grid.bounds()
+        return float(low), float(high)
 
     def plot_histogram(self) -> tuple[list[float], list[float]]:
         """(edges, counts) in :data:`PLOT_BINS` bins spanning the float values and the representable range."""

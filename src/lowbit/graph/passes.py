@@ -118,7 +118,7 @@ def unique_name(graph: ir.Graph, base: str) -> str:
     """A value or node name not yet used in the graph: base, or base_1, base_2, ..."""
     taken = graph.meta.get("lowbit.names")
     if taken is None:
-        taken = {v.name for v in _all_values(graph)} | {n.name for n in graph}
+        taken = {v.name for v in all_values(graph)} | {n.name for n in graph}
         graph.meta["lowbit.names"] = taken
     name, i = base, 0
     while name in taken:
@@ -128,7 +128,8 @@ def unique_name(graph: ir.Graph, base: str) -> str:
     return name
 
 
-def _all_values(graph: ir.Graph):
+def all_values(graph: ir.Graph):
+    """Every value of the graph: its inputs, initializers and node outputs."""
     yield from graph.inputs
     yield from graph.initializers.values()
     for node in graph:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..analysis.analyze import analyze
+from ..analysis.analyze import Analysis, analyze
 from ..errors import LowbitError
 from ..pipeline.engine import DataPass
 from ..pipeline.passes import Pass
@@ -24,10 +24,7 @@ from ..reports.analysis import check_report_path, write_report
 class AnalysisReport:
     html: Path
     json: Path
-    samples: int
-    suggested: list[str]
-    error: float
-    seconds: float
+    analysis: Analysis
 
 
 class CheckReportPath(Pass):
@@ -64,12 +61,13 @@ class WriteAnalysisReport(Pass):
         html, json_path = write_report(analysis, state.config.report)
         state.engine.passes.append(DataPass("analysis_report", "switched model", analysis.samples,
                                             analysis.seconds, True))
-        return AnalysisReport(html, json_path, analysis.samples, analysis.suggestion.nodes,
-                              analysis.quantized_error, analysis.seconds)
+        return AnalysisReport(html, json_path, analysis)
 
     def describe(self, report: AnalysisReport | None) -> list[str]:
         if report is None:
             return []
-        first = f"; leave float first: {', '.join(report.suggested)}" if report.suggested else ""
-        return [f"  report: {report.html} and {report.json.name} ({report.samples} samples, "
-                f"{report.seconds:.1f} s){first}"]
+        analysis = report.analysis
+        suggested = analysis.suggestion.nodes
+        first = f"; leave float first: {', '.join(suggested)}" if suggested else ""
+        return [f"  report: {report.html} and {report.json.name} ({analysis.samples} samples, "
+                f"{analysis.seconds:.1f} s){first}"]

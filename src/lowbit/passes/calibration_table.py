@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..calibration.tables import read_table, write_table
 from ..errors import LowbitError
+from ..graph.passes import all_values
 from ..pipeline.passes import Pass
 from ..pipeline.state import QuantState
 
@@ -37,8 +38,7 @@ class ReadCalibrationTable(Pass):
         table = read_table(path)
         planned = list(state.plan.activations)
         missing = [name for name in planned if name not in table]
-        tensors = {v.name for v in state.model.graph.inputs} | {
-            v.name for node in state.model.graph for v in node.outputs if v is not None}
+        tensors = {v.name for v in all_values(state.model.graph)}
         unknown = [name for name in table if name not in tensors]
         unused = [name for name in table if name in tensors and name not in state.plan.activations]
         if missing:
