@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 from .config import FIELDS, Kind, load_config
 from .config.model import QuantConfig
+from .config.precision import NodePrecision
+from .config.precision import describe as describe_precisions
 from .errors import LowbitError
 
 EXIT_USAGE = 2
@@ -107,6 +109,8 @@ def _show_value(value) -> str:
         return "(unset)"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, dict) and all(isinstance(v, NodePrecision) for v in value.values()):
+        return describe_precisions(value)
     if isinstance(value, dict):
         return ";".join(f"{name}:{','.join(map(str, dims))}" for name, dims in value.items())
     if isinstance(value, tuple):

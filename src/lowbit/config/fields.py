@@ -25,6 +25,8 @@ class Kind(Enum):
     VECTOR = "vector like [1.0, 2.0, 3.0]"
     PATH_MAP = "folder, or input_name:folder,input_name:folder"
     SHAPES = "input_name:d0,d1,...;input_name:d0,d1,..."
+    OP_PRECISIONS = "OpType:qtype,OpType:qtype (or a dict, as in Horizon's op_config)"
+    NODE_PRECISIONS = "node:qtype,node[1]:qtype (or a dict, as in Horizon's node_config)"
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,20 @@ FIELDS: tuple[Field, ...] = (
           "with data; needs lowbit[report]", extension=True),
     Field(COMMON, "report_samples", Kind.INT, 32,
           "report: calibration samples the analysis reads", low=1, high=100000, extension=True),
+    Field(COMMON, "all_node_type", Kind.ENUM, None,
+          "FULL_QUANT: the precision of every quantizable node's inputs (Horizon's all_node_type); "
+          "unset = int8; op_config and node_config win over it", choices=("int8", "int16", "float16"),
+          extension=True),
+    Field(COMMON, "model_output_type", Kind.ENUM, None,
+          "FULL_QUANT: quantize the model's outputs too, in int8 or int16 (Horizon's model_output_type); "
+          "unset = outputs stay float", choices=("int8", "int16"), extension=True),
+    Field(COMMON, "op_config", Kind.OP_PRECISIONS, None,
+          "FULL_QUANT: precision per op type: int8, int16, float16 or float32 (Horizon's op_config); "
+          "wins over all_node_type", extension=True),
+    Field(COMMON, "node_config", Kind.NODE_PRECISIONS, None,
+          "FULL_QUANT: precision per node, of all its inputs (name:qtype) or of input 0 or 1 "
+          "(name[1]:qtype; also ec, error compensation); wins over op_config (Horizon's node_config)",
+          extension=True),
     # [mixed_bit_weight_quant_param]
     Field(MIXED_BIT, "init_scale", Kind.FLOAT, 0.02,
           "bit_num=0: the relative error each weight may add (to itself without data, to the model's "
@@ -155,15 +171,28 @@ FIELDS: tuple[Field, ...] = (
           "format of calibration_table_out: json (lowbit: range, scale, zero point, bits, type), tpu-mlir "
           "(threshold, min, max per tensor), tensorrt (TensorRT's calibration cache: a scale per tensor)",
           choices=("json", "tpu-mlir", "tensorrt"), extension=True),
+    Field(FULL, "layerwise_metric", Kind.ENUM, None,
+          "layerwise_search: how each op's candidates are compared (default: search_metric)",
+          choices=("cosine-similarity", "mse", "mae", "mre", "sqnr", "chebyshev"), extension=True),
     Field(FULL, "bias_correction", Kind.BOOL, True,
           "fold the per-channel output shift that weight rounding causes into each quantized Conv/Gemm bias, "
           "measured on the calibration data (FULL_QUANT; WEIGHT_QUANT when data is given; DSP defaults to false)"),
+    Field(FULL, "bias_correction_samples", Kind.INT, 64,
+          "bias_correction: calibration samples whose layer-input means it measures (Horizon's num_sample)",
+          low=1, high=100000, extension=True),
+    Field(FULL, "bias_correction_metric", Kind.ENUM, None,
+          "bias_correction: keep the corrected biases only if they do not worsen the model's outputs by this "
+          "metric on the calibration samples it read (Horizon's metric); unset = always keep",
+          choices=("cosine-similarity", "mse", "mae", "mre", "sqnr", "chebyshev"), extension=True),
     Field(FULL, "weight_rounding", Kind.ENUM, "GPTQ",
           "how weights get their integers: NEAREST (round to nearest) or GPTQ (error-compensating rounding "
           "against the layer input's second moment on the calibration data; same grid and file size)",
           choices=("NEAREST", "GPTQ"), extension=True),
     Field(FULL, "per_channel", Kind.BOOL, True,
           "weights per output channel (true) or per tensor (false); DSP defaults to false"),
+    Field(FULL, "asymmetric", Kind.BOOL, None,
+          "activations asymmetric (zero point anywhere) or symmetric (zero point 0); unset = the target's: "
+          "asymmetric on CPU and DSP, symmetric on NVGPU (TensorRT needs zero point 0)", extension=True),
     Field(FULL, "target_device", Kind.ENUM, None,
           "hardware preset; unset = ONNX Runtime CPU", choices=("CPU", "NVGPU", "DSP")),
     # [data_preprocess_param]

@@ -16,13 +16,15 @@ from typing import Any
 
 from ..errors import LowbitError, did_you_mean
 from .fields import FIELDS, FIELDS_BY_KEY, Field, Kind
+from .precision import parse_precisions
 
 DEFAULT = "default"
 
 # Keys that only steer the calibration of activation ranges (full quantization).
 CALIBRATION_KEYS = ("activation_quant_method", "num_bin", "max_num_bin", "max_percentile", "tune_num",
-                    "layerwise_search", "search_metric", "search_samples", "calibration_table",
-                    "calibration_table_out", "table_format")
+                    "layerwise_search", "layerwise_metric", "search_metric", "search_samples", "calibration_table",
+                    "calibration_table_out", "table_format", "asymmetric", "bias_correction_metric",
+                    "all_node_type", "model_output_type", "op_config", "node_config")
 
 
 @dataclass(frozen=True)
@@ -82,12 +84,12 @@ def parse_value(field: Field, raw: Any, where: str) -> Any:
         items = [item for item in items if not (isinstance(item, str) and not item.strip())]
         if not items:
             raise bad("empty")
-        values = tuple(dict.fromkeys(_parse_one(field, item, bad) for item in items))  # drop repeats, keep order
+        values = tuple(dict.fromkeys(_parse_one(field, item, bad, where) for item in items))  # drop repeats, keep order
         return values
-    return _parse_one(field, raw, bad)
+    return _parse_one(field, raw, bad, where)
 
 
-def _parse_one(field: Field, raw: Any, bad) -> Any:
+def _parse_one(field: Field, raw: Any, bad, where: str) -> Any:
     text = raw.strip() if isinstance(raw, str) else raw
     if field.kind is Kind.BOOL:
         if isinstance(text, bool):
@@ -139,6 +141,8 @@ def _parse_one(field: Field, raw: Any, bad) -> Any:
         return _parse_path_map(text, bad)
     if field.kind is Kind.SHAPES:
         return _parse_shapes(text, bad)
+    if field.kind in (Kind.OP_PRECISIONS, Kind.NODE_PRECISIONS):
+        return parse_precisions(text, field.kind is Kind.NODE_PRECISIONS, where=f"{where}: {field.key}") or None
     return str(text)
 
 
@@ -269,6 +273,9 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
         raise LowbitError(f"{where('max_num_bin')}: max_num_bin={settings['max_num_bin'].value} is below "
                           f"num_bin={max(settings['num_bin'].value)} ({where('num_bin')}); "
                           "the streaming histogram needs at least num_bin bins")
+    if settings["target_device"].value == "NVGPU" and settings["asymmetric"].value:
+        raise LowbitError(f"{where('asymmetric')}: asymmetric=true: TensorRT (target_device=NVGPU) takes "
+                          "symmetric activations only (zero point 0); leave asymmetric unset or false")
     if settings["target_device"].value == "DSP" and settings["per_channel"].value:
         raise LowbitError(
             f"{where('per_channel')}: per_channel=true: target_device=DSP quantizes weights per tensor "
