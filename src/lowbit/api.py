@@ -119,9 +119,9 @@ def _result(state: QuantState, notes: list[str]) -> QuantizeResult:
     return QuantizeResult(
         output_path=state.output_path,
         target=state.target_name,
-        quantized_nodes=[NodeReport(d.node.name, d.node.op_type, f"fused into {d.fused_into}" if d.fused_into else "")
-                         for d in plan.quantized_nodes],
-        float_nodes=[NodeReport(d.node.name, d.node.op_type, d.reason) for d in plan.float_nodes],
+        quantized_nodes=[NodeReport(d.node.name, d.node.op_type, f"fused into {d.fused_into}" if d.fused_into else "",
+                                    d.precision) for d in plan.quantized_nodes],
+        float_nodes=[NodeReport(d.node.name, d.node.op_type, d.reason, d.precision) for d in plan.float_nodes],
         tensors=_tensor_reports(state),
         calibration_samples=_samples(state),
         float_bytes=state.float_bytes,

@@ -168,10 +168,29 @@ def _check_pair(float_model: ir.Model, quantized: ir.Model, float_path: Path, qu
     if not any(node.op_type == "DequantizeLinear" for node in quantized.graph):
         raise LowbitError(f"{quantized_path}: no DequantizeLinear in the model; analyze reads QDQ models "
                           "(QuantizeLinear/DequantizeLinear pairs)")
+    compensated = _compensated_sums(quantized)
+    if compensated:
+        name, op_type = compensated[0]
+        raise LowbitError(f"{quantized_path}: {name} adds two copies of one {op_type} (error compensation, ec); "
+                          "the analysis does not take ec nodes yet: analyse the model quantized without ec")
     float_outputs = {v.name for v in float_model.graph.outputs}
     if not float_outputs & {v.name for v in quantized.graph.outputs}:
         raise LowbitError(f"{quantized_path} does not look like a quantized form of {float_path}: "
                           "no output name in common")
+
+
+def _compensated_sums(model: ir.Model) -> list[tuple[str, str]]:
+    """(Add, op type) where an Add sums two nodes of one op type that share an input: error compensation."""
+    found = []
+    for node in model.graph:
+        producers = [v.producer() if v is not None else None for v in node.inputs]
+        if node.op_type != "Add" or len(producers) != 2 or None in producers:
+            continue
+        a, b = producers
+        shared = {id(v) for v in a.inputs if v is not None} & {id(v) for v in b.inputs if v is not None}
+        if a.op_type == b.op_type and a.op_type != "DequantizeLinear" and shared:
+            found.append((node.name, a.op_type))
+    return found
 
 
 def _greedy_order(error: OutputError, nodes: list[NodeSensitivity]) -> list[tuple[str, float]]:

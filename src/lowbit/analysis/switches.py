@@ -35,7 +35,7 @@ import onnx_ir as ir
 
 from ..graph.passes import unique_name
 from ..graph.query import constant_array, is_float32
-from ..quantizers.qdq import add_initializer
+from ..quantizers.constants import add_initializer
 from ..recovery.layers import dequantized_weight
 from ..reports.debug import grid_of
 

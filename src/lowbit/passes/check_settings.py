@@ -95,6 +95,10 @@ class CheckSettings(Pass):
             yield from _unused(config, ("max_num_bin",), f"MAX_MIN keeps no histogram ({chosen})")
         if "AUTO_TUNE" not in methods:
             yield from _unused(config, ("tune_num",), f"only AUTO_TUNE reads it ({chosen})")
+        if not config.bias_correction:
+            yield from _unused(config, ("bias_correction_samples", "bias_correction_metric"), "bias_correction=false")
+        if not config.layerwise_search:
+            yield from _unused(config, ("layerwise_metric",), "layerwise_search=false")
         if not searched:
             yield from _unused(config, ("search_metric",), f"there is one candidate and no search ({chosen})")
             if "AUTO_TUNE" not in methods:

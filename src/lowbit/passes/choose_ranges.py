@@ -2,8 +2,8 @@
 
 Reads: the observers, the candidates, the held-back and tuning samples. Needs, when
 candidates are compared: the float model's outputs on the held-back samples (measured in
-the calibration run, see :mod:`lowbit.pipeline.engine`). Sets: the ranges and the scales
-and zero points they give (one per scale-sharing group). The search itself is
+the calibration run, see :mod:`lowbit.pipeline.engine`). Sets: the ranges, and the float
+outputs on the held-back samples (what bias_correction_metric compares with later). The search itself is
 :func:`lowbit.search.modelwise.choose_ranges`; each candidate's model runs in the data engine.
 """
 
@@ -47,14 +47,17 @@ class ChooseRanges(Pass):
             state.engine.run(model, [Request(observers)], what="per-op scoring", model_label="scoring model",
                              feeds=state.tuning)
 
+        state.held_back_outputs = self.outputs
+        state.held_back_references = [[self.references[name].arrays[i] for name in self.outputs]
+                                      for i in range(len(state.held_back))]
+
         def score(ranges: dict[str, Range]) -> PairStats:
-            references = [[self.references[name].arrays[i] for name in self.outputs]
-                          for i in range(len(state.held_back))]
-            return state.engine.score(_quantized_copy(state, ranges), state.held_back, self.outputs, references)
+            return state.engine.score(_quantized_copy(state, ranges), state.held_back, self.outputs,
+                                      state.held_back_references)
 
         state.ranges, report = choose_ranges(
             state.model, state.plan, state.observers,
-            SearchOptions(config.search_metric, config.layerwise_search, config.tune_num),
+            SearchOptions(config.search_metric, config.layerwise_search, config.tune_num, config.layerwise_metric),
             state.candidates, collect_tuning, score, len(state.held_back))
         return report
 

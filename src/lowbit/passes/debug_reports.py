@@ -50,8 +50,9 @@ class WriteDebugReports(Pass):
             raise LowbitError(f"debug_info_save_path={folder}: cannot create the folder ({exc.strerror})") from None
         float_model = prepare(load_model(state.model_path)[0])
         traced = debug.trace(float_model, state.model, [d.node.name for d in state.plan.quantized_nodes])
-        corrections = getattr(next((s.report for s in state.sections if s.name == "correct_biases"), None),
-                              "shifts", {})
+        outcome = next((s.report for s in state.sections if s.name == "correct_biases"), None)
+        kept = outcome is not None and (outcome.verdict is None or outcome.verdict.kept)
+        corrections = outcome.report.shifts if kept else {}
         with debug.csv_file(folder / "quant_param.csv", debug.PARAM_COLUMNS) as writer:
             writer.writerows(debug.parameter_rows(traced, state.bits or {}, corrections))
         weights = [row for t in traced if t.weight is not None for row in debug.tensor_rows(t, t.weight, t.dequantized)]

@@ -13,6 +13,7 @@ from ..pipeline.passes import Pass
 from ..pipeline.state import QuantState
 from ..quantizers.dynamic import DynamicOptions, plan_dynamic
 from ..quantizers.plan import PlanOptions, plan_quantization
+from ..quantizers.precision import PrecisionRules
 from ..quantizers.selection import WeightSelection
 from ..quantizers.targets import TARGETS
 from ..quantizers.weight_only import WeightOnlyOptions, plan_weight_only
@@ -22,17 +23,37 @@ PER_TOKEN_OPSET = 13  # QuantizeLinear quantizes along an axis (per-token scales
 
 
 class PlanFull(Pass):
-    """int8 weights and activations on the target's int8 ops (quantizers/plan.py)."""
+    """int8 weights and activations on the target's int8 ops (quantizers/plan.py), and the precisions
+    that op_config / node_config / all_node_type ask for (quantizers/precision.py).
+
+    int16 Q/DQ needs opset 21, reached with onnx's converter before planning; a model it
+    cannot convert stays int8 where int16 was asked, and the summary says so.
+    """
 
     name = "plan"
     requires = ("model",)
     provides = ("plan", "target", "weight_options")
 
     def run(self, state: QuantState) -> None:
-        state.target = TARGETS[state.config.target]
-        state.target_name = state.config.target
-        state.weight_options = PlanOptions(**WeightSelection.settings(state.config))
+        config = state.config
+        state.target = TARGETS[config.target]
+        if config.asymmetric is not None:
+            state.target = state.target.with_symmetric_activations(not config.asymmetric)
+        state.target_name = config.target
+        rules = PrecisionRules.from_config(config, config.target)
+        rules.check(state.model.graph)
+        if rules.asks_int16:
+            upgraded = with_opset(state.model, INT4_OPSET)
+            if upgraded is not None:
+                state.model = upgraded
+            else:
+                rules = rules.without_int16()
+                state.note(f"int16 Q/DQ needs opset {INT4_OPSET}, and onnx's converter could not take the model "
+                           "there: what was asked as int16 is int8")
+        state.weight_options = PlanOptions(**WeightSelection.settings(config), precisions=rules)
         state.plan = plan_quantization(state.model, state.target, state.weight_options)
+        for message in state.plan.notes:
+            state.note(message)
 
 
 class PlanWeightOnly(Pass):

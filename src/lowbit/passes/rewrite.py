@@ -25,9 +25,10 @@ class RewriteQDQ(Pass):
     def run(self, state: QuantState) -> None:
         state.qparams = activation_qparams(state.plan, state.ranges or {})
         state.float_layers = {}
+        compensated = {id(node) for node, _ in state.plan.compensated}
         for slot in state.plan.weights:
             node = slot.node
-            if slot.index == 1:
+            if slot.index == 1 and id(node) not in compensated:  # ec's residual is of the weight as rounded here
                 bias = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
                 state.float_layers[node.name] = Layer(node, constant_array(node.inputs[1]), bias)
         apply_plan(state.model, state.plan, state.qparams)

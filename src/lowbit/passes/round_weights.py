@@ -36,7 +36,8 @@ class RoundWeights(LayerInputsPass):
         self.job = plan_rounding([
             RoundingLayer(slot.node, state.float_layers[slot.node.name].float_weight, slot.scheme.qmin,
                           slot.scheme.qmax)
-            for slot in state.plan.weights if slot.index == 1 and compensable(slot.node)])
+            for slot in state.plan.weights
+            if slot.index == 1 and slot.node.name in state.float_layers and compensable(slot.node)])
         return bool(self.job.layers)
 
     def run(self, state: QuantState) -> RoundingReport:

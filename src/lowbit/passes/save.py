@@ -16,7 +16,7 @@ class Save(Pass):
     provides = ("output_bytes",)
 
     def run(self, state: QuantState) -> None:
-        if not state.plan.quantized_nodes:
+        if not state.plan.quantized_nodes and not state.plan.float16_nodes:
             state.note(f"nothing in {state.model_path} can be quantized for target {state.target_name}; "
                        "the output is the float model")
         state.output_bytes = save_atomically(state.model, state.output_path)

@@ -62,6 +62,8 @@ class QuantState:
     observers: dict[str, Any] | None = None
     calibration_samples: int = 0
     held_back: list[dict[str, np.ndarray]] = field(default_factory=list)
+    held_back_outputs: list[str] = field(default_factory=list)  # the float outputs compared on them ...
+    held_back_references: list[list[np.ndarray]] = field(default_factory=list)  # ... and their float values
     tuning: list[dict[str, np.ndarray]] = field(default_factory=list)
     ranges: dict[str, tuple[float, float]] | None = None
     qparams: dict[str, Any] | None = None

@@ -37,8 +37,8 @@ import onnx_ir as ir
 from ..calibration.observers import MinMaxObserver
 from ..graph.passes import unique_name
 from ..graph.query import STANDARD_DOMAINS, attribute, constant_array, is_activation, is_float32
+from .constants import add_initializer, dequantize_node
 from .plan import SKIPPED, Decisions, NodeDecision
-from .qdq import add_initializer, dequantize_node
 from .qparams import INT8, QuantScheme, compute_qparams
 from .selection import WeightSelection
 

@@ -11,30 +11,47 @@ The planner walks the prepared float graph in topological order and records
 
 Calibration then observes exactly the activation tensors of the plan (statistics are
 declared by the plan, then collected in one pass over the data), and the QDQ rewrite
-applies it. A later mixed-precision search changes decisions here, not the rewrite.
+applies it. Mixed precision (op_config, node_config, all_node_type; see
+:mod:`lowbit.quantizers.precision`) changes decisions here, not the rewrite: a precision per
+node input, the activation tensors kept at 16 bits, the inputs with error compensation,
+the nodes computed in float16.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from ..config.precision import EC, FLOAT16, FLOAT32, INT8, INT16
 from ..graph.query import STANDARD_DOMAINS, attribute, constant_array, is_activation, is_float32
+from .precision import FLOATS, PrecisionRules, float16_kernels
 from .qparams import QuantScheme
 from .selection import WeightSelection
 from .targets import FUSABLE_ACTIVATIONS, FUSION_PRODUCERS, SAME_SCALE_OPS, WEIGHTED_OPS, Target
 
-
 SKIPPED = "listed in skip_quant_node"
+
+# Ops whose float weight ONNX Runtime quantizes itself when their data input is dequantized.
+WEIGHT_REQUANTIZED = frozenset({"Conv", "ConvTranspose", "Gemm"})
 
 
 @dataclass
 class NodeDecision:
+    """``precision``: int8 / int16 / ec (the widest of its inputs') for a quantized node, float16 or
+    float32 for a float one; ``inputs``: the precision of each input index it quantizes or reads float."""
+
     node: ir.Node
     quantized: bool
     reason: str = ""
     fused_into: str | None = None
+    precision: str = ""
+    inputs: dict[int, str] = field(default_factory=dict)
+
+    def reads_float(self, index: int) -> bool:
+        """Whether input ``index`` is read as the float tensor before any rounding."""
+        return self.reason == SKIPPED or self.precision in FLOATS or self.inputs.get(index) in FLOATS
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,10 @@ class BiasSlot:
     index: int
     input_value: ir.Value
     weight_index: int
+    # int16 nodes: the scale may exceed input scale x weight scale where the bias would not fit
+    # in int32 (no integer kernel needs the product there; ONNX Runtime would otherwise quantize
+    # a float bias itself, with the product, and saturate it)
+    own_scale: bool = False
 
 
 @dataclass
@@ -70,6 +91,10 @@ class Decisions:
     def float_nodes(self) -> list[NodeDecision]:
         return [d for d in self.decisions.values() if not d.quantized]
 
+    @property
+    def float16_nodes(self) -> list[ir.Node]:
+        return [d.node for d in self.decisions.values() if d.precision == FLOAT16]
+
 
 @dataclass
 class QuantPlan(Decisions):
@@ -77,7 +102,17 @@ class QuantPlan(Decisions):
     activations: dict[str, ir.Value] = field(default_factory=dict)
     weights: list[WeightSlot] = field(default_factory=list)
     biases: list[BiasSlot] = field(default_factory=list)
+    wide: set[str] = field(default_factory=set)  # activations a reader wants at 16 bits
+    compensated: list[tuple[ir.Node, int]] = field(default_factory=list)  # (node, input) with ec
+    notes: list[str] = field(default_factory=list)  # precision requests the target or model changed
     _parent: dict[str, str] = field(default_factory=dict)
+
+    def activation_scheme(self, name: str) -> QuantScheme:
+        """The scheme of an activation: 16-bit when any member of its scale-sharing group is wide."""
+        group = self.group_of(name)
+        if self.target.activation16 is not None and any(self.group_of(w) == group for w in self.wide):
+            return self.target.activation16
+        return self.target.activation
 
     # Scale-sharing groups (union-find over activation names).
     def group_of(self, name: str) -> str:
@@ -101,7 +136,9 @@ class QuantPlan(Decisions):
 
 @dataclass(frozen=True)
 class PlanOptions(WeightSelection):
-    """Full quantization's options: the shared weight selection (nothing of its own yet)."""
+    """Full quantization's options: the shared weight selection and the precisions asked for."""
+
+    precisions: PrecisionRules = field(default_factory=PrecisionRules, hash=False)
 
 
 def plan_quantization(model: ir.Model, target: Target, options: PlanOptions) -> QuantPlan:
@@ -115,6 +152,8 @@ def plan_quantization(model: ir.Model, target: Target, options: PlanOptions) -> 
             planner.demote_dead_end(node)
     for node in nodes:
         planner.place(node)
+    planner.quantize_outputs()
+    planner.say_float16_fallbacks()
     return planner.plan
 
 
@@ -123,20 +162,66 @@ class _Planner:
         self.graph = graph
         self.target = target
         self.options = options
+        self.rules = options.precisions
         self.plan = QuantPlan(target=target)
+        self.float16_ops = None if target.all_float16 else float16_kernels(graph.opset_imports.get("", 1))
+        self.no_float16_kernel: Counter[str] = Counter()
 
     def decide(self, node: ir.Node) -> None:
         if node.name in self.plan.decisions:  # already decided as a fused activation
             return
         reason = self._why_float(node)
+        indices = self._planned_inputs(node) if reason is None else (0,)
+        precision = self.rules.node_precision(node, indices)
+        if reason is None and precision.qtype in FLOATS:
+            reason = f"{precision.qtype} ({precision.source})"
         if reason is not None:
             if self._touches_float(node):
-                self.plan.decisions[node.name] = NodeDecision(node, False, reason)
+                self._decide_float(node, reason, precision.qtype, precision.source)
             return
-        self.plan.decisions[node.name] = NodeDecision(node, True)
+        inputs = {i: self.rules.input_precision(node, i).qtype for i in indices}
+        if node.op_type in WEIGHT_REQUANTIZED and inputs.get(1) in FLOATS and inputs.get(0) not in FLOATS:
+            self.plan.notes.append(f"{node.name}: a float weight under a quantized input is quantized again by "
+                                   f"ONNX Runtime (per tensor, int8), so the whole {node.op_type} stays float32")
+            self._decide_float(node, f"float32 ({self.rules.input_precision(node, 1).source})", FLOAT32, "")
+            return
+        self.plan.decisions[node.name] = NodeDecision(node, True, precision=precision.qtype, inputs=inputs)
         fused = self._fusable_activation(node)
         if fused is not None:
-            self.plan.decisions[fused.name] = NodeDecision(fused, True, fused_into=node.name)
+            self.plan.decisions[fused.name] = NodeDecision(fused, True, fused_into=node.name,
+                                                           precision=INT16 if precision.qtype == INT16 else INT8)
+
+    def _decide_float(self, node: ir.Node, reason: str, asked: str, source: str) -> None:
+        """A float node: float16 when asked and the target runs the op in float16.
+
+        Asked float (float16/float32, or skip_quant_node), it reads its inputs before any
+        rounding; float for want of an int8 rule, it reads them as quantized, so that its
+        producer keeps an integer kernel (precision "").
+        """
+        precision = ""
+        if reason == SKIPPED:
+            pass
+        elif asked == FLOAT16 and self._runs_in_float16(node):
+            precision, reason = FLOAT16, f"float16 ({source})"
+        elif asked in FLOATS:
+            precision = FLOAT32
+            if asked == FLOAT16:
+                self.no_float16_kernel[node.op_type] += 1
+                reason = (f"float32: float16 asked ({source}), no float16 {node.op_type} kernel on target "
+                          f"{self.target.name}")
+        elif self.rules.explicit(node):
+            self.plan.notes.append(f"{node.name} ({node.op_type}): {asked} asked by {source}, but it stays "
+                                   f"float32: {reason}")
+        self.plan.decisions[node.name] = NodeDecision(node, False, reason, precision=precision)
+
+    def _runs_in_float16(self, node: ir.Node) -> bool:
+        return node.domain in STANDARD_DOMAINS and (self.float16_ops is None or node.op_type in self.float16_ops)
+
+    def say_float16_fallbacks(self) -> None:
+        if self.no_float16_kernel:
+            ops = ", ".join(f"{op} ({n})" for op, n in self.no_float16_kernel.most_common())
+            self.plan.notes.append(f"float16 asked, but ONNX Runtime's CPU provider has no float16 kernel for {ops}: "
+                                   "these nodes compute in float32 (target_device=NVGPU runs every op in float16)")
 
     def demote_dead_end(self, node: ir.Node) -> None:
         """An element-wise or data-movement op whose result only float ops read stays float.
@@ -226,26 +311,51 @@ class _Planner:
 
     # -- tensors ---------------------------------------------------------------------
 
-    def _quantize_inputs(self, node: ir.Node) -> None:
-        op = node.op_type
-        weight_index = 1 if op in WEIGHTED_OPS and constant_array(node.inputs[1]) is not None else None
-        indices = set(self.target.data_inputs(op, len(node.inputs)))
-        if weight_index is not None:
-            indices.add(weight_index)
-        for i in sorted(indices):
-            value = node.inputs[i]
-            if value is None:
-                continue
-            if i == weight_index:
-                self.plan.weights.append(WeightSlot(node, i, self._weight_scheme(node, value)))
-            elif constant_array(value) is not None:
-                self.plan.weights.append(WeightSlot(node, i, self.target.activation))
-            else:
-                self._mark(value)
-        if weight_index is not None and op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2:
-            self._plan_bias(node)
+    def _planned_inputs(self, node: ir.Node) -> tuple[int, ...]:
+        """The inputs an int8 node quantizes: its data inputs and its constant weight."""
+        indices = set(self.target.data_inputs(node.op_type, len(node.inputs)))
+        if self._weight_index(node) is not None:
+            indices.add(1)
+        return tuple(sorted(i for i in indices if node.inputs[i] is not None))
 
-    def _plan_bias(self, node: ir.Node) -> None:
+    @staticmethod
+    def _weight_index(node: ir.Node) -> int | None:
+        return 1 if node.op_type in WEIGHTED_OPS and constant_array(node.inputs[1]) is not None else None
+
+    def _quantize_inputs(self, node: ir.Node) -> None:
+        decision = self.plan.decisions[node.name]
+        weight_index = self._weight_index(node)
+        for i in self._planned_inputs(node):
+            value, precision = node.inputs[i], decision.inputs.get(i, INT8)
+            if precision in FLOATS:
+                continue  # read float (the rewrite keeps the tensor before rounding for this reader)
+            wide = precision == INT16
+            if precision == EC:
+                self.plan.compensated.append((node, i))
+            if i == weight_index:
+                self.plan.weights.append(WeightSlot(node, i, self._weight_scheme(node, value, wide)))
+            elif constant_array(value) is not None:
+                scheme = self.target.activation16 if wide else self.target.activation
+                self.plan.weights.append(WeightSlot(node, i, scheme))
+            else:
+                self._mark(value, wide)
+        if weight_index is not None and node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2:
+            self._plan_bias(node, own_scale=any(decision.inputs.get(i) == INT16 for i in (0, 1)))
+
+    def quantize_outputs(self) -> None:
+        """model_output_type: a Q/DQ pair (int8 or int16) on every float graph output a node computes."""
+        qtype = self.rules.output
+        if qtype is None:
+            return
+        wide = qtype == INT16 and self.target.activation16 is not None
+        if qtype == INT16 and not wide:
+            self.plan.notes.append(f"model_output_type=int16: target {self.target.name} has no int16; the outputs "
+                                   "are quantized to int8")
+        for value in self.graph.outputs:
+            if is_float32(value) and value.producer() is not None:
+                self._mark(value, wide)
+
+    def _plan_bias(self, node: ir.Node, own_scale: bool) -> None:
         bias = constant_array(node.inputs[2])
         weight = constant_array(node.inputs[1])
         if bias is None or bias.dtype.kind != "f":
@@ -257,10 +367,10 @@ class _Planner:
             return
         if bias.shape != (channels,):
             return
-        self.plan.biases.append(BiasSlot(node, 2, node.inputs[0], 1))
+        self.plan.biases.append(BiasSlot(node, 2, node.inputs[0], 1, own_scale))
 
-    def _weight_scheme(self, node: ir.Node, value: ir.Value) -> QuantScheme:
-        scheme = self.target.weight
+    def _weight_scheme(self, node: ir.Node, value: ir.Value, wide: bool = False) -> QuantScheme:
+        scheme = self.target.weight16 if wide and self.target.weight16 is not None else self.target.weight
         weight = constant_array(value)
         per_channel = (
             self.options.per_channel
@@ -298,13 +408,16 @@ class _Planner:
             consumer.op_type not in FUSABLE_ACTIVATIONS
             or consumer.domain not in STANDARD_DOMAINS
             or consumer.name in self.options.skip_nodes
+            or consumer.name in self.rules.nodes
             or any(constant_array(v) is None for v in consumer.inputs[1:] if v is not None)
         ):
             return None
         return consumer
 
-    def _mark(self, value: ir.Value) -> None:
+    def _mark(self, value: ir.Value, wide: bool = False) -> None:
         self.plan.activations.setdefault(value.name, value)
+        if wide:
+            self.plan.wide.add(value.name)
 
 
 def _pads_with_zero(node: ir.Node) -> bool:

@@ -19,49 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ..calibration.observers import MinMaxObserver
 from ..graph.passes import unique_name
 from ..graph.query import constant_array
-from .plan import SKIPPED, BiasSlot, QuantPlan
+from .compensation import compensate_errors
+from .constants import add_initializer, dequantize_node, weight_qparams
+from .float16 import compute_in_float16
+from .plan import WEIGHT_REQUANTIZED, BiasSlot, QuantPlan
 from .qparams import INT32, QParams, QuantScheme, compute_qparams
 
-
-def weight_qparams(array: np.ndarray, scheme: QuantScheme) -> QParams:
-    """Parameters of a constant: its own min/max (per channel along ``scheme.axis``), no clipping."""
-    observer = MinMaxObserver(scheme.axis)
-    observer.update(array)
-    return compute_qparams(*observer.range(), scheme)
-
-
-def add_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
-    """Register ``array`` as a new initializer named after ``base`` (made unique).
-
-    ``dtype`` stores it as another ONNX type than its numpy one (int4 values held in int8).
-    """
-    array = np.asarray(array, order="C")
-    dtype = dtype or ir.DataType.from_numpy(array.dtype)
-    value = ir.Value(name=unique_name(graph, base), const_value=ir.tensor(array, dtype=dtype))
-    value.type = ir.TensorType(dtype)
-    value.shape = ir.Shape(array.shape)
-    graph.register_initializer(value)
-    return value
-
-
-def dequantize_node(graph: ir.Graph, q: ir.Value, scale: ir.Value, zero_point: ir.Value | None,
-                    axis: int | None, name: str, shape: ir.Shape | None = None) -> ir.Value:
-    """A new DequantizeLinear node (not yet inserted in the graph); returns its float output."""
-    attributes = {"axis": axis} if axis is not None else {}
-    inputs = [q, scale] if zero_point is None else [q, scale, zero_point]
-    node = ir.node("DequantizeLinear", inputs, attributes, name=unique_name(graph, f"{name}_DequantizeLinear"))
-    out = node.outputs[0]
-    out.name = unique_name(graph, name)
-    out.type = ir.TensorType(ir.DataType.FLOAT)
-    out.shape = shape
-    return out
-
-
-# Float ops that ONNX Runtime quantizes by itself when their input is dequantized.
-RUNTIME_REQUANTIZED = frozenset({"Conv", "ConvTranspose", "Gemm"})
+WIDE_HEADROOM = 2.0
 
 
 @dataclass
@@ -73,6 +39,7 @@ class _Rewriter:
     def __post_init__(self):
         self.dequantized: dict[tuple, ir.Value] = {}
         self.weight_qparams: dict[tuple[int, int], QParams] = {}
+        self.float_weights: dict[tuple[int, int], tuple[np.ndarray, QParams]] = {}  # for error compensation
 
     # -- constants -----------------------------------------------------------------
 
@@ -116,12 +83,19 @@ class _Rewriter:
             self.graph.insert_before(self.graph.node(0), [quantize, dq.producer()])
         else:
             self.graph.insert_after(producer, [quantize, dq.producer()])
+        if value.is_graph_output():  # model_output_type: the output is the dequantized value, same name
+            index = list(self.graph.outputs).index(value)
+            name = value.name
+            value.name = unique_name(self.graph, f"{name}_float")
+            dq.name = name
+            self.graph.outputs[index] = dq
 
     def _keeps_float_input(self, node: ir.Node, index: int) -> bool:
         """A node listed in skip_quant_node, and any float Conv/ConvTranspose/Gemm, read the float tensor.
 
-        A skipped node computes on the value before the rounding, so that leaving a node
-        float removes all of its quantization error (what ``lowbit analyze`` measures as
+        A skipped node (or one set to float32/float16, or an input set to float32) computes
+        on the value before the rounding, so that leaving a node float removes all of its
+        quantization error (what ``lowbit analyze`` measures as
         its gain). Other float nodes read the dequantized tensor, so that the producer
         keeps its integer kernel with an integer output, except Conv/ConvTranspose/Gemm:
         ONNX Runtime's WeightBiasQuantization rewrites any such op whose data input comes
@@ -130,19 +104,21 @@ class _Rewriter:
         depthwise convolution in skip_quant_node: cosine 0.99 -> 0.92).
         """
         decision = self.plan.decisions.get(node.name)
-        if decision is not None and decision.reason == SKIPPED:
+        if decision is not None and decision.reads_float(index):
             return True
-        return (index == 0 and node.op_type in RUNTIME_REQUANTIZED
+        return (index == 0 and node.op_type in WEIGHT_REQUANTIZED
                 and (decision is None or not decision.quantized))
 
     # -- weights and biases --------------------------------------------------------
 
     def quantize_weight(self, node: ir.Node, index: int, scheme: QuantScheme, bias: BiasSlot | None) -> None:
         value = node.inputs[index]
-        qparams = weight_qparams(constant_array(value), scheme)
-        if bias is not None and bias.input_value.name in self.activation_qparams:
+        array = constant_array(value)
+        qparams = weight_qparams(array, scheme)
+        if bias is not None and not bias.own_scale and bias.input_value.name in self.activation_qparams:
             qparams = _fit_bias_in_int32(qparams, constant_array(node.inputs[bias.index]),
                                          self.activation_qparams[bias.input_value.name])
+        self.float_weights[(id(node), index)] = (array, qparams)
         self.weight_qparams[(id(node), index)] = qparams
         node.replace_input_with(index, self.dequantized_constant(value, qparams, "weight"))
 
@@ -154,7 +130,10 @@ class _Rewriter:
             return
         bias = constant_array(node.inputs[slot.index])
         scale = (input_qparams.scale.astype(np.float64) * weight_qparams.scale.astype(np.float64))
-        scale = np.broadcast_to(scale, bias.shape).astype(np.float32)
+        scale = np.broadcast_to(scale, bias.shape)
+        if slot.own_scale:
+            scale = np.maximum(scale, np.abs(bias.astype(np.float64)) / INT32.qmax * (1 + 1e-6))
+        scale = scale.astype(np.float32)
         qparams = QParams(scale, np.zeros(bias.shape, dtype=np.int32), QuantScheme(INT32, True, 0))
         node.replace_input_with(slot.index, self.dequantized_constant(node.inputs[slot.index], qparams, "bias"))
 
@@ -175,11 +154,18 @@ def _fit_bias_in_int32(weight_qparams: QParams, bias: np.ndarray, input_qparams:
 
 
 def activation_qparams(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> dict[str, QParams]:
-    """One set of parameters per scale-sharing group, from the union of its members' ranges."""
+    """One set of parameters per scale-sharing group, from the union of its members' ranges.
+
+    A group is 16-bit when any member is (an int16 reader widens the whole group). A 16-bit
+    range reaches :data:`WIDE_HEADROOM` times beyond what calibration saw: one bit of 16 buys
+    room for inputs larger than the calibration's, which an int8 grid cannot afford.
+    """
     qparams: dict[str, QParams] = {}
     for members in plan.groups().values():
         lows, highs = zip(*(ranges[name] for name in members))
-        shared = compute_qparams(min(lows), max(highs), plan.target.activation)
+        scheme = plan.activation_scheme(members[0])
+        headroom = WIDE_HEADROOM if scheme.qtype.bits == 16 else 1.0
+        shared = compute_qparams(headroom * min(lows), headroom * max(highs), scheme)
         for name in members:
             qparams[name] = shared
     return qparams
@@ -195,6 +181,8 @@ def apply_plan(model: ir.Model, plan: QuantPlan, activation_qparams: dict[str, Q
         rewriter.quantize_weight(slot.node, slot.index, slot.scheme, biases.get((id(slot.node), slot.index)))
     for slot in plan.biases:
         rewriter.quantize_bias(slot)
+    compensate_errors(model.graph, plan.compensated, rewriter.float_weights, plan.target.activation)
+    compute_in_float16(model.graph, plan.float16_nodes)
     ir.passes.Sequential(
         ir.passes.common.RemoveUnusedNodesPass(),
         ir.passes.common.TopologicalSortPass(),

@@ -11,13 +11,19 @@
   scales through data-movement ops by itself).
 * ``DSP``: Qualcomm Hexagon through SNPE: every tensor asymmetric uint8 per tensor,
   weights included; per-channel is not available there.
+
+Mixed precision (:mod:`lowbit.quantizers.precision`): CPU runs int16 Q/DQ (int16
+activations and weights; ONNX Runtime computes those ops in float between them) and
+float16 where its CPU provider has a float16 kernel; TensorRT has no int16, so NVGPU
+turns int16 into float16, which it runs for every op; the DSP takes 16-bit (uint16)
+activations with its 8-bit weights (SNPE's A16W8).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .qparams import INT8, UINT8, QuantScheme
+from .qparams import INT8, INT16, UINT8, UINT16, QuantScheme
 
 # Ops with a weight input: the input index and the axis of the weight's output channels.
 # Gemm's axis depends on transB and is resolved by the planner.
@@ -51,6 +57,17 @@ class Target:
     weight: QuantScheme
     quantize_outputs: bool
     op_types: frozenset[str]
+    activation16: QuantScheme | None = None  # int16 inputs (None: the target has no int16)
+    weight16: QuantScheme | None = None  # weights of int16 nodes (None: they keep the 8-bit scheme)
+    all_float16: bool = False  # runs every op in float16 (else: those with an ONNX Runtime CPU kernel)
+
+    def with_symmetric_activations(self, symmetric: bool) -> Target:
+        """The preset with activations made symmetric (zero point 0 / centre) or asymmetric (``asymmetric``)."""
+        def scheme(s: QuantScheme | None) -> QuantScheme | None:
+            if s is None or s.symmetric == symmetric:
+                return s
+            return QuantScheme(s.qtype, symmetric, s.axis, narrow_range=False)
+        return replace(self, activation=scheme(self.activation), activation16=scheme(self.activation16))
 
     def data_inputs(self, op_type: str, num_inputs: int) -> tuple[int, ...]:
         indices = DATA_INPUTS.get(op_type, (0,))
@@ -68,6 +85,8 @@ TARGETS = {
         weight=QuantScheme(INT8, symmetric=True, narrow_range=True),
         quantize_outputs=True,
         op_types=_ORT_INT8,
+        activation16=QuantScheme(INT16, symmetric=False),
+        weight16=QuantScheme(INT16, symmetric=True, narrow_range=True),
     ),
     "NVGPU": Target(
         "NVGPU", "TensorRT explicit quantization: int8 symmetric activations per tensor, int8 symmetric "
@@ -76,6 +95,7 @@ TARGETS = {
         weight=QuantScheme(INT8, symmetric=True, narrow_range=True),
         quantize_outputs=False,
         op_types=_COMPUTE | {"Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"},
+        all_float16=True,
     ),
     "DSP": Target(
         "DSP", "SNPE / Hexagon DSP: uint8 asymmetric per-tensor activations and weights",
@@ -83,5 +103,6 @@ TARGETS = {
         weight=QuantScheme(UINT8, symmetric=False),
         quantize_outputs=True,
         op_types=_ORT_INT8,
+        activation16=QuantScheme(UINT16, symmetric=False),
     ),
 }

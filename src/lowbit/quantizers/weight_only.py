@@ -26,8 +26,8 @@ import onnx_ir as ir
 
 from ..graph.passes import unique_name
 from ..graph.query import STANDARD_DOMAINS, attribute, constant_array
+from .constants import add_initializer, dequantize_node
 from .plan import SKIPPED, Decisions, NodeDecision
-from .qdq import add_initializer, dequantize_node
 from .selection import WeightSelection
 from .weight_bits import level_bound, quantize_weight, storage_type
 

@@ -34,7 +34,7 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 from ..graph.query import attribute, constant_array
-from ..quantizers.qdq import add_initializer, dequantize_node
+from ..quantizers.constants import add_initializer, dequantize_node
 from ..quantizers.qparams import INT32
 from .layers import (
     Layer,

@@ -15,6 +15,7 @@ class NodeReport:
     name: str
     op_type: str
     reason: str = ""
+    precision: str = ""  # int8 / int16 / ec (widest input) when quantized; float16, float32 or "" when float
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,17 @@ class QuantizeResult:
 
     @property
     def bias_correction(self):
-        return self.report("correct_biases")
+        """The bias correction's report (layers, samples, shifts); None when it did not run."""
+        outcome = self.report("correct_biases")
+        return outcome.report if outcome is not None else None
+
+    @property
+    def bias_correction_kept(self) -> bool | None:
+        """Whether the corrected biases were kept: False when bias_correction_metric found them worse."""
+        outcome = self.report("correct_biases")
+        if outcome is None:
+            return None
+        return outcome.verdict is None or outcome.verdict.kept
 
     @property
     def weight_rounding(self):

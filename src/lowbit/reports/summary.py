@@ -14,15 +14,19 @@ def _mb(n: int) -> str:
 def format_summary(result: QuantizeResult) -> str:
     quantized = Counter(n.op_type for n in result.quantized_nodes)
     kept = Counter(n.op_type for n in result.float_nodes)
-    kind = "nodes with integer weights" if result.weights else "int8 nodes"
+    precisions = Counter(n.precision for n in result.quantized_nodes if n.precision)
+    mixed = bool(set(precisions) - {"int8"})
+    kind = "nodes with integer weights" if result.weights else "quantized nodes" if mixed else "int8 nodes"
     lines = [
         f"wrote {result.output_path} (target {result.target})",
         f"  size: {_mb(result.float_bytes)} -> {_mb(result.output_bytes)} ({result.size_ratio:.2f}x)",
         f"  {kind}: {len(result.quantized_nodes)} ("
         + ", ".join(f"{op} {n}" for op, n in quantized.most_common()) + ")",
-        f"  float nodes: {len(result.float_nodes)}"
-        + (" (" + ", ".join(f"{op} {n}" for op, n in kept.most_common()) + ")" if kept else ""),
     ]
+    if mixed:
+        lines.append("    by precision: " + ", ".join(f"{p} {n}" for p, n in precisions.most_common()))
+    lines.append(f"  float nodes: {len(result.float_nodes)}"
+                 + (" (" + ", ".join(f"{op} {n}" for op, n in kept.most_common()) + ")" if kept else ""))
     for reason, count in Counter(n.reason for n in result.float_nodes).most_common():
         lines.append(f"    {count} x {reason}")
     for section in result.passes:

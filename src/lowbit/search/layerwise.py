@@ -25,8 +25,8 @@ from onnx import helper, numpy_helper
 from ..calibration.observers import MeanObserver, MinMaxObserver, Observer
 from ..calibration.ranges import Range
 from ..graph.query import constant_array
+from ..quantizers.constants import weight_qparams
 from ..quantizers.plan import QuantPlan
-from ..quantizers.qdq import weight_qparams
 from ..quantizers.qparams import compute_qparams
 from ..quantizers.targets import SAME_SCALE_OPS
 from .metrics import METRICS, PairStats
@@ -132,7 +132,7 @@ class _ScoringGraph:
         return f"lowbit_score_{self.counter}_{base}"
 
     def add_candidate(self, node: ir.Node, tensor: str, candidate: Range) -> dict[str, str]:
-        qparams = compute_qparams(*candidate, self.plan.target.activation)
+        qparams = compute_qparams(*candidate, self.plan.activation_scheme(tensor))
         scale, zero = self.fresh("scale"), self.fresh("zero_point")
         self.initializers += [numpy_helper.from_array(qparams.scale, scale),
                               numpy_helper.from_array(qparams.zero_point, zero)]

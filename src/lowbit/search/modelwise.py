@@ -86,6 +86,7 @@ class SearchOptions:
     metric: str = "cosine-similarity"
     layerwise: bool = False
     tune_num: int = 10
+    layerwise_metric: str | None = None  # how the layer-wise search scores each op (default: metric)
 
 
 def choose_ranges(
@@ -104,7 +105,6 @@ def choose_ranges(
     ``score`` compares the model quantized with a range per tensor with the float model on
     the ``held_back`` samples (model-wise).
     """
-    scheme = plan.target.activation
     tuned = 0
     chosen: dict[str, Range] = {}
     options_by_label: dict[str, dict[str, Range]] = {}
@@ -114,13 +114,14 @@ def choose_ranges(
             tuned += changed
         else:
             method = RANGE_METHODS[candidate.method]
-            ranges = {name: _as_range(observer, method, scheme, candidate.settings)
+            ranges = {name: _as_range(observer, method, plan.activation_scheme(name), candidate.settings)
                       for name, observer in observers.items()}
         options_by_label[candidate.label] = ranges
     if options.layerwise and len(options_by_label) > 1:
         per_tensor = {name: _distinct([r[name] for r in options_by_label.values()]) for name in observers}
         per_tensor = {name: rs for name, rs in per_tensor.items() if len(rs) > 1}
-        chosen = widest_choice(score_candidates(model, plan, per_tensor, collect_tuning, options.metric), per_tensor)
+        chosen = widest_choice(score_candidates(model, plan, per_tensor, collect_tuning,
+                                                   options.layerwise_metric or options.metric), per_tensor)
         first = next(iter(options_by_label.values()))
         options_by_label["layerwise"] = {**first, **chosen}
         tuned += len(chosen)
@@ -136,8 +137,7 @@ def choose_ranges(
 def _auto_tune(model, plan, observers, settings: RangeSettings, tune_num: int,
                collect: Collect) -> tuple[dict[str, Range], int]:
     """KL ranges, each moved towards the seen range where that brings its readers closer to float."""
-    scheme = plan.target.activation
-    ranges = {name: _as_range(obs, kl, scheme, settings) for name, obs in observers.items()}
+    ranges = {name: _as_range(obs, kl, plan.activation_scheme(name), settings) for name, obs in observers.items()}
     steps = np.linspace(0.0, 1.0, tune_num) if tune_num > 1 else np.zeros(1)
     per_tensor = {}
     for name, observer in observers.items():
