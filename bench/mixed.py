@@ -80,10 +80,10 @@ def whole_model(work: Path) -> dict:
                        **held_out(path, case, reference), "warnings": result.warnings}
         paths[label] = path
         print(f"   {label}: {rows[label]['error']:.3g}", flush=True)
-    run.quantize_in_child("ort-qdq-per-channel", case.model, calib, work / "ort.onnx")
-    paths["onnxruntime quantize_static"] = work / "ort.onnx"
-    rows["onnxruntime quantize_static"] = {"bytes": run.model_bytes(work / "ort.onnx"),
-                                           **held_out(work / "ort.onnx", case, reference)}
+    run.quantize_in_child("ort-minmax", case.model, calib, work / "ort.onnx")
+    paths["onnxruntime quantize_static (MinMax)"] = work / "ort.onnx"
+    rows["onnxruntime quantize_static (MinMax)"] = {"bytes": run.model_bytes(work / "ort.onnx"),
+                                                    **held_out(work / "ort.onnx", case, reference)}
     rows["float"] = {"bytes": run.model_bytes(case.model), "error": 0.0}
     for label, by_batch in latency(paths, case).items():
         rows[label]["latency_ms"] = by_batch
@@ -92,25 +92,47 @@ def whole_model(work: Path) -> dict:
 
 # -- 2. node by node, from the analysis --------------------------------------------------
 
-def from_analysis(case: run.Case, work: Path, goal: str, threshold: float) -> dict:
+def int16_order(nodes: list[dict], weighted: int, keep_int8: float = 0.8) -> list[str]:
+    """The analysis ranking, without the weighted nodes beyond the share that may leave int8."""
+    budget = int(weighted * (1 - keep_int8))
+    order = []
+    for node in nodes:
+        if node["op_type"] == "(output rounding)":
+            continue
+        if node["op_type"] in WEIGHTED:
+            if budget == 0:
+                continue
+            budget -= 1
+        order.append(node["name"])
+    return order
+
+
+def from_analysis(case: run.Case, work: Path, goal: str, threshold: float, settings: dict | None = None) -> dict:
+    """int16 on the first k nodes of the analysis ranking (k = 1, 2, 4 ...) until ``goal`` >= ``threshold``.
+
+    At least 80% of the weighted nodes stay int8: the ranking's weighted nodes beyond
+    that share are passed over. ``settings`` apply to every model (lowbit keys).
+    """
     import lowbit
 
+    settings = dict(settings or {})
     calib = run.write_calibration(case, work)
     reference = run.outputs(case.model, case)
-    base = lowbit.quantize(case.model, work / "int8.onnx", data=calib, progress=False)
+    base = lowbit.quantize(case.model, work / "int8.onnx", data=calib, progress=False, **settings)
     start = time.perf_counter()
     analysis = lowbit.analyze(case.model, work / "int8.onnx", data=calib, samples=32, report=work / "report.html")
     analysis_s = time.perf_counter() - start
-    ranking = [n["name"] for n in json.loads((work / "report.json").read_text())["nodes"]
-               if n["op_type"] != "(output rounding)"]
-    steps = [{"k": 0, "nodes": [], **held_out(work / "int8.onnx", case, reference), **weighted_int8_share(base)}]
-    print(f"   int8: {goal} {steps[0][goal]:.4f} (analysis {analysis_s:.0f} s, {len(ranking)} nodes ranked)",
+    share = weighted_int8_share(base)
+    ranking = int16_order(json.loads((work / "report.json").read_text())["nodes"], share["weighted"])
+    steps = [{"k": 0, "nodes": [], **held_out(work / "int8.onnx", case, reference), **share}]
+    print(f"   int8: {goal} {steps[0][goal]:.4f} (analysis {analysis_s:.0f} s, {len(ranking)} nodes in the order)",
           flush=True)
     k, met = 1, steps[0][goal] >= threshold
-    while not met and k <= len(ranking):
+    while not met and k <= 2 * len(ranking):
         nodes = ranking[:k]
         config = work / f"quant_config_{k}.json"
-        config.write_text(json.dumps({"node_config": {name: {"qtype": "int16"} for name in nodes}}, indent=1))
+        config.write_text(json.dumps({"node_config": {name: {"qtype": "int16"} for name in nodes},
+                                      "lowbit": settings}, indent=1))
         path = work / f"int16_{k}.onnx"
         result = lowbit.quantize(case.model, path, config=config, data=calib, progress=False)
         steps.append({"k": k, "nodes": nodes, **held_out(path, case, reference), **weighted_int8_share(result)})
@@ -119,7 +141,8 @@ def from_analysis(case: run.Case, work: Path, goal: str, threshold: float) -> di
         k *= 2
     final = work / f"int16_{steps[-1]['k']}.onnx" if steps[-1]["k"] else work / "int8.onnx"
     timing = latency({"float": case.model, "int8": work / "int8.onnx", "mixed": final}, case, batches=(1,))
-    return {"name": case.name, "goal": f"{goal} >= {threshold}", "met": met, "analysis_s": analysis_s,
+    return {"name": case.name, "settings": settings, "goal": f"{goal} >= {threshold}", "met": met,
+            "analysis_s": analysis_s,
             "suggestion": analysis.suggestion.nodes, "steps": steps, "latency_ms": timing,
             "config": (work / f"quant_config_{steps[-1]['k']}.json").read_text() if steps[-1]["k"] else ""}
 
@@ -127,25 +150,42 @@ def from_analysis(case: run.Case, work: Path, goal: str, threshold: float) -> di
 # -- 3. error compensation on one layer ---------------------------------------------------
 
 def layer_outputs(path: Path, tensor: str, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """``tensor`` of the model at ``path`` on each feed (made a graph output in a copy)."""
     model = onnx.load(path)
     if tensor not in {o.name for o in model.graph.output}:
         model.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor))
-    session = run.quiet_session_from_proto(model)
+    copy = path.with_name(path.stem + "_probe.onnx")
+    onnx.save(model, copy)
+    session = run.quiet_session(copy)
     return np.stack([session.run([tensor], feed)[0] for feed in feeds])
 
 
-def compensation(case: run.Case, work: Path, node: str, index: int, tensor: str, target: str | None = None) -> dict:
-    """The layer output ``tensor`` of ``node`` in int8 and with ec on input ``index``, against float."""
+def prepared_op_types(path: Path) -> set[str]:
+    """The op types of the model as lowbit plans it (Constants folded, BatchNormalization folded ...)."""
+    from lowbit.graph.loading import load_model
+    from lowbit.graph.passes import prepare
+
+    return {node.op_type for node in prepare(load_model(path)[0]).graph}
+
+
+def compensation(case: run.Case, work: Path, node: str, index: int, tensor: str, also: tuple[str, ...] = ()) -> dict:
+    """The layer output ``tensor`` of ``node`` in int8 and with ec on input ``index``, against float.
+
+    Every other node is float32 (op_config), except those in ``also`` (int8: a data-movement
+    op quantizes only after a quantized producer), so that the error is the layer's own.
+    """
     import lowbit
 
     calib = run.write_calibration(case, work)
     feeds = [{case.input_name: x[np.newaxis]} for x in case.evaluation]
     reference = layer_outputs(case.model, tensor, feeds)
-    out = {"case": case.name, "node": node, "input": index, "target": target or "CPU"}
-    for label, node_config in (("int8", None), ("ec", {node: {f"input{index}": "ec"}})):
+    out = {"case": case.name, "node": node, "input": index, "others": list(also)}
+    op_config = {op: "float32" for op in prepared_op_types(case.model)}
+    for label, precision in (("int8", {"qtype": "int8"}), ("ec", {"qtype": "int8", f"input{index}": "ec"})):
         path = work / f"{node.replace('/', '_')}_{label}.onnx"
-        lowbit.quantize(case.model, path, data=calib, progress=False, node_config=node_config, target_device=target,
-                        weight_rounding="NEAREST")
+        node_config = {node: precision, **{name: "int8" for name in also}}
+        lowbit.quantize(case.model, path, data=calib, progress=False, op_config=op_config, node_config=node_config,
+                        weight_rounding="NEAREST", bias_correction=False)
         name = tensor if label == "int8" else f"{tensor}_compensated"
         got = layer_outputs(path, name, feeds)
         diff = got - reference
@@ -155,3 +195,111 @@ def compensation(case: run.Case, work: Path, node: str, index: int, tensor: str,
     print(f"   ec {case.name} {node} input{index}: relative MSE {out['int8']['relative_mse']:.3g} -> "
           f"{out['ec']['relative_mse']:.3g} ({100 * out['removed']:.0f}% removed)", flush=True)
     return out
+
+
+def magika_case() -> run.Case:
+    """bench/run.py's magika case, less the files magika types without its model.
+
+    magika sends a file to its model only when at least 8 bytes remain after stripping
+    (``min_file_size_for_dl`` in its config); smaller ones are typed by rule. On those
+    inputs, nearly all padding, the model's layer norms divide by a near-zero deviation.
+    """
+    case = run.magika_case(256, 300)
+    modelled = [x for x in case.calib if x[7] != 256]
+    evaluation = case.evaluation[case.evaluation[:, 7] != 256]
+    return run.Case(case.name, case.model, case.input_name, modelled, evaluation, task=case.task,
+                    data=case.data + " Files under magika's min_file_size_for_dl (8 bytes) left out.")
+
+
+def ppocr_det_case(n_calib: int) -> run.Case:
+    """PP-OCRv4 det on 320x320 crops of opencv-doc's text pictures (ImageNet mean/std, as PP-OCR does)."""
+    from PIL import Image
+
+    def crops(names, seed, count):
+        out = []
+        for k, name in enumerate(names):
+            image = np.asarray(Image.open(zoo.opencv_doc_data() / name).convert("RGB"))
+            for crop in zoo.crops(image, count, seed + k):
+                x = np.asarray(Image.fromarray(crop).resize((320, 320), Image.BILINEAR), np.float32) / 255.0
+                x = (x - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+                out.append(x.transpose(2, 0, 1).astype(np.float32))
+        return out
+
+    calib = crops(["imageTextN.png", "notes.png", "sudoku.png", "pic1.png"], 0, 16)[:n_calib]
+    evaluation = np.stack(crops(["text_defocus.jpg", "licenseplate_motion.jpg", "imageTextR.png"], 1, 4))
+    return run.Case("PP-OCRv4 det", zoo.ppocr_models()["det"], "x", calib, evaluation, task="dense")
+
+
+def markdown(results: dict) -> str:
+    whole = results["whole_model"]
+    lines = ["# Mixed precision on real models", "",
+             f"`{results['command']}` on {results['date']}: {results['machine']}.", "",
+             f"## {whole['name']}: the whole model in one precision", "",
+             f"Calibration {whole['calibration']} samples, held-out {whole['evaluation']} crops; latency in "
+             "ONNX Runtime CPU (ms, best of 5 rounds' medians, the models taking turns).", "",
+             "| model | 1 - cosine | agreement | MB | batch 1 | batch 8 |", "|---|---|---|---|---|---|"]
+    for label, row in whole["rows"].items():
+        agreement = f"{row['agreement']:.3f}" if "agreement" in row else "1"
+        ms = row.get("latency_ms", {})
+        lines.append(f"| {label} | {row['error']:.3g} | {agreement} | {row['bytes'] / 1e6:.2f} | "
+                     f"{ms.get(1, float('nan')):.1f} | {ms.get(8, float('nan')):.1f} |")
+    int8, int16 = whole["rows"]["int8"]["error"], whole["rows"]["all_node_type=int16"]["error"]
+    lines += ["", f"int16 / int8 output error: {int16 / int8:.2g}. The float16 model computes in float16 on "
+                  "TensorRT; ONNX Runtime's CPU provider has no float16 Conv kernel, so here it inserts Casts "
+                  "and computes in float32 (its latency is not TensorRT's).", ""]
+    for case in results["from_analysis"]:
+        lines += [f"## {case['name']}: int16 where the analysis ranks first ({case['goal']})", "",
+                  f"`lowbit analyze` on the int8 model: {case['analysis_s']:.0f} s; its suggestion: "
+                  + (", ".join(f"`{n}`" for n in case["suggestion"]) or "none") + ".", "",
+                  "| first k of the ranking int16 | mean cosine | least cosine | weighted nodes int8 |",
+                  "|---|---|---|---|"]
+        for step in case["steps"]:
+            lines.append(f"| {step['k']} | {step['cosine_mean']:.4f} | {step['cosine_min']:.4f} | "
+                         f"{step['weighted_int8']}/{step['weighted']} ({step['share']:.0%}) |")
+        ms = {k: v[1] for k, v in case["latency_ms"].items()}
+        lines += ["", f"Goal met: {case['met']}. Latency at batch 1 (ms): float {ms['float']:.1f}, int8 "
+                      f"{ms['int8']:.1f}, mixed {ms['mixed']:.1f}.", ""]
+        if case["config"]:
+            lines += ["The quant_config JSON of the last step:", "", "```json", case["config"].strip(), "```", ""]
+    lines += ["## Error compensation (ec) on one layer", "",
+              "The layer's own output against the float layer's on held-out inputs, every other node float32 "
+              "(op_config; the Resize also needs its producer int8), weights rounded to nearest, no bias "
+              "correction, so that only ec differs.", "",
+              "| model | node | input | int8: relative MSE | ec: relative MSE | error removed |",
+              "|---|---|---|---|---|---|"]
+    for row in results["compensation"]:
+        lines.append(f"| {row['case']} | `{row['node']}` | {row['input']} | "
+                     f"{row['int8']['relative_mse']:.3g} | {row['ec']['relative_mse']:.3g} | "
+                     f"{100 * row['removed']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    work = zoo.cache_dir("bench", "mixed")
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": run.describe_machine(), "versions": run.versions(),
+               "command": "python bench/mixed.py"}
+    print("== whole model", flush=True)
+    results["whole_model"] = whole_model(work / "efficientnet")
+    print("== from the analysis", flush=True)
+    results["from_analysis"] = [
+        from_analysis(run.ppocr_rec_case(128), work / "ppocr-rec", "cosine_mean", 0.995),
+        from_analysis(magika_case(), work / "magika", "cosine_min", 0.9),
+        from_analysis(magika_case(), work / "magika-mse", "cosine_min", 0.9, {"activation_quant_method": "MSE"}),
+    ]
+    print("== error compensation", flush=True)
+    efficientnet, rec, det = run.efficientnet_case(128, 4), run.ppocr_rec_case(64), ppocr_det_case(32)
+    results["compensation"] = [
+        compensation(efficientnet, work / "ec", "/_conv_stem/Conv", 1, "/_conv_stem/Conv_output_0"),
+        compensation(efficientnet, work / "ec", "/_blocks.0/_depthwise_conv/Conv", 1,
+                     "/_blocks.0/_depthwise_conv/Conv_output_0"),
+        compensation(rec, work / "ec", "p2o.MatMul.0", 1, "p2o.MatMul.1"),
+        compensation(rec, work / "ec", "p2o.MatMul.4", 0, "p2o.MatMul.5"),
+        compensation(det, work / "ec", "p2o.Resize.0", 0, "nearest_interp_v2_0.tmp_0", also=("p2o.Add.228", "p2o.Add.248")),
+    ]
+    (HERE / "mixed.json").write_text(json.dumps(results, indent=1))
+    (HERE / "MIXED.md").write_text(markdown(results))
+    print(f"wrote {HERE / 'MIXED.md'}")
+
+
+if __name__ == "__main__":
+    main()

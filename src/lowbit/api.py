@@ -36,8 +36,9 @@ def quantize(
 ) -> QuantizeResult:
     """Quantize ``model`` into ``output`` and return what was done.
 
-    ``config`` is a MindSpore-style INI file; ``settings`` override its keys by name
-    (``per_channel=False``, ``target_device="NVGPU"`` ...). ``data`` is the calibration
+    ``config`` is a MindSpore-style INI file or Horizon's quant_config JSON (``*.json``);
+    ``settings`` override its keys by name (``per_channel=False``, ``target_device="NVGPU"``,
+    ``node_config={"conv1": {"qtype": "int16"}}`` ...). ``data`` is the calibration
     data: a folder (.npy, .npz, .bin or image files), or an iterable of feed dicts (input
     name to array; a list or another re-iterable, since weight rounding and bias
     correction read the data again). Without it, ``calibrate_path`` or ``data_list``

@@ -1,6 +1,6 @@
 """The ``lowbit`` command.
 
-    lowbit quantize MODEL -o OUT [--config FILE] [--data FOLDER] [--report REPORT.html] [--KEY VALUE ...]
+    lowbit quantize MODEL -o OUT [--config FILE.cfg|FILE.json] [--data FOLDER] [--report REPORT.html] [--KEY VALUE ...]
     lowbit analyze FLOAT QUANTIZED --data FOLDER [--report REPORT.html] [--samples N] [--config FILE]
     lowbit inspect MODEL
     lowbit config show [FILE] [--KEY VALUE ...]
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Quantize a float32 ONNX model into an int8 QDQ model.")
     quantize.add_argument("model", help="float32 ONNX model")
     quantize.add_argument("-o", "--output", required=True, help="where to write the quantized model")
-    quantize.add_argument("--config", help="MindSpore-style INI config file")
+    quantize.add_argument("--config", help="MindSpore-style INI config file, or Horizon's quant_config (*.json)")
     quantize.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     _add_config_flags(quantize)
 
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser("show", help="print the resolved configuration and where each value came from")
-    show.add_argument("config", nargs="?", help="MindSpore-style INI config file")
+    show.add_argument("config", nargs="?", help="MindSpore-style INI config file, or Horizon's quant_config (*.json)")
     _add_config_flags(show)
     return parser
 

@@ -142,7 +142,8 @@ def _parse_one(field: Field, raw: Any, bad, where: str) -> Any:
     if field.kind is Kind.SHAPES:
         return _parse_shapes(text, bad)
     if field.kind in (Kind.OP_PRECISIONS, Kind.NODE_PRECISIONS):
-        return parse_precisions(text, field.kind is Kind.NODE_PRECISIONS, where=f"{where}: {field.key}") or None
+        label = where if where.endswith(field.key) else f"{where}: {field.key}"  # a JSON origin names the key
+        return parse_precisions(text, field.kind is Kind.NODE_PRECISIONS, where=label) or None
     return str(text)
 
 

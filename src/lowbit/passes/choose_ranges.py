@@ -47,9 +47,10 @@ class ChooseRanges(Pass):
             state.engine.run(model, [Request(observers)], what="per-op scoring", model_label="scoring model",
                              feeds=state.tuning)
 
-        state.held_back_outputs = self.outputs
-        state.held_back_references = [[self.references[name].arrays[i] for name in self.outputs]
-                                      for i in range(len(state.held_back))]
+        if compares(state):
+            state.held_back_outputs = self.outputs
+            state.held_back_references = [[self.references[name].arrays[i] for name in self.outputs]
+                                          for i in range(len(state.held_back))]
 
         def score(ranges: dict[str, Range]) -> PairStats:
             return state.engine.score(_quantized_copy(state, ranges), state.held_back, self.outputs,

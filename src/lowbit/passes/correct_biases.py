@@ -73,7 +73,7 @@ class CorrectBiases(LayerInputsPass):
                            "without the check")
             return CorrectionOutcome(correct_biases(state.model, self.job, self.samples_seen, self.started))
         uncorrected = self._score(state, metric)
-        saved = _BiasSnapshot([layer.node for layer in self.job.layers])
+        saved = _BiasSnapshot([layer.node for layer, _ in self.job.layers])
         report = correct_biases(state.model, self.job, self.samples_seen, self.started)
         corrected = self._score(state, metric)
         kept = METRICS[metric].best([corrected, uncorrected]) == 0  # ties keep the correction

@@ -229,9 +229,12 @@ class _Planner:
         Its int8 form would add a rounding step and give no int8 kernel (ORT runs
         DQ -> op -> Q only when a quantized op reads the result). Walking the graph
         backwards lets a whole dead-end chain (Mul -> Add -> Softmax) fall back to float.
+        A node whose precision op_config or node_config names keeps it.
         """
         decision = self.plan.decisions.get(node.name)
         if decision is None or not decision.quantized or decision.fused_into or node.op_type in WEIGHTED_OPS:
+            return
+        if self.rules.explicit(node):  # op_config / node_config asked for its precision: it keeps it
             return
         if any(self._read_by_quantized(out) for out in self._results(node)):
             return
@@ -256,7 +259,7 @@ class _Planner:
         # QLinearConv needs a quantized output; MatMul/Gemm have int8 kernels with float outputs.
         keep = node.op_type in ("Conv", "ConvTranspose") or self._read_by_quantized(out)
         if keep and not out.is_graph_output():
-            self._mark(out)
+            self._mark(out, wide=decision.precision == INT16)  # an int16 node's readers read int16 (context)
 
     def _results(self, node: ir.Node) -> list[ir.Value]:
         """The node's outputs, or its fused activation's output."""
@@ -409,6 +412,7 @@ class _Planner:
             or consumer.domain not in STANDARD_DOMAINS
             or consumer.name in self.options.skip_nodes
             or consumer.name in self.rules.nodes
+            or self.rules.input_precision(consumer, 0).qtype in FLOATS
             or any(constant_array(v) is None for v in consumer.inputs[1:] if v is not None)
         ):
             return None

@@ -85,8 +85,8 @@ class PrecisionRules:
                 raise LowbitError(f"{entry.where}: no {op_type} node in the model" + _suggest(op_type, op_types))
         for name, entry in self.nodes.items():
             if name not in nodes:
-                raise LowbitError(f"{entry.where}: no node named '{name}' in the model (names as in the prepared "
-                                  "model: lowbit inspect or lowbit config show list them)" + _suggest(name, nodes))
+                raise LowbitError(f"{entry.where}: no node named '{name}' in the model (as lowbit prepares it: "
+                                  "Constant and BatchNormalization nodes folded)" + _suggest(name, nodes))
             node = nodes[name]
             for index, qtype in entry.inputs.items():
                 if qtype == EC and index not in EC_INPUTS.get(node.op_type, ()):

@@ -62,11 +62,14 @@ class Target:
     all_float16: bool = False  # runs every op in float16 (else: those with an ONNX Runtime CPU kernel)
 
     def with_symmetric_activations(self, symmetric: bool) -> Target:
-        """The preset with activations made symmetric (zero point 0 / centre) or asymmetric (``asymmetric``)."""
+        """The preset with symmetric activations (signed, zero point 0: ONNX Runtime's S8S8) or asymmetric ones
+        (unsigned, zero point anywhere), as ``asymmetric`` asks."""
         def scheme(s: QuantScheme | None) -> QuantScheme | None:
             if s is None or s.symmetric == symmetric:
                 return s
-            return QuantScheme(s.qtype, symmetric, s.axis, narrow_range=False)
+            signed = {UINT8: INT8, UINT16: INT16}.get(s.qtype, s.qtype) if symmetric else \
+                {INT8: UINT8, INT16: UINT16}.get(s.qtype, s.qtype)
+            return QuantScheme(signed, symmetric, s.axis, narrow_range=False)
         return replace(self, activation=scheme(self.activation), activation16=scheme(self.activation16))
 
     def data_inputs(self, op_type: str, num_inputs: int) -> tuple[int, ...]:
