@@ -37,7 +37,7 @@ def test_reads_every_section(tmp_path):
     assert config.calibrate_size == 100
     assert config.calibrate_path[0].input_name == "input"
     assert str(config.calibrate_path[0].folder) == "/data/calib"
-    assert config.per_channel is False
+    assert config.per_channel == (False,)
     assert config.source("per_channel").endswith("[full_quant_param]")
 
 
@@ -45,18 +45,18 @@ def test_defaults_follow_mindspore_and_target():
     config = load_config()
     assert (config.quant_type, config.bit_num) == ("FULL_QUANT", 8)
     assert config.activation_quant_method is None  # no method: search MAX_MIN, REMOVAL_OUTLIER, KL, MSE
-    assert config.per_channel is True and config.target == "CPU"
+    assert config.per_channel == (True,) and config.target == "CPU"
     # MindSpore applies min_quant_weight_channel only to weight quantization
     assert config.min_quant_weight_channel == 0 and config.source("min_quant_weight_channel") == "default for FULL_QUANT"
     assert config.bias_correction is True  # MindSpore's default
     dsp = load_config(overrides={"target_device": "DSP"})
-    assert dsp.per_channel is False and dsp.source("per_channel") == "default for target_device=DSP"
+    assert dsp.per_channel == (False,) and dsp.source("per_channel") == "default for target_device=DSP"
     assert dsp.bias_correction is False and dsp.source("bias_correction") == "default for target_device=DSP"
 
 
 def test_overrides_win_over_the_file(tmp_path):
     config = load_config(write(tmp_path, FULL_QUANT_CFG), {"per_channel": "true"})
-    assert config.per_channel is True and config.source("per_channel") == "argument per_channel"
+    assert config.per_channel == (True,) and config.source("per_channel") == "argument per_channel"
 
 
 def test_unknown_key_names_file_key_and_closest(tmp_path):

@@ -120,8 +120,8 @@ def test_template_model_types_load(tmp_path, key, value):
     {"calibration_type": "max"}, {"calibration_type": "kl"}, {"calibration_type": ["max", "kl"]},
     {"num_bin": 1024}, {"num_bin": 2048}, {"num_bin": [1024, 2048]},
     {"max_percentile": 0.99995}, {"max_percentile": 1.0}, {"max_percentile": [0.99995, 1.0]},
-    {"per_channel": True}, {"per_channel": False}, {"per_channel": [True]},
-    {"asymmetric": True}, {"asymmetric": False}, {"asymmetric": [False]},
+    {"per_channel": True}, {"per_channel": False}, {"per_channel": [True]}, {"per_channel": [True, False]},
+    {"asymmetric": True}, {"asymmetric": False}, {"asymmetric": [False]}, {"asymmetric": [True, False]},
 ])
 def test_template_activation_alternatives_load(tmp_path, activation):
     config = load_config(write(tmp_path, template(**activation)))
@@ -150,7 +150,7 @@ def test_commented_template_loads(tmp_path):
     assert config.all_node_type == "int16" and config.model_output_type == "int8"
     assert config.activation_quant_method == ("MAX_MIN", "REMOVAL_OUTLIER", "KL")
     assert config.num_bin == (1024, 2048) and config.max_percentile == (0.99995,)
-    assert config.per_channel is True and config.asymmetric is False
+    assert config.per_channel == (True,) and config.asymmetric == (False,)
     assert config.bias_correction is True and config.bias_correction_samples == 1
     assert config.bias_correction_metric == "mse" and config.search_metric == "sqnr"
     assert config.layerwise_search is True and config.layerwise_metric == "chebyshev"
@@ -192,10 +192,12 @@ def test_lowbit_section_is_in_a_url_like_string(tmp_path):
     ({"activation": {"max_num_bin": 8192}}, "max_num_bin", 8192),
     ({"activation": {"max_percentile": 0.999}}, "max_percentile", (0.999,)),
     ({"activation": {"max_percentile": [0.999, 1.0, 0.9999]}}, "max_percentile", (0.999, 0.9999)),
-    ({"activation": {"per_channel": False}}, "per_channel", False),
-    ({"activation": {"per_channel": [False]}}, "per_channel", False),
-    ({"activation": {"asymmetric": True}}, "asymmetric", True),
-    ({"activation": {"asymmetric": [True, True]}}, "asymmetric", True),
+    ({"activation": {"per_channel": False}}, "per_channel", (False,)),
+    ({"activation": {"per_channel": [False]}}, "per_channel", (False,)),
+    ({"activation": {"per_channel": [True, False]}}, "per_channel", (True, False)),  # search candidates
+    ({"activation": {"asymmetric": True}}, "asymmetric", (True,)),
+    ({"activation": {"asymmetric": [True, True]}}, "asymmetric", (True,)),
+    ({"activation": {"asymmetric": [False, True]}}, "asymmetric", (False, True)),
     ({"weight": {"bias_correction": {}}}, "bias_correction", True),
     ({"weight": {"bias_correction": {"num_sample": 8}}}, "bias_correction_samples", 8),
     ({"weight": {"bias_correction": {"metric": "sqnr"}}}, "bias_correction_metric", "sqnr"),
@@ -242,7 +244,7 @@ def test_lowbit_section(tmp_path):
 
 def test_overrides_win_over_the_json(tmp_path):
     path = write(tmp_path, {"model_config": {"activation": {"per_channel": True}}})
-    assert load_config(path, {"per_channel": False}).per_channel is False
+    assert load_config(path, {"per_channel": False}).per_channel == (False,)
 
 
 # --- errors ---
@@ -281,10 +283,7 @@ def test_unknown_keys(tmp_path, document, parts):
     ({"model_config": {"activation": {"max_num_bin": 16384.5}}}, ["max_num_bin: expected an integer"]),
     ({"model_config": {"activation": {"max_percentile": "0.99"}}}, ["max_percentile: expected a number"]),
     ({"model_config": {"activation": {"per_channel": "true"}}}, ["per_channel: expected true or false"]),
-    ({"model_config": {"activation": {"per_channel": [True, False]}}},
-     ["model_config.activation.per_channel", "does not yet search per_channel", "give one value"]),
-    ({"model_config": {"activation": {"asymmetric": [False, True]}}},
-     ["model_config.activation.asymmetric", "does not yet search asymmetric"]),
+    ({"model_config": {"activation": {"per_channel": []}}}, ["model_config.activation.per_channel", "empty list"]),
     ({"model_config": {"activation": {"calibration_type": "kll"}}},
      ["model_config.activation.calibration_type", "did you mean 'kl'", "allowed: max, kl"]),
     ({"model_config": {"activation": {"calibration_type": ["max", "mse"]}}},

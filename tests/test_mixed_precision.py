@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -404,3 +405,45 @@ def test_efficientnet_all_int16_has_a_tenth_of_the_int8_error(tmp_path):
     errors = {path.name: output_error(path, src, held_out) for path in (int8, int16)}
     # measured: int8 0.0057, int16 1.2e-7 on these crops
     assert errors["int16.onnx"] <= errors["int8.onnx"] / 10
+
+
+def test_the_analysis_suggestion_is_a_quant_config_lowbit_reads(tmp_path):
+    """lowbit analyze's node_config snippet, saved as a JSON file, gives those nodes those precisions."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "digits"
+    model, calib = example / "digit_cnn.onnx", example / "calib"
+    lowbit.quantize(model, tmp_path / "int8.onnx", data=calib, progress=False)
+    suggestion = lowbit.analyze(model, tmp_path / "int8.onnx", data=calib, samples=16).suggestion
+    assert suggestion.nodes
+    config = tmp_path / "quant_config.json"
+    config.write_text(json.dumps(suggestion.node_config))
+    result = lowbit.quantize(model, tmp_path / "mixed.onnx", config=config, data=calib, progress=False)
+    got = precisions(result)
+    assert {name: got[name] for name in suggestion.nodes} == {
+        name: entry["qtype"] for name, entry in suggestion.node_config["node_config"].items()}
+
+
+def test_per_channel_and_asymmetric_lists_are_search_candidates(model_path, tmp_path, calib, monkeypatch):
+    """Horizon's lists: every method per channel and per tensor, asymmetric and symmetric; the written model
+    is quantized as the winner says. The scores are replaced so that the last candidate wins."""
+    from lowbit.search import modelwise
+    from lowbit.search.modelwise import SearchRow
+
+    original = modelwise._score_models
+
+    def last_wins(*args):
+        rows = original(*args)
+        return [SearchRow(row.label, float(i), row.seconds) for i, row in enumerate(rows)]
+
+    monkeypatch.setattr(modelwise, "_score_models", last_wins)
+    out, result = quantize(model_path, tmp_path, calib, activation_quant_method="MAX_MIN,MSE",
+                           per_channel=[True, False], asymmetric=[True, False])
+    labels = [row.label for row in result.search.rows]
+    assert labels[0] == "MAX_MIN (per channel, asymmetric)" and len(labels) == 8
+    assert result.search.chosen == "MSE (per tensor, symmetric)"
+    model = onnx.load(str(out))
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    conv = next(n for n in model.graph.node if n.name == "conv_b")
+    assert inits[made_by[conv.input[1]].input[1]].ndim == 0  # one weight scale: per tensor
+    assert input_types(out, "conv_b")[0] == INT8  # symmetric activations: int8, zero point 0
+    assert not inits[made_by[conv.input[0]].input[2]].any()

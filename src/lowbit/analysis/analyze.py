@@ -69,7 +69,7 @@ class Suggestion:
 
     @property
     def skip_quant_node(self) -> str:
-        """lowbit's form: each suggested node float (lowbit does not write int16 nodes yet)."""
+        """The MindSpore INI form: each suggested node float."""
         return "skip_quant_node=" + ",".join(self.nodes)
 
     @property

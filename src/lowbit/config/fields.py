@@ -188,11 +188,13 @@ FIELDS: tuple[Field, ...] = (
           "how weights get their integers: NEAREST (round to nearest) or GPTQ (error-compensating rounding "
           "against the layer input's second moment on the calibration data; same grid and file size)",
           choices=("NEAREST", "GPTQ"), extension=True),
-    Field(FULL, "per_channel", Kind.BOOL, True,
-          "weights per output channel (true) or per tensor (false); DSP defaults to false"),
+    Field(FULL, "per_channel", Kind.BOOL, (True,),
+          "weights per output channel (true) or per tensor (false); DSP defaults to false; FULL_QUANT: "
+          "true,false = both are candidates of the model-wise search", many=True),
     Field(FULL, "asymmetric", Kind.BOOL, None,
           "activations asymmetric (zero point anywhere) or symmetric (zero point 0); unset = the target's: "
-          "asymmetric on CPU and DSP, symmetric on NVGPU (TensorRT needs zero point 0)", extension=True),
+          "asymmetric on CPU and DSP, symmetric on NVGPU (TensorRT needs zero point 0); true,false = both are "
+          "candidates of the model-wise search", extension=True, many=True),
     Field(FULL, "target_device", Kind.ENUM, None,
           "hardware preset; unset = ONNX Runtime CPU", choices=("CPU", "NVGPU", "DSP")),
     # [data_preprocess_param]

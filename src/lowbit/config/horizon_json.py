@@ -180,13 +180,9 @@ class _Reader:
         if "max_num_bin" in activation:
             self.set("max_num_bin", self.one(activation["max_num_bin"], f"{where}.max_num_bin", "an integer"),
                      f"{where}.max_num_bin")
-        for key in ("per_channel", "asymmetric"):
+        for key in ("per_channel", "asymmetric"):  # a list: candidates of the model-wise search
             if key in activation:
-                values = set(self.many(activation[key], f"{where}.{key}", "true or false"))
-                if len(values) > 1:
-                    raise self.error(f"{where}.{key}", f"lowbit does not yet search {key} as candidates "
-                                                       "(true and false); give one value")
-                self.set(key, values.pop(), f"{where}.{key}")
+                self.set(key, self.many(activation[key], f"{where}.{key}", "true or false"), f"{where}.{key}")
 
     def metric(self, key: str, value: Any, where: str) -> None:
         """A metric name; resolve() checks it is one lowbit knows."""

@@ -230,9 +230,10 @@ def _apply_dependent_defaults(settings: dict[str, Setting]) -> None:
     if quant_type != "WEIGHT_QUANT" and settings["min_quant_weight_channel"].source == DEFAULT:
         settings["min_quant_weight_channel"] = Setting(0, f"{DEFAULT} for {quant_type}")
     if settings["target_device"].value == "DSP":
-        for key in ("per_channel", "bias_correction"):
-            if settings[key].source == DEFAULT:
-                settings[key] = Setting(False, f"{DEFAULT} for target_device=DSP")
+        if settings["per_channel"].source == DEFAULT:
+            settings["per_channel"] = Setting((False,), f"{DEFAULT} for target_device=DSP")
+        if settings["bias_correction"].source == DEFAULT:
+            settings["bias_correction"] = Setting(False, f"{DEFAULT} for target_device=DSP")
     if quant_type == "DYNAMIC_QUANT" and settings["bias_correction"].source == DEFAULT:
         settings["bias_correction"] = Setting(False, f"{DEFAULT} for {quant_type}")
     if quant_type != "FULL_QUANT" and settings["weight_rounding"].source == DEFAULT:
@@ -274,10 +275,13 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
         raise LowbitError(f"{where('max_num_bin')}: max_num_bin={settings['max_num_bin'].value} is below "
                           f"num_bin={max(settings['num_bin'].value)} ({where('num_bin')}); "
                           "the streaming histogram needs at least num_bin bins")
-    if settings["target_device"].value == "NVGPU" and settings["asymmetric"].value:
+    if settings["target_device"].value == "NVGPU" and True in (settings["asymmetric"].value or ()):
         raise LowbitError(f"{where('asymmetric')}: asymmetric=true: TensorRT (target_device=NVGPU) takes "
                           "symmetric activations only (zero point 0); leave asymmetric unset or false")
-    if settings["target_device"].value == "DSP" and settings["per_channel"].value:
+    if quant_type != "FULL_QUANT" and len(settings["per_channel"].value) > 1:
+        raise LowbitError(f"{where('per_channel')}: per_channel=true,false: the two are compared by the model-wise "
+                          f"search of FULL_QUANT; give one value for {quant_type}")
+    if settings["target_device"].value == "DSP" and True in settings["per_channel"].value:
         raise LowbitError(
             f"{where('per_channel')}: per_channel=true: target_device=DSP quantizes weights per tensor "
             "(SNPE/Hexagon); set per_channel=false or choose another target_device")

@@ -34,7 +34,8 @@ class ActivationCandidates(Pass):
         if methods is None and total is not None and total < HOLD_BACK_EVERY:
             state.search_fallback = too_few_to_search(total)
             methods = ("MAX_MIN",)
-        state.candidates = candidates(methods, config.num_bin, config.max_percentile)
+        state.candidates = candidates(methods, config.num_bin, config.max_percentile, config.per_channel,
+                                      config.asymmetric)
         if config.layerwise_search and len(state.candidates) < 2:
             state.note("layerwise_search chooses among several activation_quant_method candidates; with one there "
                        "is nothing to choose")

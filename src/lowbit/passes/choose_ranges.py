@@ -3,11 +3,15 @@
 Reads: the observers, the candidates, the held-back and tuning samples. Needs, when
 candidates are compared: the float model's outputs on the held-back samples (measured in
 the calibration run, see :mod:`lowbit.pipeline.engine`). Sets: the ranges, and the float
-outputs on the held-back samples (what bias_correction_metric compares with later). The search itself is
-:func:`lowbit.search.modelwise.choose_ranges`; each candidate's model runs in the data engine.
+outputs on the held-back samples (what bias_correction_metric compares with later); with
+``per_channel`` / ``asymmetric`` lists, the target, options and plan of the scheme that won.
+The search itself is :func:`lowbit.search.modelwise.choose_ranges`; each candidate's model
+runs in the data engine.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import onnx
 import onnx_ir as ir
@@ -17,10 +21,11 @@ from ..calibration.ranges import Range
 from ..pipeline.engine import HELD_BACK, Request
 from ..pipeline.passes import FLOAT, Pass
 from ..pipeline.state import QuantState
-from ..quantizers.plan import plan_quantization
+from ..quantizers.plan import PlanOptions, QuantPlan, plan_quantization
 from ..quantizers.qdq import activation_qparams, apply_plan
+from ..quantizers.targets import TARGETS, Target
 from ..search.metrics import PairStats
-from ..search.modelwise import SearchOptions, SearchReport, choose_ranges
+from ..search.modelwise import Scheme, SearchOptions, SearchReport, choose_ranges
 from .calibrate import compares
 
 
@@ -28,6 +33,8 @@ class ChooseRanges(Pass):
     name = "choose_ranges"
     requires = ("plan", "observers", "candidates")
     provides = ("ranges",)
+    # per_channel / asymmetric lists: the plan of the winning scheme replaces the job's
+    # (the same activation tensors, other weight granularity or activation schemes)
 
     def applies(self, state: QuantState) -> bool:
         return bool(state.plan.activations) and state.config.calibration_table is None
@@ -52,14 +59,31 @@ class ChooseRanges(Pass):
             state.held_back_references = [[self.references[name].arrays[i] for name in self.outputs]
                                           for i in range(len(state.held_back))]
 
-        def score(ranges: dict[str, Range]) -> PairStats:
-            return state.engine.score(_quantized_copy(state, ranges), state.held_back, self.outputs,
-                                      state.held_back_references)
+        variants: dict[Scheme, tuple[Target, PlanOptions, QuantPlan]] = {}
 
-        state.ranges, report = choose_ranges(
-            state.model, state.plan, state.observers,
+        def variant(scheme: Scheme) -> tuple[Target, PlanOptions, QuantPlan]:
+            """The target, options and plan of a candidate's scheme (the job's own when it names none)."""
+            if scheme not in variants:
+                target, options = state.target, state.weight_options
+                if scheme.asymmetric is not None:
+                    target = TARGETS[config.target].with_symmetric_activations(not scheme.asymmetric)
+                if scheme.per_channel is not None:
+                    options = replace(options, per_channel=scheme.per_channel)
+                same = target == state.target and options == state.weight_options
+                variants[scheme] = (target, options, state.plan if same else
+                                    plan_quantization(state.model, target, options))
+            return variants[scheme]
+
+        def score(scheme: Scheme, ranges: dict[str, Range]) -> PairStats:
+            target, options, _ = variant(scheme)
+            return state.engine.score(_quantized_copy(state, ranges, target, options), state.held_back,
+                                      self.outputs, state.held_back_references)
+
+        state.ranges, scheme, report = choose_ranges(
+            state.model, lambda s: variant(s)[2], state.observers,
             SearchOptions(config.search_metric, config.layerwise_search, config.tune_num, config.layerwise_metric),
             state.candidates, collect_tuning, score, len(state.held_back))
+        state.target, state.weight_options, state.plan = variant(scheme)  # per_channel / asymmetric chosen
         return report
 
     def describe(self, report: SearchReport) -> list[str]:
@@ -74,9 +98,10 @@ class ChooseRanges(Pass):
         return lines
 
 
-def _quantized_copy(state: QuantState, ranges: dict[str, Range]) -> onnx.ModelProto:
+def _quantized_copy(state: QuantState, ranges: dict[str, Range], target: Target,
+                    options: PlanOptions) -> onnx.ModelProto:
     """The model quantized with ``ranges``, as a new proto; the state's model is left float."""
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(state.model))
-    plan = plan_quantization(copy, state.target, state.weight_options)
+    plan = plan_quantization(copy, target, options)
     apply_plan(copy, plan, activation_qparams(plan, ranges))
     return ir.serde.serialize_model(copy)

@@ -37,8 +37,8 @@ class PlanFull(Pass):
     def run(self, state: QuantState) -> None:
         config = state.config
         state.target = TARGETS[config.target]
-        if config.asymmetric is not None:
-            state.target = state.target.with_symmetric_activations(not config.asymmetric)
+        if config.asymmetric is not None:  # with several, the first; the range search compares them
+            state.target = state.target.with_symmetric_activations(not config.asymmetric[0])
         state.target_name = config.target
         rules = PrecisionRules.from_config(config, config.target)
         rules.check(state.model.graph)

@@ -23,8 +23,11 @@ class WeightSelection:
 
     @staticmethod
     def settings(config: QuantConfig) -> dict[str, Any]:
-        """The selection's fields from the configuration, as keyword arguments of any mode's options."""
-        return {"per_channel": config.per_channel, "skip_nodes": frozenset(config.skip_quant_node),
+        """The selection's fields from the configuration, as keyword arguments of any mode's options.
+
+        With ``per_channel=true,false`` (full quantization's search compares both) the first is the plan's.
+        """
+        return {"per_channel": config.per_channel[0], "skip_nodes": frozenset(config.skip_quant_node),
                 "min_weight_size": config.min_quant_weight_size,
                 "min_weight_channels": config.min_quant_weight_channel}
 

@@ -13,7 +13,10 @@ over the calibration data:
 * model-wise search (several candidates): each candidate's quantized model runs on
   calibration samples held back from the statistics, its outputs are compared with the
   float model's by ``search_metric``, and the best is kept. Candidates are compared
-  before bias correction, which is then applied to the winner only.
+  before bias correction, which is then applied to the winner only. Horizon's
+  ``per_channel`` and ``asymmetric`` lists multiply the candidates: each method is also
+  tried per tensor / per channel and with symmetric / asymmetric activations (a
+  :class:`Scheme`), and the winner's scheme is the job's.
 """
 
 from __future__ import annotations
@@ -36,29 +39,53 @@ DEFAULT_SEARCH = ("MAX_MIN", "REMOVAL_OUTLIER", "KL", "MSE")
 
 
 @dataclass(frozen=True)
+class Scheme:
+    """Horizon's per_channel / asymmetric lists: which weight granularity and activation symmetry a
+    candidate quantizes with (None: the plan's own)."""
+
+    per_channel: bool | None = None
+    asymmetric: bool | None = None
+
+    @property
+    def label(self) -> str:
+        parts = [] if self.per_channel is None else ["per channel" if self.per_channel else "per tensor"]
+        parts += [] if self.asymmetric is None else ["asymmetric" if self.asymmetric else "symmetric"]
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
 class Candidate:
     method: str
     settings: RangeSettings = field(default_factory=RangeSettings)
+    scheme: Scheme = field(default_factory=Scheme)
 
     @property
     def label(self) -> str:
         if self.method in ("KL", "AUTO_TUNE"):
-            return f"{self.method} num_bin={self.settings.num_bin}"
-        if self.method == "REMOVAL_OUTLIER":
-            return f"{self.method} max_percentile={self.settings.max_percentile:g}"
-        return self.method
-
-
-def candidates(methods: Sequence[str] | None, num_bins: Sequence[int], percentiles: Sequence[float]) -> list[Candidate]:
-    """The candidate list: each method once, times its own parameter lists (Horizon's lists)."""
-    out = []
-    for method in methods or DEFAULT_SEARCH:
-        if method in ("KL", "AUTO_TUNE"):
-            out += [Candidate(method, RangeSettings(num_bin=n)) for n in num_bins]
-        elif method == "REMOVAL_OUTLIER":
-            out += [Candidate(method, RangeSettings(max_percentile=p)) for p in percentiles]
+            label = f"{self.method} num_bin={self.settings.num_bin}"
+        elif self.method == "REMOVAL_OUTLIER":
+            label = f"{self.method} max_percentile={self.settings.max_percentile:g}"
         else:
-            out.append(Candidate(method))
+            label = self.method
+        return f"{label} ({self.scheme.label})" if self.scheme.label else label
+
+
+def candidates(methods: Sequence[str] | None, num_bins: Sequence[int], percentiles: Sequence[float],
+               per_channel: Sequence[bool] = (True,), asymmetric: Sequence[bool] | None = None) -> list[Candidate]:
+    """The candidate list: each method once, times its own parameter lists (Horizon's lists), times
+    the per_channel and asymmetric values when they are lists of both (named in the labels then)."""
+    schemes = [Scheme(p if len(per_channel) > 1 else None, a if asymmetric and len(asymmetric) > 1 else None)
+               for p in per_channel for a in (asymmetric or (None,))]
+    schemes = list(dict.fromkeys(schemes))
+    out = []
+    for scheme in schemes:
+        for method in methods or DEFAULT_SEARCH:
+            if method in ("KL", "AUTO_TUNE"):
+                out += [Candidate(method, RangeSettings(num_bin=n), scheme) for n in num_bins]
+            elif method == "REMOVAL_OUTLIER":
+                out += [Candidate(method, RangeSettings(max_percentile=p), scheme) for p in percentiles]
+            else:
+                out.append(Candidate(method, scheme=scheme))
     return out
 
 
@@ -91,24 +118,28 @@ class SearchOptions:
 
 def choose_ranges(
     model: ir.Model,
-    plan: QuantPlan,
+    plan_for: Callable[[Scheme], QuantPlan],
     observers: dict[str, RangeObserver],
     options: SearchOptions,
     candidate_list: list[Candidate],
     collect_tuning: Collect,
-    score: Callable[[dict[str, Range]], PairStats],
+    score: Callable[[Scheme, dict[str, Range]], PairStats],
     held_back: int,
-) -> tuple[dict[str, Range], SearchReport]:
-    """The activation ranges to quantize with, and the report of how they were chosen.
+) -> tuple[dict[str, Range], Scheme, SearchReport]:
+    """The activation ranges to quantize with, the scheme they go with, and how they were chosen.
 
-    ``collect_tuning`` runs a scoring model over the tuning samples (AUTO_TUNE, layer-wise);
-    ``score`` compares the model quantized with a range per tensor with the float model on
-    the ``held_back`` samples (model-wise).
+    ``plan_for(scheme)`` is the plan with a candidate's weight granularity and activation
+    symmetry; ``collect_tuning`` runs a scoring model over the tuning samples (AUTO_TUNE,
+    layer-wise); ``score(scheme, ranges)`` compares the model quantized with a range per tensor
+    with the float model on the ``held_back`` samples (model-wise). The layer-wise mix is
+    made among the candidates of the first scheme.
     """
     tuned = 0
     chosen: dict[str, Range] = {}
     options_by_label: dict[str, dict[str, Range]] = {}
+    scheme_by_label: dict[str, Scheme] = {}
     for candidate in candidate_list:
+        plan = plan_for(candidate.scheme)
         if candidate.method == "AUTO_TUNE":
             ranges, changed = _auto_tune(model, plan, observers, candidate.settings, options.tune_num, collect_tuning)
             tuned += changed
@@ -117,21 +148,25 @@ def choose_ranges(
             ranges = {name: _as_range(observer, method, plan.activation_scheme(name), candidate.settings)
                       for name, observer in observers.items()}
         options_by_label[candidate.label] = ranges
-    if options.layerwise and len(options_by_label) > 1:
-        per_tensor = {name: _distinct([r[name] for r in options_by_label.values()]) for name in observers}
+        scheme_by_label[candidate.label] = candidate.scheme
+    first_scheme = candidate_list[0].scheme
+    mixable = {label: r for label, r in options_by_label.items() if scheme_by_label[label] == first_scheme}
+    if options.layerwise and len(mixable) > 1:
+        per_tensor = {name: _distinct([r[name] for r in mixable.values()]) for name in observers}
         per_tensor = {name: rs for name, rs in per_tensor.items() if len(rs) > 1}
-        chosen = widest_choice(score_candidates(model, plan, per_tensor, collect_tuning,
-                                                   options.layerwise_metric or options.metric), per_tensor)
-        first = next(iter(options_by_label.values()))
+        chosen = widest_choice(score_candidates(model, plan_for(first_scheme), per_tensor, collect_tuning,
+                                                options.layerwise_metric or options.metric), per_tensor)
+        first = next(iter(mixable.values()))
         options_by_label["layerwise"] = {**first, **chosen}
+        scheme_by_label["layerwise"] = first_scheme
         tuned += len(chosen)
     if len(options_by_label) == 1:
         label, ranges = next(iter(options_by_label.items()))
-        return ranges, SearchReport(options.metric, 0, label, tuned_tensors=tuned)
-    rows = _score_models(options_by_label, score, options.metric)
-    best = METRICS[options.metric].best([row.score for row in rows])
-    report = SearchReport(options.metric, held_back, rows[best].label, rows, tuned, chosen)
-    return options_by_label[rows[best].label], report
+        return ranges, scheme_by_label[label], SearchReport(options.metric, 0, label, tuned_tensors=tuned)
+    rows = _score_models(options_by_label, scheme_by_label, score, options.metric)
+    best = rows[METRICS[options.metric].best([row.score for row in rows])].label
+    report = SearchReport(options.metric, held_back, best, rows, tuned, chosen)
+    return options_by_label[best], scheme_by_label[best], report
 
 
 def _auto_tune(model, plan, observers, settings: RangeSettings, tune_num: int,
@@ -154,12 +189,14 @@ def _auto_tune(model, plan, observers, settings: RangeSettings, tune_num: int,
     return ranges, changed
 
 
-def _score_models(options_by_label, score: Callable[[dict[str, Range]], PairStats], metric: str) -> list[SearchRow]:
+def _score_models(options_by_label, scheme_by_label, score: Callable[[Scheme, dict[str, Range]], PairStats],
+                  metric: str) -> list[SearchRow]:
     """Each candidate's quantized model against the float model on the held-back samples."""
     rows = []
     for label, ranges in options_by_label.items():
         start = time.perf_counter()
-        rows.append(SearchRow(label, METRICS[metric].value(score(ranges)), time.perf_counter() - start))
+        stats = score(scheme_by_label[label], ranges)
+        rows.append(SearchRow(label, METRICS[metric].value(stats), time.perf_counter() - start))
     return rows
 
 
