@@ -447,3 +447,62 @@ def test_per_channel_and_asymmetric_lists_are_search_candidates(model_path, tmp_
     assert inits[made_by[conv.input[1]].input[1]].ndim == 0  # one weight scale: per tensor
     assert input_types(out, "conv_b")[0] == INT8  # symmetric activations: int8, zero point 0
     assert not inits[made_by[conv.input[0]].input[2]].any()
+
+
+def _initializers(path) -> dict[str, bytes]:
+    return {t.name: t.SerializeToString() for t in onnx.load(str(path)).graph.initializer}
+
+
+BASE = {"model_config": {"activation": {"calibration_type": "max"}}}
+
+
+def _with(section: str, **values) -> dict:
+    config = json.loads(json.dumps(BASE))
+    target = config["model_config"]
+    for key in section.split(".") if section else ():
+        target = target.setdefault(key, {})
+    target.update(values)
+    return config
+
+
+@pytest.mark.parametrize("config, check", [
+    (_with("", all_node_type="int16"), lambda r, changed: {t.dtype for t in r.tensors.values()} == {"int16"}),
+    (_with("", all_node_type="float16"), lambda r, changed: precisions(r)["norm"] == "float16"),
+    (_with("", model_output_type="int16"), lambda r, changed: r.tensors["y"].dtype == "int16"),
+    (_with("activation", calibration_type="kl"), lambda r, changed: changed and r.search is None or
+     "KL" in str(r.search.chosen)),
+    (_with("activation", calibration_type="kl", num_bin=2048), lambda r, changed: changed),  # against kl's 1024
+    (_with("activation", calibration_type="kl", num_bin=2048, max_num_bin=2048), lambda r, changed: changed),
+    (_with("activation", max_percentile=0.99), lambda r, changed: changed),
+    (_with("activation", per_channel=False), lambda r, changed: changed),
+    (_with("activation", asymmetric=False), lambda r, changed: {t.dtype for t in r.tensors.values()} == {"int8"}),
+    (_with("weight.bias_correction", num_sample=1), lambda r, changed: r.bias_correction.samples == 1 and changed),
+    ({"model_config": {"activation": {"calibration_type": ["max", "kl"]},
+                       "weight": {"bias_correction": {"metric": "mse"}}}},
+     lambda r, changed: "mse on" in r.summary()),  # the held-back samples come with the search
+    ({"model_config": {"activation": {"calibration_type": ["max", "kl"]}, "modelwise_search": {"metric": "sqnr"}}},
+     lambda r, changed: r.search.metric == "sqnr"),
+    ({"model_config": {"activation": {"calibration_type": ["max", "kl"]}, "layerwise_search": {"metric": "mse"}}},
+     lambda r, changed: "layerwise" in [row.label for row in r.search.rows]),
+    (BASE | {"op_config": {"Conv": {"qtype": "int16"}}}, lambda r, changed: precisions(r)["conv_c"] == "int16"),
+    (BASE | {"node_config": {"conv_c": {"qtype": "float32"}}}, lambda r, changed: precisions(r)["conv_c"] == "float32"),
+])
+def test_each_horizon_key_changes_the_output(model_path, tmp_path, calib, config, check):
+    """Each key of Horizon's template, added to a plain max calibration, changes the written model as documented.
+
+    num_bin is compared with kl at num_bin 1024; max_num_bin with kl at num_bin 2048 (max_num_bin 16384)."""
+    base_json, json_path = tmp_path / "base.json", tmp_path / "quant_config.json"
+    activation = config["model_config"].get("activation", {})
+    base_config = BASE
+    if "max_num_bin" in activation:
+        base_config = _with("activation", calibration_type="kl", num_bin=2048)
+    elif "num_bin" in activation:
+        base_config = _with("activation", calibration_type="kl")
+    base_json.write_text(json.dumps(base_config))
+    json_path.write_text(json.dumps(config))
+    base = lowbit.quantize(model_path, tmp_path / "base.onnx", config=base_json, data=calib, progress=False)
+    result = lowbit.quantize(model_path, tmp_path / "q.onnx", config=json_path, data=calib, progress=False)
+    onnx.checker.check_model(str(tmp_path / "q.onnx"))
+    changed = _initializers(tmp_path / "q.onnx") != _initializers(tmp_path / "base.onnx")
+    assert base.search is None or base.search.chosen in ("MAX_MIN", "KL num_bin=1024", "KL num_bin=2048")
+    assert check(result, changed)
