@@ -506,3 +506,32 @@ def test_each_horizon_key_changes_the_output(model_path, tmp_path, calib, config
     changed = _initializers(tmp_path / "q.onnx") != _initializers(tmp_path / "base.onnx")
     assert base.search is None or base.search.chosen in ("MAX_MIN", "KL num_bin=1024", "KL num_bin=2048")
     assert check(result, changed)
+
+
+def test_ec_on_conv_transpose_and_resize_runs_and_gridsample_says_it_stays_float(tmp_path):
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["a"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("ConvTranspose", ["a", "wt", "bt"], ["t"], name="up", strides=[2, 2]),
+        helper.make_node("Resize", ["t", "", "scales"], ["r"], name="resize", mode="linear"),
+        helper.make_node("Conv", ["r", "w1"], ["c"], name="conv_out"),
+        helper.make_node("GridSample", ["c", "grid"], ["y"], name="sample"),
+    ]
+    model = make_model(nodes, [float_input("x", [1, 3, 8, 8])], [float_input("y", [1, 4, 8, 8])], [
+        ("w0", rng.normal(0, 0.3, (6, 3, 3, 3)).astype(np.float32)),
+        ("wt", rng.normal(0, 0.3, (6, 6, 2, 2)).astype(np.float32)), ("bt", np.full(6, 0.1, np.float32)),
+        ("scales", np.array([1, 1, 0.5, 0.5], np.float32)),
+        ("w1", rng.normal(0, 0.3, (4, 6, 1, 1)).astype(np.float32)),
+        ("grid", rng.uniform(-1, 1, (1, 8, 8, 2)).astype(np.float32))], opset=17)
+    path = save(model, tmp_path / "up.onnx")
+    calib = write_npy_folder(tmp_path / "c", random_feeds(16, name="x"), name="x")
+    node_config = {"up": {"input1": "ec"}, "resize": {"input0": "ec"}, "sample": {"input0": "ec"}}
+    with pytest.warns(lowbit.LowbitWarning, match="sample \\(GridSample\\): ec asked by node_config .*stays float32"):
+        out, result = quantize(path, tmp_path, calib, node_config=node_config, weight_rounding="NEAREST",
+                               bias_correction=False)
+    written = onnx.load(str(out))
+    assert sum(n.op_type == "ConvTranspose" for n in written.graph.node) == 2
+    assert sum(n.op_type == "Resize" for n in written.graph.node) == 2
+    plain, _ = quantize(path, tmp_path, calib, weight_rounding="NEAREST", bias_correction=False)
+    feeds = random_feeds(6, name="x", seed=9)
+    assert output_error(out, path, feeds) <= output_error(plain, path, feeds)
