@@ -52,12 +52,13 @@ def weighted_int8_share(result) -> dict:
     return {"weighted": len(nodes), "weighted_int8": len(int8), "share": len(int8) / max(1, len(nodes))}
 
 
-def latency(paths: dict[str, Path], case: run.Case, batches=(1, 8)) -> dict[str, dict[int, float]]:
-    out: dict[str, dict[int, float]] = {name: {} for name in paths}
+def latency(paths: dict[str, Path], case: run.Case, batches=(1, 8)) -> dict[str, dict[str, float]]:
+    """ms per run of each model at each batch size (keys "1", "8": as the JSON file holds them)."""
+    out: dict[str, dict[str, float]] = {name: {} for name in paths}
     for batch in batches:
         feed = {case.input_name: case.evaluation[:batch]}
         for name, ms in run.compare_latency(paths, feed, runs=20 if batch == 1 else 8).items():
-            out[name][batch] = ms
+            out[name][str(batch)] = ms
     return out
 
 
@@ -107,11 +108,36 @@ def int16_order(nodes: list[dict], weighted: int, keep_int8: float = 0.8) -> lis
     return order
 
 
-def from_analysis(case: run.Case, work: Path, goal: str, threshold: float, settings: dict | None = None) -> dict:
+def weighted_nodes(path: Path) -> list[str]:
+    """The Conv / ConvTranspose / Gemm / MatMul nodes with a constant weight, as lowbit names them."""
+    from lowbit.graph.loading import load_model
+    from lowbit.graph.passes import prepare
+    from lowbit.graph.query import constant_array
+
+    return [node.name for node in prepare(load_model(path)[0]).graph
+            if node.op_type in WEIGHTED and constant_array(node.inputs[1]) is not None]
+
+
+def whole_op_types(case: run.Case) -> dict[str, dict]:
+    """Precisions by op type rather than by ranking, for comparison (lowbit keys)."""
+    weights_int8 = {name: {"input1": "int8"} for name in weighted_nodes(case.model)}
+    return {
+        "every node int16 but the weighted ones (op_config Conv, MatMul: int8)":
+            {"all_node_type": "int16", "op_config": {"Conv": "int8", "MatMul": "int8"}},
+        "every Conv int16 (op_config)": {"op_config": {"Conv": "int16"}},
+        "int16 activations everywhere, every weight int8 (node_config input1: int8)":
+            {"all_node_type": "int16", "node_config": weights_int8},
+        "all_node_type=int16": {"all_node_type": "int16"},
+    }
+
+
+def from_analysis(case: run.Case, work: Path, goal: str, threshold: float, settings: dict | None = None,
+                  compare: dict[str, dict] | None = None) -> dict:
     """int16 on the first k nodes of the analysis ranking (k = 1, 2, 4 ...) until ``goal`` >= ``threshold``.
 
     At least 80% of the weighted nodes stay int8: the ranking's weighted nodes beyond
-    that share are passed over. ``settings`` apply to every model (lowbit keys).
+    that share are passed over. ``settings`` apply to every model (lowbit keys);
+    ``compare``: other precision settings measured beside the ranking's.
     """
     import lowbit
 
@@ -131,19 +157,26 @@ def from_analysis(case: run.Case, work: Path, goal: str, threshold: float, setti
     while not met and k <= 2 * len(ranking):
         nodes = ranking[:k]
         config = work / f"quant_config_{k}.json"
-        config.write_text(json.dumps({"node_config": {name: {"qtype": "int16"} for name in nodes},
-                                      "lowbit": settings}, indent=1))
+        written = {"node_config": {name: {"qtype": "int16"} for name in nodes}}
+        config.write_text(json.dumps({**written, "lowbit": settings} if settings else written, indent=1))
         path = work / f"int16_{k}.onnx"
         result = lowbit.quantize(case.model, path, config=config, data=calib, progress=False)
         steps.append({"k": k, "nodes": nodes, **held_out(path, case, reference), **weighted_int8_share(result)})
         met = steps[-1][goal] >= threshold
         print(f"   first {k} int16: {goal} {steps[-1][goal]:.4f}, weighted int8 {steps[-1]['share']:.2f}", flush=True)
         k *= 2
+    others = {}
+    for i, (label, extra) in enumerate((compare or {}).items()):
+        path = work / f"compare_{i}.onnx"
+        result = lowbit.quantize(case.model, path, data=calib, progress=False, **settings, **extra)
+        others[label] = {**held_out(path, case, reference), **weighted_int8_share(result)}
+        print(f"   {label}: {goal} {others[label][goal]:.4f}, weighted int8 {others[label]['share']:.2f}", flush=True)
     final = work / f"int16_{steps[-1]['k']}.onnx" if steps[-1]["k"] else work / "int8.onnx"
-    timing = latency({"float": case.model, "int8": work / "int8.onnx", "mixed": final}, case, batches=(1,))
+    timing = latency({"float": case.model, "int8": work / "int8.onnx", "mixed": final,
+                      **{label: work / f"compare_{i}.onnx" for i, label in enumerate(others)}}, case, batches=(1,))
     return {"name": case.name, "settings": settings, "goal": f"{goal} >= {threshold}", "met": met,
             "analysis_s": analysis_s,
-            "suggestion": analysis.suggestion.nodes, "steps": steps, "latency_ms": timing,
+            "suggestion": analysis.suggestion.nodes, "steps": steps, "latency_ms": timing, "compare": others,
             "config": (work / f"quant_config_{steps[-1]['k']}.json").read_text() if steps[-1]["k"] else ""}
 
 
@@ -242,13 +275,14 @@ def markdown(results: dict) -> str:
         agreement = f"{row['agreement']:.3f}" if "agreement" in row else "1"
         ms = row.get("latency_ms", {})
         lines.append(f"| {label} | {row['error']:.3g} | {agreement} | {row['bytes'] / 1e6:.2f} | "
-                     f"{ms.get(1, float('nan')):.1f} | {ms.get(8, float('nan')):.1f} |")
+                     f"{ms.get('1', float('nan')):.1f} | {ms.get('8', float('nan')):.1f} |")
     int8, int16 = whole["rows"]["int8"]["error"], whole["rows"]["all_node_type=int16"]["error"]
     lines += ["", f"int16 / int8 output error: {int16 / int8:.2g}. The float16 model computes in float16 on "
                   "TensorRT; ONNX Runtime's CPU provider has no float16 Conv kernel, so here it inserts Casts "
                   "and computes in float32 (its latency is not TensorRT's).", ""]
     for case in results["from_analysis"]:
-        lines += [f"## {case['name']}: int16 where the analysis ranks first ({case['goal']})", "",
+        settings = "".join(f", {k}={v}" for k, v in case["settings"].items())
+        lines += [f"## {case['name']}{settings}: int16 where the analysis ranks first ({case['goal']})", "",
                   f"`lowbit analyze` on the int8 model: {case['analysis_s']:.0f} s; its suggestion: "
                   + (", ".join(f"`{n}`" for n in case["suggestion"]) or "none") + ".", "",
                   "| first k of the ranking int16 | mean cosine | least cosine | weighted nodes int8 |",
@@ -256,11 +290,21 @@ def markdown(results: dict) -> str:
         for step in case["steps"]:
             lines.append(f"| {step['k']} | {step['cosine_mean']:.4f} | {step['cosine_min']:.4f} | "
                          f"{step['weighted_int8']}/{step['weighted']} ({step['share']:.0%}) |")
-        ms = {k: v[1] for k, v in case["latency_ms"].items()}
-        lines += ["", f"Goal met: {case['met']}. Latency at batch 1 (ms): float {ms['float']:.1f}, int8 "
-                      f"{ms['int8']:.1f}, mixed {ms['mixed']:.1f}.", ""]
-        if case["config"]:
-            lines += ["The quant_config JSON of the last step:", "", "```json", case["config"].strip(), "```", ""]
+        ms = {k: v["1"] for k, v in case["latency_ms"].items()}
+        lines += ["", f"Goal met: {case['met']}. Latency at batch 1 in ONNX Runtime CPU (ms): float {ms['float']:.1f}, "
+                      f"int8 {ms['int8']:.1f}, the last step {ms['mixed']:.1f}.", ""]
+        if case.get("compare"):
+            lines += ["By op type instead of by ranking:", "",
+                      "| precisions | mean cosine | least cosine | weighted nodes int8 | batch 1 (ms) |",
+                      "|---|---|---|---|---|"]
+            for label, row in case["compare"].items():
+                lines.append(f"| {label} | {row['cosine_mean']:.4f} | {row['cosine_min']:.4f} | "
+                             f"{row['weighted_int8']}/{row['weighted']} ({row['share']:.0%}) | {ms[label]:.1f} |")
+            lines.append("")
+        last = case["steps"][-1]["nodes"]
+        if case["config"] and len(last) <= 16:
+            lines += ["The quant_config JSON of the last step:", "", "```json",
+                      json.dumps(json.loads(case["config"]), indent=None).replace("}, ", "},\n  "), "```", ""]
     lines += ["## Error compensation (ec) on one layer", "",
               "The layer's own output against the float layer's on held-out inputs, every other node float32 "
               "(op_config; the Resize also needs its producer int8), weights rounded to nearest, no bias "
@@ -282,7 +326,8 @@ def main() -> None:
     results["whole_model"] = whole_model(work / "efficientnet")
     print("== from the analysis", flush=True)
     results["from_analysis"] = [
-        from_analysis(run.ppocr_rec_case(128), work / "ppocr-rec", "cosine_mean", 0.995),
+        from_analysis(rec_case := run.ppocr_rec_case(128), work / "ppocr-rec", "cosine_mean", 0.995,
+                      compare=whole_op_types(rec_case)),
         from_analysis(magika_case(), work / "magika", "cosine_min", 0.9),
         from_analysis(magika_case(), work / "magika-mse", "cosine_min", 0.9, {"activation_quant_method": "MSE"}),
     ]
@@ -294,7 +339,8 @@ def main() -> None:
                      "/_blocks.0/_depthwise_conv/Conv_output_0"),
         compensation(rec, work / "ec", "p2o.MatMul.0", 1, "p2o.MatMul.1"),
         compensation(rec, work / "ec", "p2o.MatMul.4", 0, "p2o.MatMul.5"),
-        compensation(det, work / "ec", "p2o.Resize.0", 0, "nearest_interp_v2_0.tmp_0", also=("p2o.Add.228", "p2o.Add.248")),
+        compensation(det, work / "ec", "p2o.Resize.0", 0, "nearest_interp_v2_0.tmp_0",
+                     also=("p2o.Add.228", "p2o.Add.248")),
     ]
     (HERE / "mixed.json").write_text(json.dumps(results, indent=1))
     (HERE / "MIXED.md").write_text(markdown(results))
