@@ -113,6 +113,8 @@ def _show_value(value) -> str:
         return describe_precisions(value)
     if isinstance(value, dict):
         return ";".join(f"{name}:{','.join(map(str, dims))}" for name, dims in value.items())
+    if isinstance(value, tuple) and all(isinstance(v, bool) for v in value):
+        return ",".join(str(v).lower() for v in value)
     if isinstance(value, tuple):
         return ",".join(
             (f"{v.input_name}:{v.folder}" if v.input_name else str(v.folder)) if hasattr(v, "folder") else str(v)

@@ -3,12 +3,19 @@
 Rules:
 
 * an activation ``t`` becomes ``t -> QuantizeLinear -> DequantizeLinear -> t'`` and
-  every reader of ``t`` reads ``t'``; graph outputs keep the float ``t``;
+  every reader of ``t`` reads ``t'`` (8 or 16 bits, as the plan's scale-sharing group
+  says); graph outputs keep the float ``t`` unless model_output_type quantizes them,
+  then ``t'`` takes the output's name;
 * a weight (or a constant operand) is stored as integers, read through one
   DequantizeLinear (per-channel ones carry ``axis``);
 * a bias is stored as int32 with ``scale = input scale x weight scale`` and zero point
   0, the form integer kernels accumulate in; where a bias would not fit in int32 the
-  weight scale of that channel is raised until it does;
+  weight scale of that channel is raised until it does (an int16 node's bias takes a
+  wider scale of its own instead);
+* the plan's error-compensated inputs get their residual branch
+  (:mod:`~lowbit.quantizers.compensation`) and its float16 nodes their Casts
+  (:mod:`~lowbit.quantizers.float16`), here rather than in passes of their own, so that
+  every model the range search scores is the model that is written;
 * only standard ONNX operators are emitted (no custom domains).
 """
 
@@ -172,7 +179,8 @@ def activation_qparams(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) 
 
 
 def apply_plan(model: ir.Model, plan: QuantPlan, activation_qparams: dict[str, QParams]) -> None:
-    """Rewrite the model in place: Q/DQ on planned activations, integer weights and biases."""
+    """Rewrite the model in place: Q/DQ on planned activations, integer weights and biases, error
+    compensation and float16 nodes."""
     rewriter = _Rewriter(model.graph, activation_qparams, plan)
     for name, value in plan.activations.items():
         rewriter.quantize_activation(value, activation_qparams[name])
