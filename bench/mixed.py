@@ -154,8 +154,8 @@ def from_analysis(case: run.Case, work: Path, goal: str, threshold: float, setti
     print(f"   int8: {goal} {steps[0][goal]:.4f} (analysis {analysis_s:.0f} s, {len(ranking)} nodes in the order)",
           flush=True)
     k, met = 1, steps[0][goal] >= threshold
-    while not met and k <= 2 * len(ranking):
-        nodes = ranking[:k]
+    while not met and k < 2 * len(ranking):
+        nodes = ranking[:k]  # the last step takes the whole order
         config = work / f"quant_config_{k}.json"
         written = {"node_config": {name: {"qtype": "int16"} for name in nodes}}
         config.write_text(json.dumps({**written, "lowbit": settings} if settings else written, indent=1))
@@ -285,10 +285,10 @@ def markdown(results: dict) -> str:
         lines += [f"## {case['name']}{settings}: int16 where the analysis ranks first ({case['goal']})", "",
                   f"`lowbit analyze` on the int8 model: {case['analysis_s']:.0f} s; its suggestion: "
                   + (", ".join(f"`{n}`" for n in case["suggestion"]) or "none") + ".", "",
-                  "| first k of the ranking int16 | mean cosine | least cosine | weighted nodes int8 |",
+                  "| nodes int16 (the first of the ranking) | mean cosine | least cosine | weighted nodes int8 |",
                   "|---|---|---|---|"]
         for step in case["steps"]:
-            lines.append(f"| {step['k']} | {step['cosine_mean']:.4f} | {step['cosine_min']:.4f} | "
+            lines.append(f"| {len(step['nodes'])} | {step['cosine_mean']:.4f} | {step['cosine_min']:.4f} | "
                          f"{step['weighted_int8']}/{step['weighted']} ({step['share']:.0%}) |")
         ms = {k: v["1"] for k, v in case["latency_ms"].items()}
         lines += ["", f"Goal met: {case['met']}. Latency at batch 1 in ONNX Runtime CPU (ms): float {ms['float']:.1f}, "
