@@ -141,8 +141,11 @@ def float16_kernels(opset: int) -> frozenset[str]:
     """
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
 
+    registry = getattr(ort_c, "get_all_opkernel_def", None)
+    if registry is None:  # an onnxruntime build without the listing: claim no float16 kernel (float32 is safe)
+        return frozenset()
     ops = set()
-    for kernel in ort_c.get_all_opkernel_def():
+    for kernel in registry():
         if kernel.provider != "CPUExecutionProvider" or kernel.domain not in ("", "ai.onnx"):
             continue
         low, high = kernel.version_range
