@@ -207,7 +207,7 @@ def test_float16_node_computes_in_float16(model_path, tmp_path, calib):
 
 
 def test_float16_without_a_cpu_kernel_falls_back_to_float32(model_path, tmp_path, calib):
-    with pytest.warns(lowbit.LowbitWarning, match="no float16 kernel for Conv"):
+    with pytest.warns(lowbit.LowbitWarning, match="no float16 kernel .*for Conv"):
         out, result = quantize(model_path, tmp_path, calib, node_config={"conv_b": "float16"})
     assert precisions(result)["conv_b"] == "float32"
     assert input_types(out, "conv_b") == {}  # reads the float tensor, before any rounding
@@ -535,3 +535,19 @@ def test_ec_on_conv_transpose_and_resize_runs_and_gridsample_says_it_stays_float
     plain, _ = quantize(path, tmp_path, calib, weight_rounding="NEAREST", bias_correction=False)
     feeds = random_feeds(6, name="x", seed=9)
     assert output_error(out, path, feeds) <= output_error(plain, path, feeds)
+
+
+def test_float16_leaves_ops_typed_by_an_attribute_in_float32(tmp_path):
+    """A Cast's output type is its ``to``: casting its input would not make it float16, so it stays float32 (and
+    the Mul after it, in float16, gets a Cast of its own). The model loads and runs."""
+    nodes = [helper.make_node("Cast", ["x"], ["c"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["c", "k"], ["y"], name="mul")]
+    x = helper.make_tensor_value_info("x", TensorProto.INT32, [1, 3, 8, 8])
+    model = make_model(nodes, [x], [float_input("y", [1, 3, 8, 8])], [("k", np.full((1, 3, 1, 1), 0.5, np.float32))])
+    path = save(model, tmp_path / "cast.onnx")
+    feeds = [{"x": np.random.default_rng(i).integers(-50, 50, (1, 3, 8, 8)).astype(np.int32)} for i in range(8)]
+    out, result = quantize(path, tmp_path, write_npy_folder(tmp_path / "c", feeds, name="x"),
+                           target_device="NVGPU", all_node_type="float16")
+    got = precisions(result)
+    assert got["mul"] == "float16" and got["cast"] == "float32"
+    assert output_error(out, path, feeds[:2]) < 1e-6

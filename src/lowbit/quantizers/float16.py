@@ -35,6 +35,17 @@ def compute_in_float16(graph: ir.Graph, nodes: list[ir.Node]) -> None:
                 halves[name] = value  # later float16 nodes read the float16 output directly
 
 
+def has_float16_form(node: ir.Node, opset: int) -> bool:
+    """Whether casting the node's inputs makes it compute in float16: its output takes its type from
+    an input (not from an attribute, as Cast's ``to`` or ConstantOfShape's ``value`` do)."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
+    except onnx.defs.SchemaError:
+        return False
+    type_var = schema.outputs[0].type_str
+    return not type_var.startswith("tensor(") and any(formal.type_str == type_var for formal in schema.inputs)
+
+
 def _typed_positions(node: ir.Node, opset: int) -> tuple[set[int], set[int]]:
     """(input indices, output indices) typed like output 0 in the op's schema."""
     schema = onnx.defs.get_schema(node.op_type, opset, node.domain)

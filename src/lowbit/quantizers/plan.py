@@ -26,6 +26,7 @@ import onnx_ir as ir
 
 from ..config.precision import EC, FLOAT16, FLOAT32, INT8, INT16
 from ..graph.query import STANDARD_DOMAINS, attribute, constant_array, is_activation, is_float32
+from .float16 import has_float16_form
 from .precision import FLOATS, PrecisionRules, float16_kernels
 from .qparams import QuantScheme
 from .selection import WeightSelection
@@ -207,7 +208,7 @@ class _Planner:
             precision = FLOAT32
             if asked == FLOAT16:
                 self.no_float16_kernel[node.op_type] += 1
-                reason = (f"float32: float16 asked ({source}), no float16 {node.op_type} kernel on target "
+                reason = (f"float32: float16 asked ({source}), no float16 {node.op_type} kernel or form on target "
                           f"{self.target.name}")
         elif self.rules.explicit(node):
             self.plan.notes.append(f"{node.name} ({node.op_type}): {asked} asked by {source}, but it stays "
@@ -215,13 +216,16 @@ class _Planner:
         self.plan.decisions[node.name] = NodeDecision(node, False, reason, precision=precision)
 
     def _runs_in_float16(self, node: ir.Node) -> bool:
-        return node.domain in STANDARD_DOMAINS and (self.float16_ops is None or node.op_type in self.float16_ops)
+        return (node.domain in STANDARD_DOMAINS and has_float16_form(node, self.graph.opset_imports.get("", 1))
+                and (self.float16_ops is None or node.op_type in self.float16_ops))
 
     def say_float16_fallbacks(self) -> None:
         if self.no_float16_kernel:
             ops = ", ".join(f"{op} ({n})" for op, n in self.no_float16_kernel.most_common())
-            self.plan.notes.append(f"float16 asked, but ONNX Runtime's CPU provider has no float16 kernel for {ops}: "
-                                   "these nodes compute in float32 (target_device=NVGPU runs every op in float16)")
+            hint = "" if self.float16_ops is None else " (target_device=NVGPU runs every op in float16)"
+            self.plan.notes.append(f"float16 asked, but there is no float16 kernel (ONNX Runtime's CPU provider) or no "
+                                   f"float16 form (an output typed by an attribute, as Cast's) for {ops}: these nodes "
+                                   f"compute in float32{hint}")
 
     def demote_dead_end(self, node: ir.Node) -> None:
         """An element-wise or data-movement op whose result only float ops read stays float.
