@@ -551,3 +551,16 @@ def test_float16_leaves_ops_typed_by_an_attribute_in_float32(tmp_path):
     got = precisions(result)
     assert got["mul"] == "float16" and got["cast"] == "float32"
     assert output_error(out, path, feeds[:2]) < 1e-6
+
+
+def test_float16_constants_beyond_its_range_saturate(tmp_path, calib):
+    """An attention-mask-like -1e9 becomes float16's -65504, not -inf (which would turn 0 x mask into NaN)."""
+    nodes = [helper.make_node("Add", ["x", "mask"], ["y"], name="add")]
+    model = make_model(nodes, [float_input("x", [1, 3, 8, 8])], [float_input("y", [1, 3, 8, 8])],
+                       [("mask", np.where(np.arange(8) < 4, 0.0, -1e9).astype(np.float32).reshape(1, 1, 1, 8))])
+    path = save(model, tmp_path / "mask.onnx")
+    out, _ = quantize(path, tmp_path, calib, target_device="NVGPU", all_node_type="float16")
+    half = next(numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer
+                if t.data_type == TensorProto.FLOAT16)
+    assert np.isfinite(half).all() and half.min() == np.finfo(np.float16).min
+    assert np.isfinite(run(out, random_feeds(1, name="x")[0])[0]).all()

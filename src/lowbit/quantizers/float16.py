@@ -9,12 +9,15 @@ compute in float32 (exact either way, and no wasted work).
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
 from ..graph.passes import unique_name
 from ..graph.query import constant_array
 from .constants import add_initializer
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 def compute_in_float16(graph: ir.Graph, nodes: list[ir.Node]) -> None:
@@ -65,13 +68,14 @@ def _as_float16(graph: ir.Graph, value: ir.Value, halves: dict[str, ir.Value]) -
     if value.name in halves:
         return halves[value.name]
     array = constant_array(value)
-    if array is not None:
-        half = add_initializer(graph, f"{value.name}_float16", array.astype("float16"))
+    if array is not None:  # beyond float16's range (an attention mask's -1e9) it saturates, not to inf
+        saturated = np.clip(array, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+        half = add_initializer(graph, f"{value.name}_float16", saturated)
     else:
         cast = ir.node("Cast", [value], {"to": ir.DataType.FLOAT16}, name=unique_name(graph, f"{value.name}_Cast"))
         half = cast.outputs[0]
-        half.name, half.type, half.shape = unique_name(graph, f"{value.name}_float16"), \
-            ir.TensorType(ir.DataType.FLOAT16), value.shape
+        half.name, half.shape = unique_name(graph, f"{value.name}_float16"), value.shape
+        half.type = ir.TensorType(ir.DataType.FLOAT16)
         producer = value.producer()
         if producer is None:
             graph.insert_before(graph.node(0), cast)
