@@ -52,7 +52,7 @@ from typing import Any
 
 from ..errors import LowbitError, did_you_mean
 from .fields import FIELDS_BY_KEY
-from .precision import check_choice, parse_precisions
+from .precision import check_choice
 
 # The keys allowed in each object of the document, by JSON path ("" is the top level).
 KEYS: dict[str, tuple[str, ...]] = {
@@ -114,11 +114,9 @@ class _Reader:
         top = self.object(document, "")
         if "model_config" in top:
             self.model_config(self.object(top["model_config"], "model_config"))
-        for key, per_input in (("op_config", False), ("node_config", True)):
+        for key in ("op_config", "node_config"):  # resolve() parses the entries, naming this JSON path
             if key in top:
-                value = self.object(top[key], key, check_keys=False)
-                parse_precisions(value, per_input=per_input, where=f"{self.path}: {key}")  # errors name the path
-                self.set(key, value, key)
+                self.set(key, self.object(top[key], key, check_keys=False), key)
         if "lowbit" in top:
             for key, value in self.object(top["lowbit"], "lowbit", check_keys=False).items():
                 if key not in FIELDS_BY_KEY:

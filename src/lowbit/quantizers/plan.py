@@ -103,15 +103,14 @@ class QuantPlan(Decisions):
     activations: dict[str, ir.Value] = field(default_factory=dict)
     weights: list[WeightSlot] = field(default_factory=list)
     biases: list[BiasSlot] = field(default_factory=list)
-    wide: set[str] = field(default_factory=set)  # activations a reader wants at 16 bits
+    wide: set[str] = field(default_factory=set)  # activations at 16 bits (whole scale-sharing groups)
     compensated: list[tuple[ir.Node, int]] = field(default_factory=list)  # (node, input) with ec
     notes: list[str] = field(default_factory=list)  # precision requests the target or model changed
     _parent: dict[str, str] = field(default_factory=dict)
 
     def activation_scheme(self, name: str) -> QuantScheme:
-        """The scheme of an activation: 16-bit when any member of its scale-sharing group is wide."""
-        group = self.group_of(name)
-        if self.target.activation16 is not None and any(self.group_of(w) == group for w in self.wide):
+        """The scheme of an activation: 16-bit when it is wide."""
+        if self.target.activation16 is not None and name in self.wide:
             return self.target.activation16
         return self.target.activation
 
@@ -154,6 +153,7 @@ def plan_quantization(model: ir.Model, target: Target, options: PlanOptions) -> 
     for node in nodes:
         planner.place(node)
     planner.quantize_outputs()
+    planner.widen_groups()
     planner.say_float16_fallbacks()
     return planner.plan
 
@@ -348,6 +348,11 @@ class _Planner:
                 self._mark(value, wide)
         if weight_index is not None and node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2:
             self._plan_bias(node, own_scale=any(decision.inputs.get(i) == INT16 for i in (0, 1)))
+
+    def widen_groups(self) -> None:
+        """One int16 member makes its whole scale-sharing group int16 (one scale, one type)."""
+        wide_groups = {self.plan.group_of(name) for name in self.plan.wide}
+        self.plan.wide = {name for name in self.plan.activations if self.plan.group_of(name) in wide_groups}
 
     def quantize_outputs(self) -> None:
         """model_output_type: a Q/DQ pair (int8 or int16) on every float graph output a node computes."""

@@ -46,7 +46,9 @@ class _Rewriter:
     def __post_init__(self):
         self.dequantized: dict[tuple, ir.Value] = {}
         self.weight_qparams: dict[tuple[int, int], QParams] = {}
-        self.float_weights: dict[tuple[int, int], tuple[np.ndarray, QParams]] = {}  # for error compensation
+        # the float weight and its parameters of each input with error compensation, which needs the residual
+        self.compensated = {(id(node), index) for node, index in self.plan.compensated}
+        self.float_weights: dict[tuple[int, int], tuple[np.ndarray, QParams]] = {}
 
     # -- constants -----------------------------------------------------------------
 
@@ -125,7 +127,8 @@ class _Rewriter:
         if bias is not None and not bias.own_scale and bias.input_value.name in self.activation_qparams:
             qparams = _fit_bias_in_int32(qparams, constant_array(node.inputs[bias.index]),
                                          self.activation_qparams[bias.input_value.name])
-        self.float_weights[(id(node), index)] = (array, qparams)
+        if (id(node), index) in self.compensated:
+            self.float_weights[(id(node), index)] = (array, qparams)
         self.weight_qparams[(id(node), index)] = qparams
         node.replace_input_with(index, self.dequantized_constant(value, qparams, "weight"))
 
