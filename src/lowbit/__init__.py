@@ -6,12 +6,14 @@
     analysis = lowbit.analyze("model.onnx", "model_int8.onnx", data="calib/", report="report.html")
 """
 
+from .accuracy.evaluator import Evaluator
 from .api import LowbitWarning, NodeReport, QuantizeResult, TensorReport, analyze, quantize
 from .config import QuantConfig, load_config
 from .errors import LowbitError
 from .inference import inference_session, session_options
 
 __all__ = [
+    "Evaluator",
     "LowbitError",
     "LowbitWarning",
     "NodeReport",

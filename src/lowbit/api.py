@@ -32,6 +32,7 @@ def quantize(
     data: FeedSource | None = None,
     *,
     progress: bool = True,
+    evaluator: Any = None,
     **settings: Any,
 ) -> QuantizeResult:
     """Quantize ``model`` into ``output`` and return what was done.
@@ -43,9 +44,18 @@ def quantize(
     name to array; a list or another re-iterable, since weight rounding and bias
     correction read the data again). Without it, ``calibrate_path`` or ``data_list``
     from the configuration is used.
+
+    ``evaluator``: quantize until your own metric is satisfied. An object with
+    ``eval_model(model_file, batch_num)`` and ``is_satisfied(original_metric, new_metric)``
+    (see :class:`lowbit.Evaluator`), or ``"path/to/file.py:ClassName"``; or, with no Python,
+    ``accuracy_target="top1-agreement>=0.99"`` (``eval_data="eval.npz"``).
     """
+    if isinstance(evaluator, str):
+        settings["evaluator"], evaluator = evaluator, None
+    elif evaluator is not None:  # the configuration names it, so that its checks (one evaluator ...) see it
+        settings["evaluator"] = f"{type(evaluator).__module__}.{type(evaluator).__qualname__} object"
     resolved = load_config(config, settings, describe=lambda key: f"argument {key}=")
-    return run(model, output, resolved, data, progress=progress)
+    return run(model, output, resolved, data, progress=progress, evaluator=evaluator)
 
 
 def analyze(
@@ -89,8 +99,9 @@ def run(
     data: FeedSource | None = None,
     progress: bool = True,
     warn: Callable[[str], None] | None = None,
+    evaluator: Any = None,
 ) -> QuantizeResult:
-    """Quantize with an already resolved configuration (the CLI's entry point)."""
+    """Quantize with an already resolved configuration (the CLI's entry point); ``evaluator``: an evaluator object."""
     notes: list[str] = []
 
     def note(message: str) -> None:
@@ -102,7 +113,7 @@ def run(
         else:
             warnings.warn(message, LowbitWarning, stacklevel=_caller_level())
 
-    state = QuantState(config, Path(model), Path(output), note, progress, user_data=data)
+    state = QuantState(config, Path(model), Path(output), note, progress, user_data=data, user_evaluator=evaluator)
     run_pipeline(PIPELINES[config.quant_type](), state)
     return _result(state, notes)
 
@@ -143,6 +154,8 @@ def _samples(state: QuantState) -> int:
 def _tensor_reports(state: QuantState) -> dict[str, TensorReport]:
     reports = {}
     for name, observer in (state.observers or {}).items():
+        if name not in state.qparams:  # observed, then left float by the accuracy search
+            continue
         lo, hi = observer.range()
         q = state.qparams[name]
         reports[name] = TensorReport(name, float(lo), float(hi), *state.ranges[name], float(q.scale),

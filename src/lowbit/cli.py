@@ -23,6 +23,7 @@ from .config.precision import describe as describe_precisions
 from .errors import LowbitError
 
 EXIT_USAGE = 2
+SHORT_FLAGS = {"calibrate_path": "--data", "accuracy_target": "--target"}  # the flag a user types for these keys
 
 
 def _flag(key: str) -> str:
@@ -33,8 +34,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("configuration keys (override the config file)")
     for field in FIELDS:
         flags = [_flag(field.key)]
-        if field.key == "calibrate_path":
-            flags.insert(0, "--data")
+        if field.key in SHORT_FLAGS:
+            flags.insert(0, SHORT_FLAGS[field.key])
         help_text = f"[{field.section}] {field.help}"
         if field.kind is Kind.BOOL:
             group.add_argument(*flags, dest=field.key, action=argparse.BooleanOptionalAction, default=None,
@@ -48,7 +49,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _describe_flag(key: str) -> str:
-    return "--data" if key == "calibrate_path" else _flag(key)
+    return SHORT_FLAGS.get(key, _flag(key))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,12 +36,11 @@ from ..graph.passes import prepare, typed
 from ..graph.query import is_float32
 from ..graph.runtime import make_session
 from ..reports import debug
-from .sensitivity import NodeSensitivity, OutputError, mean_error, node_sensitivities
-from .switches import OUTPUT_ROUNDING, switched_model
+from .sensitivity import NodeSensitivity, OutputError, mean_error, ranked_nodes
+from .switches import switched_model
 from .tensors import ActivationRange, ErrorSums, TensorRow, WeightRow, weight_row
 
 SUGGESTED = 3  # at most this many nodes in the suggestion
-CURVE = 8  # the search for the suggestion considers this many of the first-ranked nodes
 BATCH = 8  # samples per run where the model's batch dimension is free
 SAMPLES = 32  # samples analysed unless told otherwise
 
@@ -87,7 +86,7 @@ class Analysis:
     outputs: list[str]
     quantized_error: float  # the quantized model as ONNX Runtime runs it
     simulated_error: float  # every switch on: the same model as fake quantization
-    nodes: list[NodeSensitivity]  # ranked: the greedy order first (see _greedy_order), then by gain
+    nodes: list[NodeSensitivity]  # ranked: the greedy order first (see sensitivity.greedy_order), then by gain
     tensors: list[TensorRow]  # in graph order
     weights: list[WeightRow]  # the weights (int32 biases left out: their grid is far finer than the weights')
     suggestion: Suggestion
@@ -133,10 +132,7 @@ def analyze(float_path: str | Path, quantized_path: str | Path, data: FeedSource
     quantized_error = mean_error(error.references, (quantized_session.run(outputs, b) for b in batches))
 
     step = progress("sensitivity", len(switched.nodes)) if progress else (lambda: None)
-    by_gain = node_sensitivities(error, simulated, step)
-    curve = _greedy_order(error, by_gain)
-    first = [name for name, _ in curve]
-    nodes = sorted(by_gain, key=lambda n: first.index(n.name) if n.name in first else len(first))
+    nodes, curve = ranked_nodes(error, simulated, step)
     suggestion = _suggest(error, curve, {n.name for n in nodes})
     weights = [weight_row(t) for t in traced if t.weight is not None and t.grid is not None and t.grid.bits <= 16]
     notes = []
@@ -191,30 +187,6 @@ def _compensated_sums(model: ir.Model) -> list[tuple[str, str]]:
         if a.op_type == b.op_type and a.op_type != "DequantizeLinear" and shared:
             found.append((node.name, a.op_type))
     return found
-
-
-def _greedy_order(error: OutputError, nodes: list[NodeSensitivity]) -> list[tuple[str, float]]:
-    """The first nodes of the ranking, in the order in which leaving them float helps most.
-
-    Only nodes of the model take part (not the rounding of a quantized graph output).
-
-    Gains do not add up: leaving two nodes float can give less than either alone (on
-    EfficientNet-Lite0, the first three by gain together gave 0.00135 where the first alone
-    gave 0.00132). So, over the :data:`CURVE` nodes of largest gain, each step measures every
-    remaining one with those already chosen and keeps the best. Returns (node, output error
-    with it and every node before it float), in that order.
-    """
-    candidates = [n.name for n in nodes if n.gain > 0 and n.op_type != OUTPUT_ROUNDING][:CURVE]
-    everything = {n.name for n in nodes}
-    chosen: list[str] = []
-    curve: list[tuple[str, float]] = []
-    while candidates:
-        trials = {name: error(everything - {*chosen, name}) for name in candidates}
-        best = min(trials, key=trials.get)  # ties: the first by gain
-        chosen.append(best)
-        candidates.remove(best)
-        curve.append((best, trials[best]))
-    return curve
 
 
 def _suggest(error: OutputError, curve: list[tuple[str, float]], everything: set[str]) -> Suggestion:

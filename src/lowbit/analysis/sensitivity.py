@@ -11,7 +11,7 @@ The two disagree where errors interact (a node whose rounding is harmless alone 
 after the rounding before it); the gain answers the user's question directly (what to
 revert), and :func:`node_sensitivities` orders by it. Gains of several nodes do not add up:
 the analysis orders the first ones by measuring them together (see
-:func:`lowbit.analysis.analyze._greedy_order`).
+:func:`greedy_order`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import numpy as np
 import onnxruntime as ort
 
 from ..search.metrics import compare
-from .switches import SwitchedModel
+from .switches import OUTPUT_ROUNDING, SwitchedModel
+
+CURVE = 8  # the greedy order considers this many of the nodes of largest gain
 
 
 @dataclass(frozen=True)
@@ -85,3 +87,39 @@ def node_sensitivities(error: OutputError, full_error: float,
                                     tuple(node.activations), tuple(node.weights)))
         step()
     return sorted(rows, key=lambda row: (-row.gain, -row.alone, row.name))
+
+
+def ranked_nodes(error: OutputError, full_error: float, step: Callable[[], None] = lambda: None
+                 ) -> tuple[list[NodeSensitivity], list[tuple[str, float]]]:
+    """Every switched node, ranked: first the greedy order of :func:`greedy_order`, then the others by gain.
+
+    Returns the ranking and the greedy curve (node, output error with it and those before it float).
+    """
+    by_gain = node_sensitivities(error, full_error, step)
+    curve = greedy_order(error, by_gain)
+    first = [name for name, _ in curve]
+    return sorted(by_gain, key=lambda n: first.index(n.name) if n.name in first else len(first)), curve
+
+
+def greedy_order(error: OutputError, nodes: list[NodeSensitivity]) -> list[tuple[str, float]]:
+    """The first nodes of the ranking, in the order in which leaving them float helps most.
+
+    Only nodes of the model take part (not the rounding of a quantized graph output).
+
+    Gains do not add up: leaving two nodes float can give less than either alone (on
+    EfficientNet-Lite0, the first three by gain together gave 0.00135 where the first alone
+    gave 0.00132). So, over the :data:`CURVE` nodes of largest gain, each step measures every
+    remaining one with those already chosen and keeps the best. Returns (node, output error
+    with it and every node before it float), in that order.
+    """
+    candidates = [n.name for n in nodes if n.gain > 0 and n.op_type != OUTPUT_ROUNDING][:CURVE]
+    everything = {n.name for n in nodes}
+    chosen: list[str] = []
+    curve: list[tuple[str, float]] = []
+    while candidates:
+        trials = {name: error(everything - {*chosen, name}) for name in candidates}
+        best = min(trials, key=trials.get)  # ties: the first by gain
+        chosen.append(best)
+        candidates.remove(best)
+        curve.append((best, trials[best]))
+    return curve

@@ -124,6 +124,28 @@ FIELDS: tuple[Field, ...] = (
           "FULL_QUANT: precision per node, of all its inputs (name:qtype) or of input 0 or 1 "
           "(name[1]:qtype; also ec, error compensation); wins over op_config (Horizon's node_config)",
           extension=True),
+    Field(COMMON, "evaluator", Kind.STR, None,
+          "quantize until your metric is met: path/to/file.py:ClassName or module:ClassName, a class with "
+          "eval_model(model_file, batch_num) and is_satisfied(original_metric, new_metric) (see "
+          "lowbit.Evaluator); FULL_QUANT searches precisions per node, WEIGHT_QUANT bit_num=0 widths, "
+          "other modes check the result", extension=True),
+    Field(COMMON, "accuracy_target", Kind.STR, None,
+          "a built-in evaluator instead of your own: cosine>=X (mean cosine of the first output against the "
+          "float model's), top1-agreement>=X (share of the same argmax), accuracy-drop<X (argmax against the "
+          "eval_data's label); on eval_data, else on held-back calibration samples", extension=True),
+    Field(COMMON, "eval_data", Kind.STR, None,
+          "accuracy_target: an .npz file with one array per model input name (batch first) and, for "
+          "accuracy-drop, 'label'", extension=True),
+    Field(COMMON, "eval_batch_num", Kind.INT, None,
+          "evaluator: the batch_num given to eval_model (unset: None, meaning all of your data)",
+          low=1, high=1_000_000, extension=True),
+    Field(COMMON, "max_evaluations", Kind.INT, 20,
+          "evaluator / accuracy_target: at most this many calls of eval_model, the float model's included",
+          low=2, high=10000, extension=True),
+    Field(COMMON, "precision_ladder", Kind.ENUM, None,
+          "FULL_QUANT with an evaluator: the precisions a node climbs, from int8; unset = the target's: CPU "
+          "int8,float32 (ONNX Runtime runs int16 slower than float32), DSP int8,int16,float32, NVGPU "
+          "int8,float16,float32", choices=("int8", "int16", "float16", "float32"), many=True, extension=True),
     # [mixed_bit_weight_quant_param]
     Field(MIXED_BIT, "init_scale", Kind.FLOAT, 0.02,
           "bit_num=0: the relative error each weight may add (to itself without data, to the model's "

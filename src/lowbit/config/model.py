@@ -20,6 +20,9 @@ from .precision import parse_precisions
 
 DEFAULT = "default"
 
+# Keys of the accuracy search other than the evaluator itself.
+SEARCH_KEYS = ("eval_data", "eval_batch_num", "max_evaluations", "precision_ladder")
+
 # Keys that only steer the calibration of activation ranges (full quantization).
 CALIBRATION_KEYS = ("activation_quant_method", "num_bin", "max_num_bin", "max_percentile", "tune_num",
                     "layerwise_search", "layerwise_metric", "search_metric", "search_samples", "calibration_table",
@@ -271,6 +274,7 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
         raise LowbitError(f"{where('weight_rounding')}: weight_rounding={settings['weight_rounding'].value} "
                           f"applies to quant_type=FULL_QUANT only for now; {quant_type} rounds to nearest")
     _check_weight_only(settings, where)
+    _check_accuracy(settings, where)
     if settings["max_num_bin"].value < max(settings["num_bin"].value):
         raise LowbitError(f"{where('max_num_bin')}: max_num_bin={settings['max_num_bin'].value} is below "
                           f"num_bin={max(settings['num_bin'].value)} ({where('num_bin')}); "
@@ -285,6 +289,45 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
         raise LowbitError(
             f"{where('per_channel')}: per_channel=true: target_device=DSP quantizes weights per tensor "
             "(SNPE/Hexagon); set per_channel=false or choose another target_device")
+
+
+def _check_accuracy(settings: dict[str, Setting], where) -> None:
+    """The accuracy search's keys: one evaluator, its data and budget only with it, a ladder that climbs."""
+    from ..accuracy.goals import parse_goal  # the goal's syntax lives with the built-in evaluators
+
+    evaluator, target = settings["evaluator"].value, settings["accuracy_target"].value
+    if evaluator is not None and target is not None:
+        raise LowbitError(f"{where('accuracy_target')}: accuracy_target is a built-in evaluator, and evaluator="
+                          f"{evaluator} ({where('evaluator')}) is set too; give one of them")
+    given = [key for key in SEARCH_KEYS if not settings[key].source.startswith(DEFAULT)]
+    if evaluator is None and target is None and given:
+        raise LowbitError(f"{where(given[0])}: {given[0]} steers the accuracy search; set evaluator or "
+                          "accuracy_target too")
+    goal = parse_goal(target, where("accuracy_target")) if target is not None else None
+    if settings["eval_data"].value is not None and goal is None:
+        raise LowbitError(f"{where('eval_data')}: eval_data is what accuracy_target scores; your evaluator reads "
+                          "its own data")
+    if settings["eval_batch_num"].value is not None and goal is not None:
+        raise LowbitError(f"{where('eval_batch_num')}: eval_batch_num is given to your evaluator's eval_model; "
+                          "accuracy_target scores all of eval_data")
+    if goal is not None and goal.needs_labels and settings["eval_data"].value is None:
+        raise LowbitError(f"{where('accuracy_target')}: accuracy_target={target}: accuracy-drop compares with "
+                          "labels: give eval_data, an .npz with the inputs and a 'label' array")
+    if (evaluator is not None or target is not None) and settings["auto_tune"].value:
+        raise LowbitError(f"{where('auto_tune')}: auto_tune searches for an output cosine of 0.995; with an "
+                          "evaluator the mixed-bit search follows the evaluator: remove auto_tune")
+    ladder = settings["precision_ladder"].value
+    if ladder is None:
+        return
+    if settings["quant_type"].value != "FULL_QUANT":
+        raise LowbitError(f"{where('precision_ladder')}: precision_ladder applies to quant_type=FULL_QUANT")
+    order = FIELDS_BY_KEY["precision_ladder"].choices
+    if ladder[0] != "int8" or len(ladder) < 2 or list(ladder) != sorted(ladder, key=order.index):
+        raise LowbitError(f"{where('precision_ladder')}: precision_ladder={','.join(ladder)}: it starts at int8 and "
+                          "climbs, in the order " + ",".join(order) + " (e.g. int8,int16,float32)")
+    if settings["target_device"].value == "NVGPU" and "int16" in ladder:
+        raise LowbitError(f"{where('precision_ladder')}: TensorRT (target_device=NVGPU) has no int16; "
+                          "use int8,float16,float32")
 
 
 def _check_weight_only(settings: dict[str, Setting], where) -> None:

@@ -2,9 +2,9 @@
 
 Reads: the plan's activation tensors and the candidates. Needs: one observer per tensor
 on the float model, a histogram when any candidate clips (KL, percentile, MSE, ACIQ,
-AUTO_TUNE), else min/max. The samples are split as the search needs (every 8th held back
-to compare candidates, a few kept for per-op tuning). Sets: the observers, the number of
-samples they saw, the held-back and tuning samples.
+AUTO_TUNE), else min/max. The samples are split as the searches need (every 8th held back
+to compare candidates, or for accuracy_target to score; a few kept for per-op tuning).
+Sets: the observers, the number of samples they saw, the held-back and tuning samples.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ..pipeline.passes import FLOAT, Pass, Samples
 from ..pipeline.state import QuantState
 from ..search.modelwise import candidates
 from .candidates import too_few_to_search
+from .evaluate import holds_back_for_goal
 
 
 def compares(state: QuantState) -> bool:
@@ -44,7 +45,8 @@ class Calibrate(Pass):
     def samples(self, state: QuantState) -> Samples:
         config = state.config
         tune = any(c.method == "AUTO_TUNE" for c in state.candidates) or (config.layerwise_search and compares(state))
-        return Samples(split=SplitSettings(config.search_samples, hold_back=compares(state), keep_for_tuning=tune))
+        hold_back = compares(state) or holds_back_for_goal(state)
+        return Samples(split=SplitSettings(config.search_samples, hold_back=hold_back, keep_for_tuning=tune))
 
     def served(self, state: QuantState, samples: int, split: SampleSplit) -> None:
         state.calibration_samples, state.held_back, state.tuning = samples, split.held_back, split.tuning

@@ -7,10 +7,18 @@ is :mod:`lowbit.search.mixed_bits`'s; with data, every candidate runs in the dat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx_ir as ir
 from tqdm import tqdm
 
-from ..pipeline.passes import Pass
+from ..accuracy.widths import WidthSearch, search_init_scale
+from ..errors import LowbitError
+from ..graph.saving import save_atomically
+from ..pipeline.passes import Pass, run_pipeline
 from ..pipeline.state import QuantState
+from ..quantizers.weight_only import plan_weight_only
 from ..search.mixed_bits import (
     LayerBits,
     MixedBitReport,
@@ -22,6 +30,23 @@ from ..search.mixed_bits import (
     weight_errors,
     widths,
 )
+from .evaluate import candidate_folder, describe_evaluator
+
+
+@dataclass
+class WidthSearchReport:
+    """The mixed-bit search with an evaluator: its tries, and what a rerun without it needs."""
+
+    evaluator: str
+    original: float
+    search: WidthSearch
+
+    @property
+    def evaluations(self) -> int:
+        return 1 + sum(not t.repeated for t in self.search.tries)  # the float model's included
+
+    def rerun_config(self) -> tuple[dict, dict]:
+        return {}, {"init_scale": self.search.init_scale}
 
 
 class ChooseWidths(Pass):
@@ -29,27 +54,32 @@ class ChooseWidths(Pass):
     requires = ("plan", "weight_options")
     provides = ("bits",)
 
+    def __init__(self, build: Callable[[], list[Pass]]):
+        self.build = build  # the passes that write an allocation into the model (pipeline.weight)
+
     def run(self, state: QuantState) -> MixedBitReport | None:
         config, plan = state.config, state.plan
         if config.bit_num != 0:
             state.bits = {name: config.bit_num for name in plan.tensors}
             return None
         choices = widths(state.weight_options.opset21)
+        output_probe, where = None, "weights"
         if state.probe is None:
             errors = weight_errors(plan, choices)
-            state.bits = allocate(errors, shares_of(plan), config.init_scale, choices)
-            return _report(plan, config.init_scale, "weights", errors, state.bits)
-        probe = state.probe
+        else:
+            probe = state.probe
 
-        def score(session, overrides):
-            return state.engine.score(session, probe.samples, probe.outputs, probe.references, overrides)
+            def score(session, overrides):
+                return state.engine.score(session, probe.samples, probe.outputs, probe.references, overrides)
 
-        output_probe = OutputProbe(state.model, plan, score, probe.input_means)
-        with tqdm(total=len(plan.tensors) * (len(choices) - 1), desc="measuring layer errors", unit="run",
-                  disable=None if state.progress else True) as bar:
-            errors = output_errors(plan, output_probe, choices, step=lambda: bar.update(1))
-        where = f"model outputs on {len(probe.samples)} calibration samples"
-        if config.auto_tune:
+            output_probe = OutputProbe(state.model, plan, score, probe.input_means)
+            with tqdm(total=len(plan.tensors) * (len(choices) - 1), desc="measuring layer errors", unit="run",
+                      disable=None if state.progress else True) as bar:
+                errors = output_errors(plan, output_probe, choices, step=lambda: bar.update(1))
+            where = f"model outputs on {len(probe.samples)} calibration samples"
+        if state.evaluator is not None:
+            return self._search(state, errors, choices, where)
+        if config.auto_tune:  # PlanWeightOnly made sure there is data, hence a probe
             init_scale, state.bits, cosine, tries = tune_init_scale(plan, output_probe, errors, choices)
             report = _report(plan, init_scale, where, errors, state.bits)
             report.auto_tuned, report.cosine, report.tries = True, cosine, tries
@@ -57,10 +87,44 @@ class ChooseWidths(Pass):
         state.bits = allocate(errors, shares_of(plan), config.init_scale, choices)
         return _report(plan, config.init_scale, where, errors, state.bits)
 
+    def _search(self, state: QuantState, errors, choices, where: str) -> MixedBitReport:
+        """The largest init_scale the evaluator accepts (accuracy.widths); each allocation built and evaluated."""
+        plan, evaluator = state.plan, state.evaluator
+        shares = shares_of(plan)
+        with candidate_folder(state) as folder:
+            def evaluate(bits: dict[str, int], label: str):
+                model = _copy(state.model)  # planned again: the plan's readers are the nodes it rewrites
+                fork = state.fork(model=model, plan=plan_weight_only(model, state.weight_options), bits=bits,
+                                  stored=None, float_layers=None)
+                run_pipeline(self.build(), fork)
+                path = folder / f"candidate-{len(evaluator.history)}{state.output_path.suffix}"
+                save_atomically(fork.model, path)
+                return evaluator.evaluate(path, label)
+
+            search = search_init_scale(lambda scale: allocate(errors, shares, scale, choices),
+                                       lambda bits: sum(bits[n] * shares[n] for n in bits), evaluate,
+                                       lambda: evaluator.left, {name: choices[-1] for name in errors})
+        state.accuracy = WidthSearchReport(describe_evaluator(evaluator), evaluator.original, search)
+        if search.bits is None:
+            raise LowbitError(f"the evaluator was not satisfied ({state.accuracy.evaluator}): {search.stopped}; "
+                              f"float {evaluator.original:.6g}, the highest "
+                              f"{max(e.metric for e in evaluator.history[1:]):.6g} after {len(evaluator.history)} "
+                              "evaluations; nothing was written"
+                              + ("; raise max_evaluations" if "max_evaluations" in search.stopped else ""))
+        state.bits = search.bits
+        report = _report(plan, search.init_scale, where, errors, state.bits)
+        report.searched = state.accuracy
+        return report
+
     def describe(self, report: MixedBitReport | None) -> list[str]:
         if report is None:
             return []
-        how = "auto_tune chose" if report.auto_tuned else "with"
+        if report.searched is not None:
+            return _describe_search(report.searched) + self._layers(report, "the evaluator chose")
+        return self._layers(report, "auto_tune chose" if report.auto_tuned else "with")
+
+    @staticmethod
+    def _layers(report: MixedBitReport, how: str) -> list[str]:
         lines = [f"  mixed bit: {how} init_scale={report.init_scale:.4g}, errors measured on {report.measured_on}"]
         for layer in sorted(report.layers, key=lambda layer: -layer.elements)[:12]:
             errors = ", ".join(f"{bits}b {error:.3g}" for bits, error in sorted(layer.errors.items()))
@@ -68,6 +132,25 @@ class ChooseWidths(Pass):
         if len(report.layers) > 12:
             lines.append(f"    ... {len(report.layers) - 12} smaller weights (result.mixed_bits lists them all)")
         return lines
+
+
+def _describe_search(report: WidthSearchReport) -> list[str]:
+    lines = [f"  accuracy search: {report.evaluator}, init_scale by bisection",
+             f"       1  {'float model':<34} {report.original:.6g}"]
+    number = 1
+    for attempt in report.search.tries:
+        number += not attempt.repeated
+        mark = "*" if attempt.init_scale == report.search.init_scale and attempt.evaluation.satisfied else " "
+        verdict = "satisfied" if attempt.evaluation.satisfied else "not satisfied"
+        lines.append(f"    {mark} {'-' if attempt.repeated else number:>3}  init_scale={attempt.init_scale:<10.4g} "
+                     f"{attempt.average_bits:5.2f} bits  {attempt.evaluation.metric:<10.6g} {verdict}"
+                     + ("  (an allocation tried before)" if attempt.repeated else ""))
+    lines.append(f"  {report.evaluations} evaluations; {report.search.stopped}")
+    return lines
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
 def _report(plan, init_scale: float, where: str, errors, bits) -> MixedBitReport:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..passes.check_settings import CheckSettings
+from ..passes.evaluate import CheckGoal, LoadEvaluator
 from ..passes.plan import PlanDynamic
 from ..passes.prepare import Prepare
 from ..passes.rewrite_dynamic import RewriteDynamic
@@ -15,6 +16,8 @@ def dynamic_quant() -> list[Pass]:
         Prepare(),
         PlanDynamic(),  # MatMul / Gemm / Gather with constant weights
         CheckSettings(),
+        LoadEvaluator(),  # evaluator / accuracy_target: loaded, and the float model evaluated, before any work
         RewriteDynamic(),  # int8 weights; per-token or per-tensor run-time activation scales
+        CheckGoal(),  # evaluator: the model evaluated; not satisfied, nothing is written
         Save(),
     ]

@@ -10,12 +10,24 @@ from ..passes.check_settings import CheckSettings
 from ..passes.choose_ranges import ChooseRanges
 from ..passes.correct_biases import CorrectBiases
 from ..passes.debug_reports import WriteDebugReports
+from ..passes.evaluate import CheckGoal, LoadEvaluator
 from ..passes.plan import PlanFull
 from ..passes.prepare import Prepare
+from ..passes.quant_config_out import WriteQuantConfig
 from ..passes.rewrite import RewriteQDQ
 from ..passes.round_weights import RoundWeights
 from ..passes.save import Save
+from ..passes.search_precisions import SearchPrecisions
 from .passes import Pass
+
+
+def build_passes() -> list[Pass]:
+    """From ranges and a plan to the quantized graph: what the accuracy search repeats for each candidate."""
+    return [
+        RewriteQDQ(),  # Q/DQ pairs, integer weights, int32 biases
+        RoundWeights(),  # quantized model, 64 samples (D patches each): GPTQ's second moments; weights re-rounded
+        CorrectBiases(),  # quantized model, 64 samples: each layer's input mean; biases corrected
+    ]
 
 
 def full_quant() -> list[Pass]:
@@ -26,12 +38,14 @@ def full_quant() -> list[Pass]:
         ReadCalibrationTable(),  # calibration_table: the ranges from a file (then no calibration run)
         ActivationCandidates(),  # the range methods to try
         CheckSettings(),  # warn of every setting that has no effect
+        LoadEvaluator(),  # evaluator / accuracy_target: loaded, and the float model evaluated, before any work
         Calibrate(),  # float model, all samples: a histogram (or min/max) per activation
         ChooseRanges(),  # float model, held-back samples: the search's references; ranges chosen
-        RewriteQDQ(),  # Q/DQ pairs, integer weights, int32 biases
-        RoundWeights(),  # quantized model, 64 samples (D patches each): GPTQ's second moments; weights re-rounded
-        CorrectBiases(),  # quantized model, 64 samples: each layer's input mean; biases corrected
+        SearchPrecisions(build_passes),  # evaluator: candidates built and evaluated; the plan of the one kept
+        *build_passes(),
+        CheckGoal(),  # evaluator, nothing to search (no node quantized): the model evaluated
         Save(),  # checked, then moved into place
+        WriteQuantConfig(),  # after a search: the configuration it kept, as Horizon's quant_config JSON
         WriteDebugReports(),  # debug_info_save_path: MindSpore's CSV reports on the saved model
         WriteCalibrationTable(),  # calibration_table_out: the ranges for tpu-mlir, TensorRT or lowbit
         WriteAnalysisReport(),  # report: lowbit analyze on the saved model

@@ -8,7 +8,7 @@ missing field's name instead of with an AttributeError deep inside.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,5 +74,20 @@ class QuantState:
     bits: dict[str, int] | None = None
     stored: list | None = None
 
+    # the accuracy search
+    user_evaluator: Any = None  # an evaluator object given to lowbit.quantize (the API's evaluator=)
+    evaluator: Any = None  # the job's guarded evaluator (accuracy.evaluator.GuardedEvaluator), when there is one
+    accuracy: Any = None  # what the search or the final check found (its report)
+    width_errors: Any = None  # WEIGHT_QUANT bit_num=0: each weight's error per width, what allocations start from
+
     # save
     output_bytes: int | None = None
+
+    def fork(self, **changes: Any) -> QuantState:
+        """A copy that builds a candidate model (the accuracy search's): quiet, with its own data engine.
+
+        Its model is the caller's to give (a copy: the passes change it in place); what it
+        shares (the data, observers, ranges, samples) the build passes only read.
+        """
+        engine = DataEngine(self.data, self.specs, self.engine.batch_size, progress=False)
+        return replace(self, note=lambda message: None, progress=False, sections=[], engine=engine, **changes)

@@ -7,13 +7,23 @@ from ..passes.check_settings import CheckSettings
 from ..passes.choose_widths import ChooseWidths
 from ..passes.correct_biases import CorrectBiases
 from ..passes.debug_reports import WriteDebugReports
+from ..passes.evaluate import CheckGoal, LoadEvaluator
 from ..passes.output_check import CheckOutputs
 from ..passes.plan import PlanWeightOnly
 from ..passes.prepare import Prepare
 from ..passes.probe import KeepProbe
+from ..passes.quant_config_out import WriteQuantConfig
 from ..passes.save import Save
 from ..passes.write_weights import WriteWeights
 from .passes import Pass
+
+
+def build_passes() -> list[Pass]:
+    """From a width per weight to the model: what the evaluator's mixed-bit search repeats per allocation."""
+    return [
+        WriteWeights(),  # integers + DequantizeLinear (or MatMulNBits)
+        CorrectBiases(),  # quantized model, 64 samples (when data is given)
+    ]
 
 
 def weight_quant() -> list[Pass]:
@@ -22,12 +32,14 @@ def weight_quant() -> list[Pass]:
         CheckReportPath(),  # report: its folder and libraries, before any work
         PlanWeightOnly(),  # which weights, and opset 21 when int4 / int16 may be stored
         CheckSettings(),
+        LoadEvaluator(),  # evaluator / accuracy_target: loaded, and the float model evaluated, before any work
         KeepProbe(),  # float model, first 16 samples: the samples, float outputs, input means
-        ChooseWidths(),  # bit_num, or the mixed-bit search on the probe
-        WriteWeights(),  # integers + DequantizeLinear (or MatMulNBits)
-        CorrectBiases(),  # quantized model, 64 samples (when data is given)
+        ChooseWidths(build_passes),  # bit_num, or the mixed-bit search on the probe (and the evaluator)
+        *build_passes(),
         CheckOutputs(),  # output cosine against the float outputs of the probe
+        CheckGoal(),  # evaluator with a fixed bit_num: the model evaluated; not satisfied, nothing is written
         Save(),
+        WriteQuantConfig(),  # after the evaluator's search: its init_scale, as Horizon's quant_config JSON
         WriteDebugReports(),
         WriteAnalysisReport(),  # report: lowbit analyze on the saved model
     ]

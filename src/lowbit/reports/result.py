@@ -80,6 +80,18 @@ class QuantizeResult:
         return self.report("choose_ranges")
 
     @property
+    def accuracy(self):
+        """With an evaluator: the search's report (precisions per node, or widths), or the final check's."""
+        widths = self.mixed_bits
+        searched = widths.searched if widths is not None else None
+        return self.report("search_precisions") or searched or self.report("check_goal")
+
+    @property
+    def quant_config_path(self) -> Path | None:
+        """After an accuracy search: the Horizon quant_config JSON that reruns it without searching."""
+        return self.report("write_quant_config")
+
+    @property
     def mixed_bits(self):
         return self.report("choose_widths")
 

@@ -65,6 +65,7 @@ class MixedBitReport:
     auto_tuned: bool = False
     cosine: float | None = None  # output cosine of the allocation on the samples (before bias correction)
     tries: list[tuple[float, float, float]] = field(default_factory=list)  # auto_tune: (init_scale, bits, cosine)
+    searched: Any = None  # with an evaluator: the search's report (passes.choose_widths.WidthSearchReport)
 
     @property
     def bits(self) -> dict[str, int]:

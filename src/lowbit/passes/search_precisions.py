@@ -1,0 +1,262 @@
+"""FULL_QUANT with an evaluator: move the fewest nodes up the precision ladder that satisfy it.
+
+Reads: the calibrated ranges, the plan, the evaluator. Each candidate is built by the
+pipeline's own build passes (rewrite, weight rounding, bias correction) on a fork of the
+state, from the same ranges, and written to a temporary file that the evaluator reads; so
+the model kept is exactly one the evaluator accepted. The steps:
+
+1. the float model, then the planned model (int8 where the configuration says nothing
+   else) are evaluated; if the evaluator is satisfied, nothing moves;
+2. the nodes are ranked on a few calibration samples by how much leaving each float lowers
+   the output error (:func:`lowbit.analysis.sensitivity.ranked_nodes`, on the switched
+   model of the int8 candidate: one session, no evaluator call);
+3. :func:`lowbit.accuracy.climb.climb` moves prefixes of the ranking up the ladder.
+
+Nodes that op_config or node_config name keep what the user gave them. Sets: the plan and
+options of the kept candidate (the build passes after this one write it), and the search's
+report, which the summary shows and from which the quant_config JSON is written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from ..accuracy.climb import Assignment, Trial, climb
+from ..accuracy.evaluator import Evaluation
+from ..analysis.sensitivity import OutputError, ranked_nodes
+from ..analysis.switches import OUTPUT_ROUNDING, switched_model
+from ..config.precision import FLOAT16, FLOAT32, INT8, INT16, NodePrecision
+from ..data.feeds import batched
+from ..errors import LowbitError
+from ..graph.loading import with_opset
+from ..graph.passes import typed
+from ..graph.query import is_float32
+from ..graph.runtime import make_session
+from ..graph.saving import save_atomically
+from ..pipeline.passes import Pass, PipelineError, run_pipeline
+from ..pipeline.state import QuantState
+from ..quantizers.plan import plan_quantization
+from .evaluate import candidate_folder, describe_evaluator, use_held_back
+from .plan import INT4_OPSET
+
+LADDERS = {"CPU": (INT8, FLOAT32), "DSP": (INT8, INT16, FLOAT32), "NVGPU": (INT8, FLOAT16, FLOAT32)}
+RANKING_SAMPLES = 16  # calibration samples the sensitivity ranking runs on
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class PrecisionSearch:
+    evaluator: str
+    ladder: tuple[str, ...]
+    original: float
+    first: Evaluation  # the planned model, before any node moved
+    trials: list[Trial] = field(default_factory=list)
+    kept: Assignment = field(default_factory=dict)  # node -> precision, the fused activations left out
+    ranks: dict[str, int] = field(default_factory=dict)  # node -> place in the ranking (1 = most sensitive)
+    op_types: dict[str, str] = field(default_factory=dict)
+    stopped: str = ""
+    ranking_seconds: float = 0.0
+    node_config: dict[str, NodePrecision] = field(default_factory=dict)  # the user's and the search's
+    weighted: tuple[int, int] = (0, 0)  # weighted nodes int8, weighted nodes
+    latency_ms: tuple[float, float] | None = None  # float model, kept model (ONNX Runtime CPU, one sample)
+
+    @property
+    def evaluations(self) -> int:
+        return 2 + len(self.trials)  # the float model and the planned one
+
+    @property
+    def final(self) -> Evaluation:
+        kept = [t.evaluation for t in self.trials if t.assignment == self.kept]
+        return kept[-1] if kept else self.first
+
+    def rerun_config(self) -> tuple[dict[str, NodePrecision], dict]:
+        """What a rerun without the search needs beyond the job's settings: the node_config."""
+        return self.node_config, {}
+
+
+class SearchPrecisions(Pass):
+    name = "search_precisions"
+    requires = ("plan", "evaluator")
+
+    def __init__(self, build: Callable[[], list[Pass]]):
+        self.build = build  # the passes that turn ranges and a plan into the model (pipeline.full)
+
+    def applies(self, state: QuantState) -> bool:
+        return state.evaluator is not None and bool(state.plan.quantized_nodes)
+
+    def run(self, state: QuantState) -> PrecisionSearch:
+        use_held_back(state)
+        evaluator = state.evaluator
+        rules = state.weight_options.precisions
+        ladder = self._ladder(state)
+        base_model = state.model
+        if INT16 in ladder and base_model.opset_imports.get("", 1) < INT4_OPSET:
+            base_model = with_opset(state.model, INT4_OPSET)
+            if base_model is None:
+                state.note(f"precision_ladder: int16 needs opset {INT4_OPSET}, which onnx's converter could not "
+                           "reach; the search skips int16")
+                ladder, base_model = tuple(p for p in ladder if p != INT16), state.model
+        fused = {}
+        for decision in state.plan.quantized_nodes:
+            if decision.fused_into:
+                fused.setdefault(decision.fused_into, []).append(decision.node.name)
+
+        def node_config(assignment: Assignment) -> dict[str, NodePrecision]:
+            moved = {name: NodePrecision(precision, where="accuracy search")
+                     for node, precision in assignment.items() for name in (node, *fused.get(node, ()))}
+            return {**moved, **rules.nodes}  # the user's node_config wins
+
+        samples = _ranking_samples(state)
+        with candidate_folder(state) as folder:
+            built = 0
+            paths: dict[frozenset, Path] = {}
+
+            def build(assignment: Assignment) -> tuple[ir.Model, Path]:
+                nonlocal built
+                built += 1
+                options = replace(state.weight_options, precisions=replace(rules, nodes=node_config(assignment)))
+                model = _copy(base_model)
+                plan = plan_quantization(model, state.target, options)
+                missing = sorted(set(plan.activations) - set(state.ranges or {}))
+                if missing:
+                    raise PipelineError(f"candidate {built} quantizes {missing[0]}, which has no range")
+                fork = state.fork(model=model, plan=plan, weight_options=options, qparams=None, float_layers=None)
+                run_pipeline(self.build(), fork)
+                path = folder / f"candidate-{built}{state.output_path.suffix}"
+                save_atomically(fork.model, path)
+                return fork.model, path
+
+            def evaluate(assignment: Assignment, label: str) -> Evaluation:
+                path = paths[frozenset(assignment.items())] = build(assignment)[1]
+                return evaluator.evaluate(path, label)
+
+            first_model, first_path = build({})
+            report = PrecisionSearch(describe_evaluator(evaluator), ladder, evaluator.original,
+                                     evaluator.evaluate(first_path, "as planned"))
+            report.stopped = "the planned model satisfied the evaluator"
+            if not report.first.satisfied:
+                start = time.perf_counter()
+                ranking = self._rank(state, first_model, rules, samples)
+                report.ranking_seconds = time.perf_counter() - start
+                report.ranks = {name: i + 1 for i, name in enumerate(ranking)}
+                outcome = climb(ranking, ladder, evaluate, lambda: evaluator.left)
+                report.trials, report.stopped = outcome.trials, outcome.stopped
+                if outcome.kept is None:
+                    raise LowbitError(self._failure(report, evaluator.history))
+                report.kept = outcome.kept
+            kept_path = paths[frozenset(report.kept.items())] if report.kept else first_path
+            report.latency_ms = _latencies(state.model_path, kept_path, samples[0])
+        report.node_config = node_config(report.kept)
+        report.op_types = {node.name: node.op_type for node in state.model.graph}
+        if report.kept:
+            state.model = base_model
+            state.weight_options = replace(state.weight_options,
+                                           precisions=replace(rules, nodes=report.node_config))
+            state.plan = plan_quantization(state.model, state.target, state.weight_options)
+            for message in state.plan.notes:
+                state.note(message)
+        report.weighted = _weighted_int8(state)
+        state.accuracy = report
+        return report
+
+    def _ladder(self, state: QuantState) -> tuple[str, ...]:
+        return tuple(state.config.precision_ladder or LADDERS[state.config.target])
+
+    def _rank(self, state: QuantState, quantized: ir.Model, rules, samples: list[dict[str, np.ndarray]]
+              ) -> list[str]:
+        """The movable nodes, most sensitive first, from the switched form of the planned candidate."""
+        batches = list(batched(samples, state.specs, 8))
+        outputs = [v.name for v in state.model.graph.outputs if is_float32(v)]
+        switched = switched_model(typed(_copy(quantized)), state.model)
+        error = OutputError(make_session(switched.model), switched, batches, outputs)
+        everything = {node.name for node in switched.nodes}
+        nodes, _ = ranked_nodes(error, error(everything))
+        graph_nodes = {node.name: node for node in state.model.graph}
+        return [n.name for n in nodes if n.op_type != OUTPUT_ROUNDING and n.name in graph_nodes
+                and not rules.explicit(graph_nodes[n.name])]
+
+    @staticmethod
+    def _failure(report: PrecisionSearch, history: list[Evaluation]) -> str:
+        best = max(history[1:], key=lambda e: e.metric)
+        return (f"the evaluator was not satisfied ({report.evaluator}): {report.stopped}; float {report.original:.6g}, "
+                f"as planned {report.first.metric:.6g}, the highest {best.metric:.6g} ({best.what}) after "
+                f"{len(history)} evaluations; nothing was written"
+                + ("; raise max_evaluations" if "max_evaluations" in report.stopped else ""))
+
+    def describe(self, report: PrecisionSearch) -> list[str]:
+        lines = [f"  accuracy search: {report.evaluator}, ladder {' -> '.join(report.ladder)}",
+                 f"       1  {'float model':<28} {report.original:.6g}",
+                 f"       2  {'as planned':<28} {report.first.metric:<10.6g} {_verdict(report.first)}"]
+        for i, trial in enumerate(report.trials, start=3):
+            lines.append(f"    {'*' if trial.assignment == report.kept else ' '} {i:>3}  {trial.label:<28} "
+                         f"{trial.evaluation.metric:<10.6g} {_verdict(trial.evaluation)}")
+        if not report.kept:
+            lines.append(f"  kept the planned model after {report.evaluations} evaluations")
+        else:
+            by_precision = Counter(report.kept.values())
+            lines.append(f"  kept {report.final.metric:.6g} after {report.evaluations} evaluations (ranking "
+                         f"{report.ranking_seconds:.1f} s; {report.stopped}): "
+                         + ", ".join(f"{n} node{'s' if n > 1 else ''} {p}" for p, n in by_precision.items()))
+            for name, precision in sorted(report.kept.items(), key=lambda item: report.ranks.get(item[0], 0)):
+                lines.append(f"    {name} ({report.op_types.get(name, '?')}): {precision}, "
+                             f"{_ordinal(report.ranks.get(name, 0))} by sensitivity")
+        int8, weighted = report.weighted
+        if weighted:
+            lines.append(f"  weighted nodes (Conv, Gemm, MatMul) in int8: {int8} of {weighted}")
+        if report.latency_ms is not None:
+            lines.append(f"  latency, ONNX Runtime CPU, one sample: float {report.latency_ms[0]:.2f} ms, "
+                         f"quantized {report.latency_ms[1]:.2f} ms")
+        return lines
+
+
+def _ranking_samples(state: QuantState) -> list[dict[str, np.ndarray]]:
+    """Samples the statistics did not see when there are (the held-back ones), else the first calibration ones."""
+    if state.held_back:
+        return state.held_back[:RANKING_SAMPLES]
+    stream, _ = state.data.open(None)
+    return [feed for _, feed in zip(range(RANKING_SAMPLES), stream)]
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def _weighted_int8(state: QuantState) -> tuple[int, int]:
+    weighted = [d for d in state.plan.decisions.values() if d.node.op_type in WEIGHTED and not d.fused_into]
+    int8 = [d for d in weighted if d.quantized and d.precision in (INT8, "")]
+    return len(int8), len(weighted)
+
+
+def _latencies(float_path: Path, quantized_path: Path, feed: dict[str, np.ndarray], runs: int = 20
+               ) -> tuple[float, float]:
+    """Median ms per run of each model on one sample, the two interleaved so that load spikes hit both."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+                for p in (float_path, quantized_path)]
+    times: list[list[float]] = [[], []]
+    for session in sessions:
+        session.run(None, feed)  # warm up
+    for _ in range(runs):
+        for i, session in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times[i].append(1000 * (time.perf_counter() - start))
+    return float(np.median(times[0])), float(np.median(times[1]))
+
+
+def _verdict(evaluation: Evaluation) -> str:
+    return "satisfied" if evaluation.satisfied else "not satisfied"
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"

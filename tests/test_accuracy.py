@@ -1,0 +1,367 @@
+"""The accuracy search: evaluators, built-in goals, the searches, and their errors.
+
+The searches run on the digit CNN with evaluators written here, each a real metric on
+held-out digits; the algorithms also run on fake evaluators whose verdicts are known, so
+that the number of evaluations can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import float_input, make_model, save
+from onnx import helper
+
+import lowbit
+from bench import zoo
+from lowbit.accuracy.climb import climb
+from lowbit.accuracy.evaluator import Evaluation
+from lowbit.accuracy.goals import EvalSamples, GoalEvaluator, parse_goal, read_eval_data
+from lowbit.accuracy.widths import search_init_scale
+from lowbit.cli import main
+from lowbit.data.feeds import InputSpec
+from lowbit.errors import LowbitError
+
+# -- the algorithms, on verdicts known in advance ---------------------------------------------
+
+
+def fake(verdict):
+    """An evaluate function for climb(): ``verdict(assignment)`` decides; the calls are recorded."""
+    calls = []
+
+    def evaluate(assignment, label):
+        calls.append(dict(assignment))
+        ok = verdict(assignment)
+        return Evaluation(label, float(ok), ok, 0.0)
+    return evaluate, calls
+
+
+def test_climb_finds_the_smallest_prefix_then_drops_what_is_not_needed():
+    ranking = ["a", "c", "b", "e", "d", "f"]
+    evaluate, calls = fake(lambda moved: {"c", "e"} <= set(moved))
+    outcome = climb(ranking, ("int8", "float32"), evaluate, lambda: 20 - len(calls))
+    assert outcome.kept == {"c": "float32", "e": "float32"}
+    # every node up; bisection on k: 3 fails, 4 passes; then back down: {e, b} fails, e fails, b passes,
+    # {a, c} fails, a passes, c fails
+    assert [len(c) for c in calls] == [6, 3, 4, 2, 3, 3, 1, 2, 2]
+    assert outcome.stopped == "every moved node checked"
+
+
+def test_climb_keeps_the_best_passing_candidate_when_the_budget_runs_out():
+    ranking = list("abcdefgh")
+    evaluate, calls = fake(lambda moved: "f" in moved)
+    outcome = climb(ranking, ("int8", "float32"), evaluate, lambda: 3 - len(calls))
+    assert len(calls) == 3  # all (pass), first 4 (fail), first 6 (pass)
+    assert outcome.kept == {name: "float32" for name in "abcdef"}
+    assert "max_evaluations" in outcome.stopped
+
+
+def test_climb_takes_the_next_rung_when_the_first_is_not_enough():
+    ranking = ["a", "b", "c"]
+
+    def verdict(moved):  # every node needs int16, and "b" float32
+        return len(moved) == 3 and moved.get("b") == "float32"
+    evaluate, calls = fake(verdict)
+    outcome = climb(ranking, ("int8", "int16", "float32"), evaluate, lambda: 20 - len(calls))
+    assert outcome.kept == {"a": "int16", "b": "float32", "c": "int16"}
+    assert calls[0] == dict.fromkeys("abc", "int16") and calls[1] == dict.fromkeys("abc", "float32")
+
+
+def test_climb_says_when_even_the_top_rung_fails():
+    evaluate, calls = fake(lambda moved: False)
+    outcome = climb(["a", "b"], ("int8", "float32"), evaluate, lambda: 10 - len(calls))
+    assert outcome.kept is None and len(calls) == 1 and "float32" in outcome.stopped
+
+
+def test_width_search_finds_the_largest_accepted_budget_and_repeats_no_allocation():
+    def allocate(scale):  # 8 bits up to 1e-3, 4 bits above: two allocations over five decades
+        return {"w": 8 if scale <= 1e-3 else 4}
+    evaluated = []
+
+    def evaluate(bits, label):
+        evaluated.append(bits["w"])
+        return Evaluation(label, bits["w"], bits["w"] >= 8, 0.0)
+    search = search_init_scale(allocate, lambda bits: bits["w"], evaluate, lambda: 10 - len(evaluated),
+                               {"w": 16})
+    assert search.bits == {"w": 8}
+    assert 10**-3.05 <= search.init_scale <= 1e-3
+    assert sorted(evaluated) == [4, 8]  # the other tries repeat one of the two allocations
+    assert len(search.tries) > 2 and all(t.repeated for t in search.tries[2:])
+
+
+# -- goals and evaluation data -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, error", [
+    ("cos>=0.9", "did you mean 'cosine'"), ("cosine<0.9", "bounded from below"),
+    ("accuracy-drop>0.01", "bounded from above"), ("top1-agreement>=1.5", "(0, 1]"), ("cosine 0.9", "METRIC OP"),
+])
+def test_goal_errors(text, error):
+    with pytest.raises(LowbitError, match=error.replace("(", r"\(").replace("]", r"\]")):
+        parse_goal(text, "flag")
+
+
+def gemm_model(weight: np.ndarray) -> onnx.ModelProto:
+    node = helper.make_node("Gemm", ["x", "w"], ["y"], name="gemm")
+    return make_model([node], [float_input("x", ["N", 3])], [float_input("y", ["N", 3])], [("w", weight)])
+
+
+def test_goal_metrics_equal_the_hand_computed_ones(tmp_path):
+    x = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0]], np.float32)
+    w_float = np.eye(3, dtype=np.float32)
+    w_other = np.array([[1, 0, 0], [0, 0, 1], [0, 1, 0]], np.float32)  # swaps outputs 1 and 2
+    float_path, other_path = save(gemm_model(w_float), tmp_path / "f.onnx"), save(gemm_model(w_other), tmp_path / "o.onnx")
+    samples = EvalSamples([{"x": x}], np.array([0, 1, 1]), "hand")
+    # rows: (1,0,0) vs (1,0,0): cosine 1; (0,1,0) vs (0,0,1): 0; (1,1,0) vs (1,0,1): 1/2
+    cosine = GoalEvaluator(parse_goal("cosine>=0.5", "t"), samples)
+    assert cosine.eval_model(str(float_path), None) == 1.0
+    assert cosine.eval_model(str(other_path), None) == pytest.approx(0.5)
+    assert cosine.is_satisfied(1.0, 0.5) and not cosine.is_satisfied(1.0, 0.49)
+    agreement = GoalEvaluator(parse_goal("top1-agreement>=0.9", "t"), samples)
+    agreement.eval_model(str(float_path), None)
+    assert agreement.eval_model(str(other_path), None) == pytest.approx(2 / 3)  # argmax 0, 2, 0 against 0, 1, 0
+    drop = GoalEvaluator(parse_goal("accuracy-drop<0.5", "t"), samples)
+    assert drop.eval_model(str(float_path), None) == pytest.approx(2 / 3)  # predictions 0, 1, 0; labels 0, 1, 1
+    assert drop.eval_model(str(other_path), None) == pytest.approx(1 / 3)
+    assert drop.is_satisfied(2 / 3, 1 / 3) and not drop.is_satisfied(2 / 3, 0.1)
+
+
+SPECS = [InputSpec("x", np.dtype(np.float32), (None, 3))]
+
+
+@pytest.mark.parametrize("arrays, error", [
+    ({"xs": np.zeros((2, 3), np.float32)}, "did you mean 'x'"),
+    ({}, "has no array 'x'"),
+    ({"x": np.zeros((2, 3), np.float32), "label": np.zeros(3, np.int64)}, "same number of rows"),
+    ({"x": np.zeros((2, 3), np.float32), "label": np.zeros(2, np.float32)}, "1-D integer array"),
+    ({"x": np.full((2, 3), np.nan, np.float32)}, "row 0: input 'x' contains NaN"),
+    ({"x": np.zeros((2, 3), np.float64)}, "dtype float64"),
+])
+def test_eval_data_errors(tmp_path, arrays, error):
+    path = tmp_path / "eval.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(LowbitError, match=error):
+        read_eval_data(path, SPECS, needs_labels=False)
+
+
+def test_eval_data_that_is_not_an_npz(tmp_path):
+    (tmp_path / "eval.npz").write_bytes(b"not a zip")
+    with pytest.raises(LowbitError, match="not a readable .npz"):
+        read_eval_data(tmp_path / "eval.npz", SPECS, needs_labels=False)
+    with pytest.raises(LowbitError, match="file not found"):
+        read_eval_data(tmp_path / "none.npz", SPECS, needs_labels=False)
+
+
+# -- the digit CNN, with evaluators on held-out digits -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("digits")
+    cells, labels = zoo.opencv_digits()
+    order = np.random.default_rng(0).permutation(len(cells))
+    calib = folder / "calib"
+    calib.mkdir()
+    for i in order[:64]:
+        np.save(calib / f"{i:04d}.npy", zoo.digit_input(cells[i]))
+    held = order[1000:1300]
+    x = np.concatenate([zoo.digit_input(cells[i]) for i in held])
+    np.savez(folder / "eval.npz", input=x, label=labels[held].astype(np.int64))
+    return {"model": zoo.digit_cnn("torchscript"), "calib": calib, "x": x, "labels": labels[held],
+            "eval": folder / "eval.npz"}
+
+
+def logits(path, x) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def mean_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(1 - (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
+
+
+class OutputError(lowbit.Evaluator):
+    """1 - cosine of the logits against the float model's on held-out digits; lower is better."""
+
+    def __init__(self, x: np.ndarray, reference: np.ndarray, most: float):
+        self.x, self.reference, self.most, self.calls = x, reference, most, 0
+
+    def eval_model(self, model_file, batch_num):
+        self.calls += 1
+        return mean_error(logits(model_file, self.x), self.reference)
+
+    def is_satisfied(self, original_metric, new_metric):
+        return new_metric <= self.most
+
+
+def test_full_quant_search_meets_a_goal_int8_misses_and_reruns_from_its_json(digits, tmp_path):
+    reference = logits(digits["model"], digits["x"])
+    plain = tmp_path / "int8.onnx"
+    lowbit.quantize(digits["model"], plain, data=digits["calib"], progress=False)
+    int8_error = mean_error(logits(plain, digits["x"]), reference)
+    evaluator = OutputError(digits["x"], reference, int8_error / 4)
+    out = tmp_path / "searched.onnx"
+    result = lowbit.quantize(digits["model"], out, data=digits["calib"], progress=False, evaluator=evaluator,
+                             max_evaluations=12)
+    search = result.accuracy
+    assert not search.first.satisfied and search.kept and search.final.satisfied
+    assert evaluator.calls == search.evaluations <= 12
+    assert mean_error(logits(out, digits["x"]), reference) == pytest.approx(search.final.metric, abs=1e-6)
+    assert {n.name for n in result.float_nodes if n.precision == "float32"} >= set(search.kept)
+    summary = result.summary()
+    assert "accuracy search:" in summary and "float32" in summary
+    document = json.loads(result.quant_config_path.read_text())
+    assert {name for name, entry in document["node_config"].items() if entry["qtype"] == "float32"} >= set(search.kept)
+    again = tmp_path / "again.onnx"
+    lowbit.quantize(digits["model"], again, config=result.quant_config_path, data=digits["calib"], progress=False)
+    assert np.array_equal(logits(again, digits["x"]), logits(out, digits["x"]))
+
+
+def test_target_on_eval_data_from_the_cli(digits, tmp_path, capsys):
+    out = tmp_path / "t.onnx"
+    code = main(["quantize", str(digits["model"]), "-o", str(out), "--data", str(digits["calib"]),
+                 "--target", "accuracy-drop<0.005", "--eval-data", str(digits["eval"])])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "accuracy_target=accuracy-drop<0.005 on eval.npz (300 samples)" in printed
+    predictions = logits(out, digits["x"]).argmax(1)
+    float_accuracy = np.mean(logits(digits["model"], digits["x"]).argmax(1) == digits["labels"])
+    assert float_accuracy - np.mean(predictions == digits["labels"]) < 0.005
+    assert (tmp_path / "t.quant_config.json").is_file()
+
+
+def test_target_without_eval_data_scores_held_back_samples(digits, tmp_path):
+    result = lowbit.quantize(digits["model"], tmp_path / "h.onnx", data=digits["calib"], progress=False,
+                             accuracy_target="cosine>=0.99", activation_quant_method="MAX_MIN")
+    assert "8 held-back calibration samples" in result.accuracy.evaluator
+    assert result.calibration_samples == 56  # every 8th of 64 set aside, even with one range method
+
+
+def test_weight_quant_mixed_bit_follows_the_evaluator(digits, tmp_path):
+    reference = logits(digits["model"], digits["x"])
+    eight = tmp_path / "w8.onnx"
+    lowbit.quantize(digits["model"], eight, data=digits["calib"], progress=False, quant_type="WEIGHT_QUANT",
+                    bit_num=8)
+    evaluator = OutputError(digits["x"], reference, 1e-3)
+    out = tmp_path / "mixed.onnx"
+    result = lowbit.quantize(digits["model"], out, data=digits["calib"], progress=False, evaluator=evaluator,
+                             quant_type="WEIGHT_QUANT", bit_num=0)
+    search = result.accuracy.search
+    assert search.init_scale > 0 and evaluator.calls == result.accuracy.evaluations
+    assert mean_error(logits(out, digits["x"]), reference) <= 1e-3
+    assert out.stat().st_size < eight.stat().st_size
+    assert json.loads(result.quant_config_path.read_text())["lowbit"]["init_scale"] == search.init_scale
+    again = tmp_path / "again.onnx"
+    lowbit.quantize(digits["model"], again, config=result.quant_config_path, data=digits["calib"], progress=False)
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_modes_without_a_search_check_the_result(digits, tmp_path):
+    reference = logits(digits["model"], digits["x"])
+    out = tmp_path / "d.onnx"
+    result = lowbit.quantize(digits["model"], out, quant_type="DYNAMIC_QUANT", progress=False,
+                             evaluator=OutputError(digits["x"], reference, 0.01))
+    assert out.is_file() and result.accuracy.evaluation.satisfied
+    strict = tmp_path / "strict.onnx"
+    with pytest.raises(LowbitError, match="not satisfied .* nothing was written"):
+        lowbit.quantize(digits["model"], strict, quant_type="DYNAMIC_QUANT", progress=False,
+                        evaluator=OutputError(digits["x"], reference, 0.0))
+    assert not strict.exists()
+
+
+class Never(lowbit.Evaluator):
+    def eval_model(self, model_file, batch_num):
+        return 0.5
+
+    def is_satisfied(self, original_metric, new_metric):
+        return False
+
+
+def test_a_goal_nothing_meets_writes_nothing(digits, tmp_path):
+    out = tmp_path / "never.onnx"
+    with pytest.raises(LowbitError, match="not met even with every node float32.*nothing was written"):
+        lowbit.quantize(digits["model"], out, data=digits["calib"], progress=False, evaluator=Never())
+    assert not list(tmp_path.iterdir())  # no model, no JSON, no candidate folder
+
+
+# -- evaluators that are not right: one line, exit 2, nothing written --------------------------
+
+EVALUATORS = textwrap.dedent("""
+    import lowbit
+
+    class Raises(lowbit.Evaluator):
+        def eval_model(self, model_file, batch_num):
+            raise RuntimeError("the validation set is gone")
+        def is_satisfied(self, original_metric, new_metric):
+            return True
+
+    class NoNumber(lowbit.Evaluator):
+        def eval_model(self, model_file, batch_num):
+            return None
+        def is_satisfied(self, original_metric, new_metric):
+            return True
+
+    class NotFinite(NoNumber):
+        def eval_model(self, model_file, batch_num):
+            return float("nan")
+
+    class Vague(NoNumber):
+        def eval_model(self, model_file, batch_num):
+            return 0.9
+        def is_satisfied(self, original_metric, new_metric):
+            return "yes"
+
+    class HalfDone(lowbit.Evaluator):
+        def eval_model(self, model_file, batch_num):
+            return 1.0
+
+    class NeedsArguments(Raises):
+        def __init__(self, path):
+            self.path = path
+""")
+
+
+@pytest.mark.parametrize("spec, error", [
+    ("missing.py:Raises", "file not found"),
+    ("{file}:Raise", "has no class Raise (did you mean 'Raises'?)"),
+    ("{file}:HalfDone", "does not implement is_satisfied()"),
+    ("{file}:NeedsArguments", "built without arguments"),
+    ("{file}:Raises", "eval_model raised RuntimeError on the float model: the validation set is gone"),
+    ("{file}:NoNumber", "eval_model returned None on the float model; it must return one number"),
+    ("{file}:NotFinite", "returned nan"),
+    ("{file}:Vague", "is_satisfied returned 'yes'"),
+    ("no_such_module_here:Raises", "no module named 'no_such_module_here'"),
+])
+def test_evaluator_errors(digits, tmp_path, capsys, spec, error):
+    file = tmp_path / "evals.py"
+    file.write_text(EVALUATORS)
+    out = tmp_path / "out.onnx"
+    code = main(["quantize", str(digits["model"]), "-o", str(out), "--data", str(digits["calib"]),
+                 "--evaluator", spec.format(file=file)])
+    stderr = capsys.readouterr().err
+    assert code == 2 and error in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "out.quant_config.json").exists()
+
+
+@pytest.mark.parametrize("settings, error", [
+    ({"accuracy_target": "cosine>=0.9", "evaluator": "a.py:B"}, "give one of them"),
+    ({"eval_data": "e.npz"}, "set evaluator or accuracy_target too"),
+    ({"evaluator": "a.py:B", "eval_data": "e.npz"}, "your evaluator reads its own data"),
+    ({"accuracy_target": "cosine>=0.9", "precision_ladder": "int8,int16", "quant_type": "WEIGHT_QUANT"},
+     "applies to quant_type=FULL_QUANT"),
+    ({"accuracy_target": "cosine>=0.9", "precision_ladder": "int8,int16", "target_device": "NVGPU"}, "no int16"),
+])
+def test_settings_of_the_search_are_checked(tmp_path, settings, error):
+    with pytest.raises(LowbitError, match=error):
+        lowbit.quantize(Path("unused.onnx"), tmp_path / "o.onnx", progress=False, **settings)
+
+
+def test_an_evaluator_object_and_a_target_together(digits, tmp_path):
+    with pytest.raises(LowbitError, match="give one of them"):
+        lowbit.quantize(digits["model"], tmp_path / "o.onnx", data=digits["calib"], progress=False,
+                        evaluator=Never(), accuracy_target="cosine>=0.9")
