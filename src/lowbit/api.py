@@ -16,6 +16,7 @@ from typing import Any
 from .analysis.analyze import Analysis
 from .config import QuantConfig, load_config
 from .data.calibration import FeedSource
+from .distributed.workers import start_workers
 from .errors import LowbitWarning
 from .pipeline.modes import PIPELINES
 from .pipeline.passes import run_pipeline
@@ -113,8 +114,11 @@ def run(
         else:
             warnings.warn(message, LowbitWarning, stacklevel=_caller_level())
 
-    state = QuantState(config, Path(model), Path(output), note, progress, user_data=data, user_evaluator=evaluator)
-    run_pipeline(PIPELINES[config.quant_type](), state)
+    where = config.source("ray_address" if config.ray_address is not None else "workers")
+    with start_workers(config.workers, config.ray_address, where) as workers:
+        state = QuantState(config, Path(model), Path(output), note, progress, user_data=data,
+                           user_evaluator=evaluator, workers=workers)
+        run_pipeline(PIPELINES[config.quant_type](), state)
     return _result(state, notes)
 
 

@@ -146,6 +146,12 @@ FIELDS: tuple[Field, ...] = (
           "FULL_QUANT with an evaluator: the precisions a node climbs, from int8; unset = the target's: CPU "
           "int8,float32 (ONNX Runtime runs int16 slower than float32), DSP int8,int16,float32, NVGPU "
           "int8,float16,float32", choices=("int8", "int16", "float16", "float32"), many=True, extension=True),
+    Field(COMMON, "workers", Kind.INT, None,
+          "run the data passes and the candidate scoring on a local Ray with this many worker CPUs "
+          "(needs lowbit[ray]); unset = one process", low=1, high=4096, extension=True),
+    Field(COMMON, "ray_address", Kind.STR, None,
+          "join the Ray cluster at this address (e.g. ray://head:10001 or auto) instead of starting one; "
+          "its workers must reach the calibration files at the same paths", extension=True),
     # [mixed_bit_weight_quant_param]
     Field(MIXED_BIT, "init_scale", Kind.FLOAT, 0.02,
           "bit_num=0: the relative error each weight may add (to itself without data, to the model's "

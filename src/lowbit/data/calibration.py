@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,17 @@ class CalibrationData:
             feeds = itertools.islice(feeds, limit)
             total = limit if total is None else min(total, limit)
         return feeds, total
+
+    @property
+    def on_files(self) -> bool:
+        """Whether the samples are files (which workers can read themselves), not arrays in memory."""
+        return self.given and not self.in_memory
+
+    def files(self, limit: int | None = None) -> FileSamples:
+        """The first ``limit`` sample files (all when None), as a list workers can split."""
+        self.reads += 1
+        samples = self._files()
+        return samples if limit is None else replace(samples, rows=samples.rows[:limit])
 
     def count(self) -> int | None:
         """How many samples a stream gives, when that is known without reading them (it lists the files)."""

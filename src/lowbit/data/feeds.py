@@ -119,13 +119,18 @@ def too_few_samples(size: int, found: int, where: str) -> LowbitError:
     return LowbitError(f"calibrate_size={size}, but only {found} calibration samples were found in {where}")
 
 
+def batches_freely(specs: list[InputSpec]) -> bool:
+    """Whether every input's batch dimension is free, so that samples can be stacked into batches."""
+    return all(s.shape is not None and s.shape and s.shape[0] is None for s in specs)
+
+
 def batched(feeds: Iterable[dict[str, np.ndarray]], specs: list[InputSpec], batch_size: int) -> Iterator[dict]:
     """Concatenate consecutive samples into batches of up to ``batch_size`` rows.
 
     Only where every input's batch dimension is free; a model with a fixed batch runs
     sample by sample. Samples of different shapes (images of several sizes) are not mixed.
     """
-    if batch_size <= 1 or any(s.shape is None or not s.shape or s.shape[0] is not None for s in specs):
+    if batch_size <= 1 or not batches_freely(specs):
         yield from feeds
         return
     pending: list[dict[str, np.ndarray]] = []

@@ -44,6 +44,14 @@ class SampleSplit:
         if total is not None and total < HOLD_BACK_EVERY:
             self.require_held_back()  # known to be short: say so before reading anything
 
+    @classmethod
+    def from_positions(cls, held_back: list[dict[str, np.ndarray]], tuning: list[dict[str, np.ndarray]],
+                       count: int, hold_back: bool, statistics: int) -> SampleSplit:
+        """The split of a stream that was not streamed here (the workers read the statistics samples)."""
+        split = cls([], None, count, hold_back, bool(tuning))
+        split.held_back, split.tuning, split.statistics_total = held_back, tuning, statistics
+        return split
+
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for index, feed in enumerate(self.feeds):
             if len(self.held_back) < self.hold_back and index % HOLD_BACK_EVERY == HOLD_BACK_EVERY - 1:

@@ -74,10 +74,9 @@ class ChooseRanges(Pass):
                                     plan_quantization(state.model, target, options))
             return variants[scheme]
 
-        def score(scheme: Scheme, ranges: dict[str, Range]) -> PairStats:
-            target, options, _ = variant(scheme)
-            return state.engine.score(_quantized_copy(state, ranges, target, options), state.held_back,
-                                      self.outputs, state.held_back_references)
+        def score(candidates: list[tuple[Scheme, dict[str, Range]]]) -> list[PairStats]:
+            models = [_quantized_copy(state, ranges, *variant(scheme)[:2]) for scheme, ranges in candidates]
+            return state.engine.score_all(models, state.held_back, self.outputs, state.held_back_references)
 
         state.ranges, scheme, report = choose_ranges(
             state.model, lambda s: variant(s)[2], state.observers,

@@ -64,8 +64,8 @@ def holds_back_for_goal(state: QuantState) -> bool:
             and config.calibration_table is None)
 
 
-def use_held_back(state: QuantState) -> None:
-    """Give the built-in goal the held-back calibration samples, then evaluate the float model on them."""
+def evaluate_float_model(state: QuantState) -> None:
+    """Evaluate the float model (once); a built-in goal waiting for held-back samples gets them first."""
     evaluator = state.evaluator.evaluator
     if isinstance(evaluator, GoalEvaluator) and evaluator.samples is None:
         if not state.held_back:
@@ -119,7 +119,7 @@ class CheckGoal(Pass):
         return state.evaluator is not None and state.accuracy is None
 
     def run(self, state: QuantState) -> GoalCheck:
-        state.evaluator.evaluate_float(state.model_path)
+        evaluate_float_model(state)
         with candidate_folder(state) as folder:
             path = folder / state.output_path.name
             save_atomically(state.model, path)

@@ -37,4 +37,8 @@ class Prepare(Pass):
                               f"({type(cause).__name__}: {first})") from None
         state.specs = input_specs(state.model)
         state.data = CalibrationData(state.user_data, state.config, state.specs, state.note)
-        state.engine = DataEngine(state.data, state.specs, state.config.calibrate_batch_size, state.progress)
+        state.engine = DataEngine(state.data, state.specs, state.config.calibrate_batch_size, state.progress,
+                                  state.workers)
+        if state.workers is not None and state.data.given and not state.data.on_files:
+            state.note("workers: samples passed in memory are read in this process; give a folder or a data list "
+                       "for the workers to read")

@@ -44,7 +44,7 @@ from ..graph.saving import save_atomically
 from ..pipeline.passes import Pass, PipelineError, run_pipeline
 from ..pipeline.state import QuantState
 from ..quantizers.plan import plan_quantization
-from .evaluate import candidate_folder, describe_evaluator, use_held_back
+from .evaluate import candidate_folder, describe_evaluator, evaluate_float_model
 from .plan import INT4_OPSET
 
 LADDERS = {"CPU": (INT8, FLOAT32), "DSP": (INT8, INT16, FLOAT32), "NVGPU": (INT8, FLOAT16, FLOAT32)}
@@ -93,7 +93,7 @@ class SearchPrecisions(Pass):
         return state.evaluator is not None and bool(state.plan.quantized_nodes)
 
     def run(self, state: QuantState) -> PrecisionSearch:
-        use_held_back(state)
+        evaluate_float_model(state)
         evaluator = state.evaluator
         rules = state.weight_options.precisions
         ladder = self._ladder(state)
@@ -214,6 +214,9 @@ class SearchPrecisions(Pass):
         if report.latency_ms is not None:
             lines.append(f"  latency, ONNX Runtime CPU, one sample: float {report.latency_ms[0]:.2f} ms, "
                          f"quantized {report.latency_ms[1]:.2f} ms")
+            if report.latency_ms[1] >= report.latency_ms[0]:
+                lines.append("  the kept model is no faster than the float model: the goal needs more nodes float "
+                             "than int8 can pay for here (lowbit analyze shows where the error comes from)")
         return lines
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -35,8 +35,9 @@ from tqdm import tqdm
 
 from ..calibration.observers import Observer
 from ..data.calibration import CalibrationData
-from ..data.feeds import InputSpec, batched
-from ..data.split import SampleSplit
+from ..data.feeds import InputSpec, batched, batches_freely
+from ..data.split import HOLD_BACK_EVERY, MAX_SET_ASIDE, SampleSplit
+from ..distributed.workers import Shard, Workers
 from ..errors import LowbitError
 from ..graph.runtime import make_session
 from ..search.metrics import PairStats
@@ -78,11 +79,13 @@ class SplitSettings:
 class DataEngine:
     """Runs models over the calibration data (or a small list of kept samples) for the passes."""
 
-    def __init__(self, data: CalibrationData, specs: list[InputSpec], batch_size: int, progress: bool):
+    def __init__(self, data: CalibrationData, specs: list[InputSpec], batch_size: int, progress: bool,
+                 workers: Workers | None = None):
         self.data = data
         self.specs = specs
         self.batch_size = batch_size
         self.progress = progress
+        self.workers = workers  # Ray workers (lowbit.distributed); None: everything runs in this process
         self.passes: list[DataPass] = []
 
     def run(self, model: ir.Model | onnx.ModelProto, requests: Sequence[Request], *, what: str, model_label: str,
@@ -94,6 +97,8 @@ class DataEngine:
         or the given ``feeds``. Returns the statistics samples run and the split used.
         """
         start = time.perf_counter()
+        if self.workers is not None and feeds is None and self.data.on_files:
+            return self._run_on_workers(model, requests, what, model_label, limit, split, start)
         names = dict.fromkeys(name for request in requests for name in request.observers)
         graph_inputs = _graph_inputs(model)
         fetched = [name for name in names if name not in graph_inputs]  # inputs come from the feed itself
@@ -119,6 +124,61 @@ class DataEngine:
                                     feeds is None))
         return statistics, sample_split
 
+    def _run_on_workers(self, model, requests: Sequence[Request], what: str, model_label: str, limit: int | None,
+                        split: SplitSettings | None, start: float) -> tuple[int, SampleSplit | None]:
+        """:meth:`run` with the statistics samples in shards on the workers (see :mod:`lowbit.distributed`).
+
+        The split is the one :class:`~lowbit.data.split.SampleSplit` makes, by position: the
+        driver reads the held-back and tuning samples; the rest go to the workers as file lists.
+        """
+        files = self.data.files(limit)
+        held, keep = [], 0
+        if split is not None:
+            count = split.search_samples if split.search_samples is not None else MAX_SET_ASIDE
+            if split.hold_back:
+                held = [i for i in range(len(files)) if i % HOLD_BACK_EVERY == HOLD_BACK_EVERY - 1][:count]
+            keep = count if split.keep_for_tuning else 0
+        held_set = set(held)
+        statistics = [i for i in range(len(files)) if i not in held_set]
+        proto = model if isinstance(model, onnx.ModelProto) else ir.serde.serialize_model(model)
+        local = [r for r in requests if r.samples != STATISTICS]
+        observers = [dict(r.observers) for r in requests if r.samples == STATISTICS]
+        fetched = [name for name in dict.fromkeys(name for group in observers for name in group)
+                   if name not in _graph_inputs(model)]
+        shards = self._shards(files, statistics, what)
+        with tqdm(total=len(statistics), desc=what, unit="sample", disable=None if self.progress else True) as bar:
+            results = self.workers.observe(proto, fetched, observers, shards, bar.update)
+        for states, warnings in results:
+            for message in warnings:
+                self.data.warn(message)
+            for group, group_states in zip(observers, states):
+                for name, state in group_states.items():
+                    group[name].merge(type(group[name]).from_state(state))
+        sample_split = None
+        if split is not None:
+            sample_split = SampleSplit.from_positions(list(replace(files, rows=[files.rows[i] for i in held])),
+                                                      list(replace(files, rows=[files.rows[i] for i in
+                                                                                statistics[:keep]])),
+                                                      count, split.hold_back, len(statistics))
+        if local and sample_split is not None and sample_split.held_back:
+            names = [n for n in dict.fromkeys(n for r in local for n in r.observers) if n not in _graph_inputs(model)]
+            runner = _Runner(make_session(model, names), names, model, local, what)
+            for feed in sample_split.held_back:
+                runner.feed(feed, HELD_BACK)
+        if not statistics:
+            raise LowbitError("the calibration data holds no samples")
+        self.passes.append(DataPass(what, model_label, len(statistics) + len(held), time.perf_counter() - start, True))
+        return len(statistics), sample_split
+
+    def _shards(self, files, positions: list[int], what: str) -> list[Shard]:
+        """Contiguous runs of ``positions``, one per worker, cut at multiples of the batch size."""
+        rows = self.batch_size if batches_freely(self.specs) else 1
+        per_shard = -(-len(positions) // max(1, self.workers.count))
+        per_shard = -(-per_shard // rows) * rows
+        return [Shard(replace(files, rows=[files.rows[i] for i in positions[begin:begin + per_shard]]),
+                      begin, begin // rows, self.batch_size, what)
+                for begin in range(0, len(positions), per_shard)]
+
     def score(self, model, feeds: Sequence[Feed], names: Sequence[str], references: Sequence[Sequence[np.ndarray]],
               overrides: Mapping[str, np.ndarray] | None = None) -> PairStats:
         """Sums comparing the model's outputs ``names`` with ``references``, feed by feed.
@@ -133,6 +193,14 @@ class DataEngine:
             for actual, wanted in zip(session.run(list(names), {**feed, **extra}), expected):
                 stats.update(actual, wanted)
         return stats
+
+
+    def score_all(self, models: Sequence[onnx.ModelProto], feeds: Sequence[Feed], names: Sequence[str],
+                  references: Sequence[Sequence[np.ndarray]]) -> list[PairStats]:
+        """:meth:`score` for several models: one Ray task each with workers, else one after another."""
+        if self.workers is not None and len(models) > 1:
+            return self.workers.score(models, feeds, names, references)
+        return [self.score(model, feeds, names, references) for model in models]
 
 
 class _Runner:

@@ -41,6 +41,7 @@ class QuantState:
     note: Callable[[str], None]
     progress: bool
     user_data: Any = None  # the data argument of lowbit.quantize, read through ``data``
+    workers: Any = None  # Ray workers (lowbit.distributed.workers.Workers) when workers / ray_address is set
     sections: list[Section] = field(default_factory=list)
 
     # load and prepare
@@ -89,5 +90,5 @@ class QuantState:
         Its model is the caller's to give (a copy: the passes change it in place); what it
         shares (the data, observers, ranges, samples) the build passes only read.
         """
-        engine = DataEngine(self.data, self.specs, self.engine.batch_size, progress=False)
+        engine = DataEngine(self.data, self.specs, self.engine.batch_size, progress=False, workers=self.workers)
         return replace(self, note=lambda message: None, progress=False, sections=[], engine=engine, **changes)

@@ -123,15 +123,16 @@ def choose_ranges(
     options: SearchOptions,
     candidate_list: list[Candidate],
     collect_tuning: Collect,
-    score: Callable[[Scheme, dict[str, Range]], PairStats],
+    score: Callable[[list[tuple[Scheme, dict[str, Range]]]], list[PairStats]],
     held_back: int,
 ) -> tuple[dict[str, Range], Scheme, SearchReport]:
     """The activation ranges to quantize with, the scheme they go with, and how they were chosen.
 
     ``plan_for(scheme)`` is the plan with a candidate's weight granularity and activation
     symmetry; ``collect_tuning`` runs a scoring model over the tuning samples (AUTO_TUNE,
-    layer-wise); ``score(scheme, ranges)`` compares the model quantized with a range per tensor
-    with the float model on the ``held_back`` samples (model-wise). The layer-wise mix is
+    layer-wise); ``score([(scheme, ranges), ...])`` compares each model quantized with a range per
+    tensor with the float model on the ``held_back`` samples (model-wise), all at once so that
+    workers can score them side by side. The layer-wise mix is
     made among the candidates of the first scheme.
     """
     tuned = 0
@@ -189,15 +190,15 @@ def _auto_tune(model, plan, observers, settings: RangeSettings, tune_num: int,
     return ranges, changed
 
 
-def _score_models(options_by_label, scheme_by_label, score: Callable[[Scheme, dict[str, Range]], PairStats],
+def _score_models(options_by_label, scheme_by_label,
+                  score: Callable[[list[tuple[Scheme, dict[str, Range]]]], list[PairStats]],
                   metric: str) -> list[SearchRow]:
     """Each candidate's quantized model against the float model on the held-back samples."""
-    rows = []
-    for label, ranges in options_by_label.items():
-        start = time.perf_counter()
-        stats = score(scheme_by_label[label], ranges)
-        rows.append(SearchRow(label, METRICS[metric].value(stats), time.perf_counter() - start))
-    return rows
+    start = time.perf_counter()
+    labels = list(options_by_label)
+    stats = score([(scheme_by_label[label], options_by_label[label]) for label in labels])
+    seconds = (time.perf_counter() - start) / len(labels)  # scored side by side: the mean per candidate
+    return [SearchRow(label, METRICS[metric].value(s), seconds) for label, s in zip(labels, stats)]
 
 
 def _as_range(observer: RangeObserver, method, scheme, settings: RangeSettings) -> Range:

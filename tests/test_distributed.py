@@ -1,0 +1,136 @@
+"""Calibration and candidate scoring on Ray workers give what one process gives.
+
+A local Ray with 2 CPUs (CI has 2 cores) is started once for the module; lowbit joins it
+instead of starting its own (it starts and stops one per job otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import lowbit
+from bench import zoo
+from lowbit.calibration.observers import MinMaxObserver
+from lowbit.config import load_config
+from lowbit.data.calibration import CalibrationData
+from lowbit.data.feeds import input_specs
+from lowbit.distributed.workers import start_workers
+from lowbit.errors import LowbitError
+from lowbit.graph.loading import load_model
+from lowbit.pipeline.engine import DataEngine, Request
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the observer below travels by value
+    yield
+    ray.shutdown()
+
+
+def constants(path) -> dict[str, np.ndarray]:
+    """Every initializer: int8 weights, int32 biases, scales and zero points."""
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def assert_same_model(a, b):
+    first, second = constants(a), constants(b)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert np.array_equal(first[name], second[name]), name
+
+
+def npy_folder(folder, arrays):
+    folder.mkdir()
+    for i, x in enumerate(arrays):
+        np.save(folder / f"{i:04d}.npy", x)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def digit_calib(tmp_path_factory):
+    cells, _ = zoo.opencv_digits()
+    order = np.random.default_rng(0).permutation(len(cells))
+    return npy_folder(tmp_path_factory.mktemp("d") / "calib", [zoo.digit_input(cells[i]) for i in order[:72]])
+
+
+@pytest.fixture(scope="module")
+def photo_calib(tmp_path_factory):
+    photos = zoo.skimage_photos()
+    crops = [zoo.efficientnet_input(c) for name in ("astronaut", "coffee", "chelsea", "motorcycle_left")
+             for c in zoo.crops(photos[name], 12, seed=0)]
+    return npy_folder(tmp_path_factory.mktemp("e") / "calib", crops)
+
+
+@pytest.mark.parametrize("model", ["digits", "efficientnet"])
+def test_one_and_two_workers_write_what_one_process_writes(model, digit_calib, photo_calib, tmp_path):
+    src = zoo.digit_cnn("torchscript") if model == "digits" else zoo.efficientnet_lite0("torchscript")
+    calib = digit_calib if model == "digits" else photo_calib
+    alone = tmp_path / "alone.onnx"
+    result = lowbit.quantize(src, alone, data=calib, progress=False)
+    assert result.search is not None and len(result.search.rows) == 4  # the default search scored 4 candidates
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}.onnx"
+        spread = lowbit.quantize(src, out, data=calib, progress=False, workers=workers)
+        assert_same_model(alone, out)
+        assert [r.score for r in spread.search.rows] == pytest.approx([r.score for r in result.search.rows])
+        assert spread.calibration_samples == result.calibration_samples
+
+
+class DiesOnce(MinMaxObserver):
+    """Kills its worker process the first time it sees data anywhere (a marker file remembers)."""
+
+    def __init__(self, marker):
+        super().__init__()
+        self.marker = str(marker)
+
+    def update(self, x):
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)  # the worker process dies: no exception, no clean-up, as with a lost node
+        super().update(x)
+
+
+def test_a_worker_that_dies_is_retried_with_the_same_result(digit_calib, tmp_path):
+    model, _ = load_model(zoo.digit_cnn("torchscript"))
+    config = load_config(None, {})
+    specs = input_specs(model)
+    data = CalibrationData(digit_calib, config, specs, lambda message: None)
+    plain = {"input": MinMaxObserver()}
+    DataEngine(data, specs, 1, False).run(model, [Request(plain)], what="t", model_label="float")
+    dying = {"input": DiesOnce(tmp_path / "died")}
+    with start_workers(2, None, "test") as workers:
+        DataEngine(data, specs, 1, False, workers).run(model, [Request(dying)], what="t", model_label="float")
+    assert (tmp_path / "died").exists()
+    assert dying["input"].range() == plain["input"].range()
+
+
+def test_a_bad_file_is_named_as_in_one_process(digit_calib, tmp_path):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for path in sorted(digit_calib.iterdir())[:24]:
+        (calib / path.name).write_bytes(path.read_bytes())
+    (calib / "0010.npy").write_bytes(b"not an npy file")
+    errors = []
+    for workers in (None, 2):
+        with pytest.raises(LowbitError) as caught:
+            lowbit.quantize(zoo.digit_cnn("torchscript"), tmp_path / "out.onnx", data=calib, progress=False,
+                            workers=workers)
+        errors.append(str(caught.value))
+    assert "0010.npy" in errors[0] and errors[0] == errors[1]
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_workers_without_ray_say_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails, as where it is not installed
+    with pytest.raises(LowbitError, match=r"pip install 'lowbit\[ray\]'"):
+        with start_workers(2, None, "--workers"):
+            pass
