@@ -116,7 +116,8 @@ def test_goal_metrics_equal_the_hand_computed_ones(tmp_path):
     x = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0]], np.float32)
     w_float = np.eye(3, dtype=np.float32)
     w_other = np.array([[1, 0, 0], [0, 0, 1], [0, 1, 0]], np.float32)  # swaps outputs 1 and 2
-    float_path, other_path = save(gemm_model(w_float), tmp_path / "f.onnx"), save(gemm_model(w_other), tmp_path / "o.onnx")
+    float_path = save(gemm_model(w_float), tmp_path / "f.onnx")
+    other_path = save(gemm_model(w_other), tmp_path / "o.onnx")
     samples = EvalSamples([{"x": x}], np.array([0, 1, 1]), "hand")
     # rows: (1,0,0) vs (1,0,0): cosine 1; (0,1,0) vs (0,0,1): 0; (1,1,0) vs (1,0,1): 1/2
     cosine = GoalEvaluator(parse_goal("cosine>=0.5", "t"), samples)

@@ -7,9 +7,10 @@ the model kept is exactly one the evaluator accepted. The steps:
 
 1. the float model, then the planned model (int8 where the configuration says nothing
    else) are evaluated; if the evaluator is satisfied, nothing moves;
-2. the nodes are ranked on a few calibration samples by how much leaving each float lowers
-   the output error (:func:`lowbit.analysis.sensitivity.ranked_nodes`, on the switched
-   model of the int8 candidate: one session, no evaluator call);
+2. the nodes are ranked on a few samples (accuracy_target's eval_data when given, else
+   calibration samples) by how much leaving each float lowers the output error
+   (:func:`lowbit.analysis.sensitivity.ranked_nodes`, on the switched model of the int8
+   candidate: one session, no evaluator call);
 3. :func:`lowbit.accuracy.climb.climb` moves prefixes of the ranking up the ladder.
 
 Nodes that op_config or node_config name keep what the user gave them. Sets: the plan and
@@ -31,6 +32,7 @@ import onnxruntime as ort
 
 from ..accuracy.climb import Assignment, Trial, climb
 from ..accuracy.evaluator import Evaluation
+from ..accuracy.goals import GoalEvaluator
 from ..analysis.sensitivity import OutputError, ranked_nodes
 from ..analysis.switches import OUTPUT_ROUNDING, switched_model
 from ..config.precision import FLOAT16, FLOAT32, INT8, INT16, NodePrecision
@@ -221,7 +223,13 @@ class SearchPrecisions(Pass):
 
 
 def _ranking_samples(state: QuantState) -> list[dict[str, np.ndarray]]:
-    """Samples the statistics did not see when there are (the held-back ones), else the first calibration ones."""
+    """The goal's own samples when lowbit holds them (accuracy_target's eval_data); else samples the statistics
+    did not see (the held-back ones); else the first calibration ones."""
+    goal = state.evaluator.evaluator
+    if isinstance(goal, GoalEvaluator) and goal.samples is not None and state.config.eval_data is not None:
+        rows = [{name: array[i:i + 1] for name, array in feed.items()}
+                for feed in goal.samples.feeds for i in range(len(next(iter(feed.values()))))]
+        return rows[:RANKING_SAMPLES]
     if state.held_back:
         return state.held_back[:RANKING_SAMPLES]
     stream, _ = state.data.open(None)
