@@ -134,3 +134,23 @@ def test_workers_without_ray_say_what_to_install(monkeypatch, tmp_path):
     with pytest.raises(LowbitError, match=r"pip install 'lowbit\[ray\]'"):
         with start_workers(2, None, "--workers"):
             pass
+
+
+def test_the_sensitivity_ranking_on_workers_is_the_one_process_ranking(digit_calib, tmp_path):
+    from lowbit.analysis.sensitivity import OutputError, ranked_nodes
+    from lowbit.analysis.switches import switched_model
+    from lowbit.graph.passes import prepare, typed
+    from lowbit.graph.runtime import make_session
+
+    src = zoo.digit_cnn("torchscript")
+    lowbit.quantize(src, tmp_path / "q.onnx", data=digit_calib, progress=False)
+    switched = switched_model(typed(load_model(tmp_path / "q.onnx")[0]), prepare(load_model(src)[0]))
+    batches = [{"input": np.load(path)} for path in sorted(digit_calib.iterdir())[:8]]
+    outputs = [v.name for v in switched.model.graph.outputs]
+    error = OutputError(make_session(switched.model), switched, batches, outputs)
+    everything = {node.name for node in switched.nodes}
+    alone, _ = ranked_nodes(error, error(everything), alone=False)
+    with start_workers(2, None, "test") as workers:
+        spread, _ = ranked_nodes(error, error(everything), workers=workers, alone=False)
+    assert [n.name for n in spread] == [n.name for n in alone]
+    assert [n.gain for n in spread] == pytest.approx([n.gain for n in alone])

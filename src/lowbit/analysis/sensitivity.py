@@ -16,14 +16,19 @@ the analysis orders the first ones by measuring them together (see
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from ..search.metrics import compare
 from .switches import OUTPUT_ROUNDING, SwitchedModel
+
+if TYPE_CHECKING:
+    from ..distributed.workers import Workers
 
 CURVE = 8  # the greedy order considers this many of the nodes of largest gain
 
@@ -74,28 +79,42 @@ def mean_error(references: Sequence[list[np.ndarray]], results: Iterable[list[np
     return float(np.mean(errors)) if errors else 0.0
 
 
-def node_sensitivities(error: OutputError, full_error: float,
-                       step: Callable[[], None] = lambda: None) -> list[NodeSensitivity]:
-    """Both figures for every switched node, ranked by gain (largest first)."""
-    names = [node.name for node in error.switched.nodes]
-    everything = set(names)
+def node_sensitivities(error: OutputError, full_error: float, step: Callable[[], None] = lambda: None,
+                       names: Sequence[str] | None = None, alone: bool = True) -> list[NodeSensitivity]:
+    """The figures of the switched nodes ``names`` (all when None), ranked by gain (largest first).
+
+    ``alone=False`` skips the "alone" figure (NaN then), which only breaks ties of the ranking:
+    half the runs, for a search that needs the order only.
+    """
+    everything = {node.name for node in error.switched.nodes}
     rows = []
     for node in error.switched.nodes:
-        alone = error({node.name})
+        if names is not None and node.name not in names:
+            continue
+        by_itself = error({node.name}) if alone else math.nan
         without = error(everything - {node.name})
-        rows.append(NodeSensitivity(node.name, node.op_type, alone, without, full_error - without,
+        rows.append(NodeSensitivity(node.name, node.op_type, by_itself, without, full_error - without,
                                     tuple(node.activations), tuple(node.weights)))
         step()
-    return sorted(rows, key=lambda row: (-row.gain, -row.alone, row.name))
+    return sorted(rows, key=_by_gain)
 
 
-def ranked_nodes(error: OutputError, full_error: float, step: Callable[[], None] = lambda: None
+def _by_gain(row: NodeSensitivity) -> tuple:
+    return -row.gain, 0.0 if math.isnan(row.alone) else -row.alone, row.name
+
+
+def ranked_nodes(error: OutputError, full_error: float, step: Callable[[], None] = lambda: None,
+                 workers: Workers | None = None, alone: bool = True
                  ) -> tuple[list[NodeSensitivity], list[tuple[str, float]]]:
     """Every switched node, ranked: first the greedy order of :func:`greedy_order`, then the others by gain.
 
     Returns the ranking and the greedy curve (node, output error with it and those before it float).
+    With ``workers``, the nodes' figures are measured in Ray tasks, a share of the nodes each.
     """
-    by_gain = node_sensitivities(error, full_error, step)
+    if workers is None:
+        by_gain = node_sensitivities(error, full_error, step, alone=alone)
+    else:
+        by_gain = sorted(workers.sensitivities(error, full_error, alone, step), key=_by_gain)
     curve = greedy_order(error, by_gain)
     first = [name for name, _ in curve]
     return sorted(by_gain, key=lambda n: first.index(n.name) if n.name in first else len(first)), curve

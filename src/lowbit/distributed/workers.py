@@ -1,4 +1,4 @@
-"""Ray workers for the data engine: statistics over shards of the calibration files, candidates scored at once.
+"""Ray workers: statistics over shards of the calibration files, candidates scored at once, nodes ranked in shares.
 
 ``workers=N`` starts a local Ray with N CPUs (``ray_address`` joins a running cluster
 instead); lowbit never schedules work itself, it hands Ray one task per shard or per
@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from ..errors import LowbitError
 
@@ -48,6 +49,7 @@ class Workers:
         self.ray, self.count = ray, count
         self._observe = ray.remote(max_retries=MAX_RETRIES)(_observe_shard)
         self._score = ray.remote(max_retries=MAX_RETRIES)(_score_model)
+        self._sensitivities = ray.remote(max_retries=MAX_RETRIES)(_node_sensitivities)
 
     def observe(self, model: onnx.ModelProto, fetched: list[str], observers: list[dict[str, Any]],
                 shards: list[Shard], done: Callable[[int], None]) -> list[tuple[list[dict[str, dict]], list[str]]]:
@@ -71,6 +73,28 @@ class Workers:
         tasks = [self._score.remote(model.SerializeToString(), feeds_ref, list(names), references_ref)
                  for model in models]
         return [self._get(task) for task in tasks]
+
+    def sensitivities(self, error: Any, full_error: float, alone: bool, step: Callable[[], None]) -> list[Any]:
+        """:func:`lowbit.analysis.sensitivity.node_sensitivities` of every switched node, a share per worker.
+
+        ``error`` is the driver's :class:`~lowbit.analysis.sensitivity.OutputError`: its switched
+        model goes out once, with the batches; each task measures its nodes in a session of its own.
+        """
+        switched = error.switched
+        model_ref = self.ray.put(ir.serde.serialize_model(switched.model).SerializeToString())
+        batches_ref = self.ray.put(list(error.batches))
+        names = [node.name for node in switched.nodes]
+        share = -(-len(names) // self.count)
+        pending = {self._sensitivities.remote(model_ref, switched.nodes, batches_ref, error.outputs,
+                                              names[i:i + share], full_error, alone): len(names[i:i + share])
+                   for i in range(0, len(names), share)}
+        rows = []
+        while pending:
+            ready, _ = self.ray.wait(list(pending), num_returns=1)
+            for _ in range(pending.pop(ready[0])):
+                step()
+            rows += self._get(ready[0])
+        return rows
 
     def _get(self, task) -> Any:
         try:
@@ -125,6 +149,18 @@ def _score_model(model_bytes: bytes, feeds: list[dict[str, np.ndarray]], names: 
         for actual, wanted in zip(session.run(names, feed), expected):
             stats.update(actual, wanted)
     return stats
+
+
+def _node_sensitivities(model_bytes: bytes, nodes: list[Any], batches: list[dict[str, np.ndarray]],
+                        outputs: list[str], names: list[str], full_error: float, alone: bool) -> list[Any]:
+    """On a worker: the sensitivity figures of the switched nodes ``names``."""
+    from ..analysis.sensitivity import OutputError, node_sensitivities
+    from ..analysis.switches import SwitchedModel
+    from ..graph.runtime import make_session
+
+    session = make_session(onnx.load_from_string(model_bytes))
+    error = OutputError(session, SwitchedModel(None, nodes), batches, outputs)
+    return node_sensitivities(error, full_error, names=names, alone=alone)
 
 
 @contextmanager

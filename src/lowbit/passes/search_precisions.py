@@ -180,7 +180,7 @@ class SearchPrecisions(Pass):
         switched = switched_model(typed(_copy(quantized)), state.model)
         error = OutputError(make_session(switched.model), switched, batches, outputs)
         everything = {node.name for node in switched.nodes}
-        nodes, _ = ranked_nodes(error, error(everything))
+        nodes, _ = ranked_nodes(error, error(everything), workers=state.workers, alone=False)
         graph_nodes = {node.name: node for node in state.model.graph}
         return [n.name for n in nodes if n.op_type != OUTPUT_ROUNDING and n.name in graph_nodes
                 and not rules.explicit(graph_nodes[n.name])]
