@@ -7,7 +7,9 @@ bisection over log10(init_scale) in [-5, 0], as ``auto_tune``'s, with the user's
 in place of the output cosine. Many init_scales give the same allocation: one already
 evaluated is not evaluated again (it costs no evaluation), and the bisection stops at a
 resolution of 0.05 decades (12%). When no allocation passes, every weight at the widest
-width is tried last; when even that fails, the goal cannot be met.
+width is tried last; when even that fails, the goal cannot be met. The mixed-bit pass runs
+it on widths up to 8 bits first (every allocation then at most the 8-bit file), and on all
+widths (16 bits too) only when every weight at 8 bits fails.
 """
 
 from __future__ import annotations

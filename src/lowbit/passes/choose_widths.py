@@ -101,9 +101,15 @@ class ChooseWidths(Pass):
                 save_atomically(fork.model, path)
                 return evaluator.evaluate(path, label)
 
-            search = search_init_scale(lambda scale: allocate(errors, shares, scale, choices),
-                                       lambda bits: sum(bits[n] * shares[n] for n in bits), evaluate,
-                                       lambda: evaluator.left, {name: choices[-1] for name in errors})
+            search = None
+            for family in _families(choices):
+                earlier = search.tries if search is not None else []
+                search = search_init_scale(lambda scale: allocate(errors, shares, scale, family),
+                                           lambda bits: sum(bits[n] * shares[n] for n in bits), evaluate,
+                                           lambda: evaluator.left, {name: family[-1] for name in errors})
+                search.tries = earlier + search.tries
+                if search.bits is not None:
+                    break
         state.accuracy = WidthSearchReport(describe_evaluator(evaluator), evaluator.original, search)
         if search.bits is None:
             raise LowbitError(f"the evaluator was not satisfied ({state.accuracy.evaluator}): {search.stopped}; "
@@ -132,6 +138,14 @@ class ChooseWidths(Pass):
         if len(report.layers) > 12:
             lines.append(f"    ... {len(report.layers) - 12} smaller weights (result.mixed_bits lists them all)")
         return lines
+
+
+def _families(choices: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The widths the evaluator's search tries, narrowest family first: up to 8 bits, where every allocation is at
+    most the 8-bit file (a sensitive layer at 16 bits can cost more than the 4-bit layers save), then all widths
+    when even every weight at 8 bits fails the evaluator."""
+    capped = tuple(w for w in choices if w <= 8)
+    return [capped, choices] if capped and capped != choices else [choices]
 
 
 def _describe_search(report: WidthSearchReport) -> list[str]:
