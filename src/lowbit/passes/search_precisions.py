@@ -106,41 +106,10 @@ class SearchPrecisions(Pass):
                 state.note(f"precision_ladder: int16 needs opset {INT4_OPSET}, which onnx's converter could not "
                            "reach; the search skips int16")
                 ladder, base_model = tuple(p for p in ladder if p != INT16), state.model
-        fused = {}
-        for decision in state.plan.quantized_nodes:
-            if decision.fused_into:
-                fused.setdefault(decision.fused_into, []).append(decision.node.name)
-
-        def node_config(assignment: Assignment) -> dict[str, NodePrecision]:
-            moved = {name: NodePrecision(precision, where="accuracy search")
-                     for node, precision in assignment.items() for name in (node, *fused.get(node, ()))}
-            return {**moved, **rules.nodes}  # the user's node_config wins
-
         samples = _ranking_samples(state)
         with candidate_folder(state) as folder:
-            built = 0
-            paths: dict[frozenset, Path] = {}
-
-            def build(assignment: Assignment) -> tuple[ir.Model, Path]:
-                nonlocal built
-                built += 1
-                options = replace(state.weight_options, precisions=replace(rules, nodes=node_config(assignment)))
-                model = _copy(base_model)
-                plan = plan_quantization(model, state.target, options)
-                missing = sorted(set(plan.activations) - set(state.ranges or {}))
-                if missing:
-                    raise PipelineError(f"candidate {built} quantizes {missing[0]}, which has no range")
-                fork = state.fork(model=model, plan=plan, weight_options=options, qparams=None, float_layers=None)
-                run_pipeline(self.build(), fork)
-                path = folder / f"candidate-{built}{state.output_path.suffix}"
-                save_atomically(fork.model, path)
-                return fork.model, path
-
-            def evaluate(assignment: Assignment, label: str) -> Evaluation:
-                path = paths[frozenset(assignment.items())] = build(assignment)[1]
-                return evaluator.evaluate(path, label)
-
-            first_model, first_path = build({})
+            candidates = _Candidates(state, base_model, rules, self.build, folder)
+            first_model, first_path = candidates.build({})
             report = PrecisionSearch(describe_evaluator(evaluator), ladder, evaluator.original,
                                      evaluator.evaluate(first_path, "as planned"))
             report.stopped = "the planned model satisfied the evaluator"
@@ -149,14 +118,14 @@ class SearchPrecisions(Pass):
                 ranking = self._rank(state, first_model, rules, samples)
                 report.ranking_seconds = time.perf_counter() - start
                 report.ranks = {name: i + 1 for i, name in enumerate(ranking)}
-                outcome = climb(ranking, ladder, evaluate, lambda: evaluator.left)
+                outcome = climb(ranking, ladder, candidates.evaluate, lambda: evaluator.left)
                 report.trials, report.stopped = outcome.trials, outcome.stopped
                 if outcome.kept is None:
                     raise LowbitError(self._failure(report, evaluator.history))
                 report.kept = outcome.kept
-            kept_path = paths[frozenset(report.kept.items())] if report.kept else first_path
+            kept_path = candidates.paths[frozenset(report.kept.items())] if report.kept else first_path
             report.latency_ms = _latencies(state.model_path, kept_path, samples[0])
-        report.node_config = node_config(report.kept)
+        report.node_config = candidates.node_config(report.kept)
         report.op_types = {node.name: node.op_type for node in state.model.graph}
         if report.kept:
             state.model = base_model
@@ -220,6 +189,43 @@ class SearchPrecisions(Pass):
                 lines.append("  the kept model is no faster than the float model: the goal needs more nodes float "
                              "than int8 can pay for here (lowbit analyze shows where the error comes from)")
         return lines
+
+
+class _Candidates:
+    """Builds the candidate of an assignment with the pipeline's build passes on a fork, into ``folder``."""
+
+    def __init__(self, state: QuantState, base_model: ir.Model, rules, build: Callable[[], list[Pass]],
+                 folder: Path):
+        self.state, self.base_model, self.rules, self.build_passes, self.folder = (state, base_model, rules, build,
+                                                                                   folder)
+        self.paths: dict[frozenset, Path] = {}  # assignment -> its candidate file
+        self.fused: dict[str, list[str]] = {}  # a node -> the activations fused into it, which move with it
+        for decision in state.plan.quantized_nodes:
+            if decision.fused_into:
+                self.fused.setdefault(decision.fused_into, []).append(decision.node.name)
+
+    def node_config(self, assignment: Assignment) -> dict[str, NodePrecision]:
+        moved = {name: NodePrecision(precision, where="accuracy search")
+                 for node, precision in assignment.items() for name in (node, *self.fused.get(node, ()))}
+        return {**moved, **self.rules.nodes}  # the user's node_config wins
+
+    def build(self, assignment: Assignment) -> tuple[ir.Model, Path]:
+        state = self.state
+        options = replace(state.weight_options, precisions=replace(self.rules, nodes=self.node_config(assignment)))
+        model = _copy(self.base_model)
+        plan = plan_quantization(model, state.target, options)
+        missing = sorted(set(plan.activations) - set(state.ranges or {}))
+        if missing:
+            raise PipelineError(f"a candidate quantizes {missing[0]}, which has no range")
+        fork = state.fork(model=model, plan=plan, weight_options=options, qparams=None, float_layers=None)
+        run_pipeline(self.build_passes(), fork)
+        path = self.folder / f"candidate-{len(self.paths) + 1}{state.output_path.suffix}"
+        save_atomically(fork.model, path)
+        self.paths[frozenset(assignment.items())] = path
+        return fork.model, path
+
+    def evaluate(self, assignment: Assignment, label: str) -> Evaluation:
+        return self.state.evaluator.evaluate(self.build(assignment)[1], label)
 
 
 def _ranking_samples(state: QuantState) -> list[dict[str, np.ndarray]]:
