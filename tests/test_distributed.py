@@ -70,16 +70,21 @@ def photo_calib(tmp_path_factory):
     return npy_folder(tmp_path_factory.mktemp("e") / "calib", crops)
 
 
-@pytest.mark.parametrize("model", ["digits", "efficientnet"])
-def test_one_and_two_workers_write_what_one_process_writes(model, digit_calib, photo_calib, tmp_path):
+@pytest.mark.parametrize("model, settings, candidates", [
+    ("digits", {}, 4),  # the default search: 4 candidates scored
+    ("digits", {"activation_quant_method": "KL,AUTO_TUNE", "layerwise_search": True}, 3),  # + per-op scoring
+    ("efficientnet", {}, 4),
+])
+def test_one_and_two_workers_write_what_one_process_writes(model, settings, candidates, digit_calib, photo_calib,
+                                                           tmp_path):
     src = zoo.digit_cnn("torchscript") if model == "digits" else zoo.efficientnet_lite0("torchscript")
     calib = digit_calib if model == "digits" else photo_calib
     alone = tmp_path / "alone.onnx"
-    result = lowbit.quantize(src, alone, data=calib, progress=False)
-    assert result.search is not None and len(result.search.rows) == 4  # the default search scored 4 candidates
+    result = lowbit.quantize(src, alone, data=calib, progress=False, **settings)
+    assert result.search is not None and len(result.search.rows) == candidates
     for workers in (1, 2):
         out = tmp_path / f"w{workers}.onnx"
-        spread = lowbit.quantize(src, out, data=calib, progress=False, workers=workers)
+        spread = lowbit.quantize(src, out, data=calib, progress=False, workers=workers, **settings)
         assert_same_model(alone, out)
         assert [r.score for r in spread.search.rows] == pytest.approx([r.score for r in result.search.rows])
         assert spread.calibration_samples == result.calibration_samples

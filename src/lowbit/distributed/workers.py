@@ -107,30 +107,42 @@ class Workers:
 
 
 class Shard:
-    """A run of consecutive statistics samples: their files, and where they start in the stream."""
+    """A run of consecutive statistics samples, and where it starts in the stream.
 
-    def __init__(self, samples: Any, first_sample: int, first_batch: int, batch_size: int, what: str):
-        self.samples, self.first_sample, self.first_batch = samples, first_sample, first_batch
+    ``samples`` is a :class:`~lowbit.data.sources.FileSamples` (files the worker reads and
+    batches by ``batch_size``) or a list of feeds, each run as it is (the few samples a
+    search keeps in memory, such as the per-op scoring's tuning samples).
+    """
+
+    def __init__(self, samples: Any, specs: list, first_sample: int, first_batch: int, batch_size: int, what: str):
+        self.samples, self.specs, self.first_sample, self.first_batch = samples, specs, first_sample, first_batch
         self.batch_size, self.what = batch_size, what
+
+    def batches(self):
+        if isinstance(self.samples, list):
+            return iter(self.samples)
+        from ..data.feeds import batched
+
+        return batched(iter(self.samples), self.specs, self.batch_size)
 
 
 def _observe_shard(model_bytes: bytes, fetched: list[str], observers: list[dict[str, Any]], shard: Shard
                    ) -> tuple[list[dict[str, dict]], list[str]]:
     """On a worker: run the model over the shard's samples into ``observers``; return their states."""
-    from ..data.feeds import batched
     from ..graph.runtime import make_session
     from ..pipeline.engine import STATISTICS, Request, _Runner
 
     model = onnx.load_from_string(model_bytes)
     warnings: list[str] = []
-    shard.samples.warn = warnings.append
+    if not isinstance(shard.samples, list):
+        shard.samples.warn = warnings.append
     every = [observer for group in observers for observer in group.values()]
     for observer in every:
         observer.batches = shard.first_batch  # as a single process would count at this sample
     requests = [Request(group) for group in observers]
     runner = _Runner(make_session(model, fetched), fetched, model, requests, shard.what)
     runner.samples = shard.first_sample
-    for batch in batched(iter(shard.samples), shard.samples.specs, shard.batch_size):
+    for batch in shard.batches():
         runner.feed(batch, STATISTICS)
     for observer in every:
         observer.batches -= shard.first_batch

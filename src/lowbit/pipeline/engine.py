@@ -99,6 +99,8 @@ class DataEngine:
         start = time.perf_counter()
         if self.workers is not None and feeds is None and self.data.on_files:
             return self._run_on_workers(model, requests, what, model_label, limit, split, start)
+        if self.workers is not None and feeds is not None and len(feeds) > 1:
+            return self._run_feeds_on_workers(model, requests, what, model_label, feeds, start)
         names = dict.fromkeys(name for request in requests for name in request.observers)
         graph_inputs = _graph_inputs(model)
         fetched = [name for name in names if name not in graph_inputs]  # inputs come from the feed itself
@@ -132,7 +134,7 @@ class DataEngine:
         driver reads the held-back and tuning samples; the rest go to the workers as file lists.
         """
         files = self.data.files(limit)
-        held, keep = [], 0
+        held, keep, count = [], 0, MAX_SET_ASIDE
         if split is not None:
             count = split.search_samples if split.search_samples is not None else MAX_SET_ASIDE
             if split.hold_back:
@@ -140,20 +142,8 @@ class DataEngine:
             keep = count if split.keep_for_tuning else 0
         held_set = set(held)
         statistics = [i for i in range(len(files)) if i not in held_set]
-        proto = model if isinstance(model, onnx.ModelProto) else ir.serde.serialize_model(model)
+        self._observe_on_workers(model, requests, self._shards(files, statistics, what), len(statistics), what)
         local = [r for r in requests if r.samples != STATISTICS]
-        observers = [dict(r.observers) for r in requests if r.samples == STATISTICS]
-        fetched = [name for name in dict.fromkeys(name for group in observers for name in group)
-                   if name not in _graph_inputs(model)]
-        shards = self._shards(files, statistics, what)
-        with tqdm(total=len(statistics), desc=what, unit="sample", disable=None if self.progress else True) as bar:
-            results = self.workers.observe(proto, fetched, observers, shards, bar.update)
-        for states, warnings in results:
-            for message in warnings:
-                self.data.warn(message)
-            for group, group_states in zip(observers, states):
-                for name, state in group_states.items():
-                    group[name].merge(type(group[name]).from_state(state))
         sample_split = None
         if split is not None:
             sample_split = SampleSplit.from_positions(list(replace(files, rows=[files.rows[i] for i in held])),
@@ -170,12 +160,39 @@ class DataEngine:
         self.passes.append(DataPass(what, model_label, len(statistics) + len(held), time.perf_counter() - start, True))
         return len(statistics), sample_split
 
+    def _run_feeds_on_workers(self, model, requests: Sequence[Request], what: str, model_label: str,
+                              feeds: Sequence[Feed], start: float) -> tuple[int, None]:
+        """:meth:`run` over a few samples kept in memory (a search's), a share of them per worker."""
+        share = -(-len(feeds) // self.workers.count)
+        shards = [Shard(list(feeds[begin:begin + share]), self.specs, begin, begin, 0, what)
+                  for begin in range(0, len(feeds), share)]
+        samples = self._observe_on_workers(model, requests, shards, len(feeds), what)
+        self.passes.append(DataPass(what, model_label, samples, time.perf_counter() - start, False))
+        return samples, None
+
+    def _observe_on_workers(self, model, requests: Sequence[Request], shards: list[Shard], total: int,
+                            what: str) -> int:
+        """Run the statistics requests' observers over ``shards`` on the workers; merge them in shard order."""
+        proto = model if isinstance(model, onnx.ModelProto) else ir.serde.serialize_model(model)
+        observers = [dict(r.observers) for r in requests if r.samples == STATISTICS]
+        fetched = [name for name in dict.fromkeys(name for group in observers for name in group)
+                   if name not in _graph_inputs(model)]
+        with tqdm(total=total, desc=what, unit="sample", disable=None if self.progress else True) as bar:
+            results = self.workers.observe(proto, fetched, observers, shards, bar.update)
+        for states, warnings in results:
+            for message in warnings:
+                self.data.warn(message)
+            for group, group_states in zip(observers, states):
+                for name, state in group_states.items():
+                    group[name].merge(type(group[name]).from_state(state))
+        return total
+
     def _shards(self, files, positions: list[int], what: str) -> list[Shard]:
         """Contiguous runs of ``positions``, one per worker, cut at multiples of the batch size."""
         rows = self.batch_size if batches_freely(self.specs) else 1
         per_shard = -(-len(positions) // max(1, self.workers.count))
         per_shard = -(-per_shard // rows) * rows
-        return [Shard(replace(files, rows=[files.rows[i] for i in positions[begin:begin + per_shard]]),
+        return [Shard(replace(files, rows=[files.rows[i] for i in positions[begin:begin + per_shard]]), self.specs,
                       begin, begin // rows, self.batch_size, what)
                 for begin in range(0, len(positions), per_shard)]
 
