@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx_ir as ir
 from tqdm import tqdm
 
+from ..accuracy.latency import latencies
 from ..accuracy.widths import WidthSearch, search_init_scale
 from ..errors import LowbitError
 from ..graph.saving import save_atomically
@@ -40,6 +42,7 @@ class WidthSearchReport:
     evaluator: str
     original: float
     search: WidthSearch
+    latency_ms: tuple[float, float] | None = None  # float model, kept model (ONNX Runtime CPU, one sample)
 
     @property
     def evaluations(self) -> int:
@@ -92,12 +95,14 @@ class ChooseWidths(Pass):
         plan, evaluator = state.plan, state.evaluator
         shares = shares_of(plan)
         with candidate_folder(state) as folder:
+            paths: dict[tuple, Path] = {}
+
             def evaluate(bits: dict[str, int], label: str):
                 model = _copy(state.model)  # planned again: the plan's readers are the nodes it rewrites
                 fork = state.fork(model=model, plan=plan_weight_only(model, state.weight_options), bits=bits,
                                   stored=None, float_layers=None)
                 run_pipeline(self.build(), fork)
-                path = folder / f"candidate-{len(evaluator.history)}{state.output_path.suffix}"
+                path = paths[tuple(sorted(bits.items()))] = folder / f"candidate-{len(paths)}{state.output_path.suffix}"
                 save_atomically(fork.model, path)
                 return evaluator.evaluate(path, label)
 
@@ -110,7 +115,11 @@ class ChooseWidths(Pass):
                 search.tries = earlier + search.tries
                 if search.bits is not None:
                     break
-        state.accuracy = WidthSearchReport(describe_evaluator(evaluator), evaluator.original, search)
+            report = WidthSearchReport(describe_evaluator(evaluator), evaluator.original, search)
+            if search.bits is not None and state.probe is not None:
+                report.latency_ms = latencies(state.model_path, paths[tuple(sorted(search.bits.items()))],
+                                              state.probe.samples[0])
+        state.accuracy = report
         if search.bits is None:
             raise LowbitError(f"the evaluator was not satisfied ({state.accuracy.evaluator}): {search.stopped}; "
                               f"float {evaluator.original:.6g}, the highest "
@@ -160,6 +169,9 @@ def _describe_search(report: WidthSearchReport) -> list[str]:
                      f"{attempt.average_bits:5.2f} bits  {attempt.evaluation.metric:<10.6g} {verdict}"
                      + ("  (an allocation tried before)" if attempt.repeated else ""))
     lines.append(f"  {report.evaluations} evaluations; {report.search.stopped}")
+    if report.latency_ms is not None:
+        lines.append(f"  latency, ONNX Runtime CPU, one sample: float {report.latency_ms[0]:.2f} ms, "
+                     f"quantized {report.latency_ms[1]:.2f} ms")
     return lines
 
 

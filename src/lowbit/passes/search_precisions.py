@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from ..accuracy.climb import Assignment, Trial, climb
 from ..accuracy.evaluator import Evaluation
 from ..accuracy.goals import GoalEvaluator
+from ..accuracy.latency import latencies
 from ..analysis.sensitivity import OutputError, ranked_nodes
 from ..analysis.switches import OUTPUT_ROUNDING, switched_model
 from ..config.precision import FLOAT16, FLOAT32, INT8, INT16, NodePrecision
@@ -124,7 +124,7 @@ class SearchPrecisions(Pass):
                     raise LowbitError(self._failure(report, evaluator.history))
                 report.kept = outcome.kept
             kept_path = candidates.paths[frozenset(report.kept.items())] if report.kept else first_path
-            report.latency_ms = _latencies(state.model_path, kept_path, samples[0])
+            report.latency_ms = latencies(state.model_path, kept_path, samples[0])
         report.node_config = candidates.node_config(report.kept)
         report.op_types = {node.name: node.op_type for node in state.model.graph}
         if report.kept:
@@ -250,24 +250,6 @@ def _weighted_int8(state: QuantState) -> tuple[int, int]:
     weighted = [d for d in state.plan.decisions.values() if d.node.op_type in WEIGHTED and not d.fused_into]
     int8 = [d for d in weighted if d.quantized and d.precision in (INT8, "")]
     return len(int8), len(weighted)
-
-
-def _latencies(float_path: Path, quantized_path: Path, feed: dict[str, np.ndarray], runs: int = 20
-               ) -> tuple[float, float]:
-    """Median ms per run of each model on one sample, the two interleaved so that load spikes hit both."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-                for p in (float_path, quantized_path)]
-    times: list[list[float]] = [[], []]
-    for session in sessions:
-        session.run(None, feed)  # warm up
-    for _ in range(runs):
-        for i, session in enumerate(sessions):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times[i].append(1000 * (time.perf_counter() - start))
-    return float(np.median(times[0])), float(np.median(times[1]))
 
 
 def _verdict(evaluation: Evaluation) -> str:
