@@ -159,3 +159,12 @@ def test_the_sensitivity_ranking_on_workers_is_the_one_process_ranking(digit_cal
         spread, _ = ranked_nodes(error, error(everything), workers=workers, alone=False)
     assert [n.name for n in spread] == [n.name for n in alone]
     assert [n.gain for n in spread] == pytest.approx([n.gain for n in alone])
+
+
+def test_analyze_on_workers_ranks_as_one_process(digit_calib, tmp_path):
+    src = zoo.digit_cnn("torchscript")
+    lowbit.quantize(src, tmp_path / "q.onnx", data=digit_calib, progress=False)
+    alone = lowbit.analyze(src, tmp_path / "q.onnx", data=digit_calib, samples=16)
+    spread = lowbit.analyze(src, tmp_path / "q.onnx", data=digit_calib, samples=16, workers=2)
+    assert [n.name for n in spread.nodes] == [n.name for n in alone.nodes]
+    assert [n.alone for n in spread.nodes] == pytest.approx([n.alone for n in alone.nodes])

@@ -66,6 +66,7 @@ def analyze(
     config: str | Path | None = None,
     *,
     samples: int = 32,
+    workers: int | None = None,
     report: str | Path | None = None,
     progress: Callable[[str, int], Callable[[], None]] | None = None,
     warn: Callable[[str], None] | None = None,
@@ -73,16 +74,18 @@ def analyze(
     """Where ``quantized_model`` (a QDQ model of ``float_model``) loses accuracy; see :mod:`lowbit.analysis`.
 
     ``data`` as for :func:`quantize` (``config``'s ``[data_preprocess_param]`` settings apply
-    to image folders); the first ``samples`` are read. ``report``: also write REPORT.html and
-    REPORT.json (needs ``lowbit[report]``). ``progress(label, total)`` returns a function called
-    once per step; ``warn`` receives the warnings (default: :class:`LowbitWarning`).
+    to image folders); the first ``samples`` are read. ``workers``: measure the per-node figures
+    on a local Ray with that many CPUs (or ``workers`` / ``ray_address`` in ``config``).
+    ``report``: also write REPORT.html and REPORT.json (needs ``lowbit[report]``).
+    ``progress(label, total)`` returns a function called once per step; ``warn`` receives the
+    warnings (default: :class:`LowbitWarning`).
     """
     from .analysis.analyze import analyze as run_analysis
     from .reports.analysis import check_report_path, write_report
 
     if report is not None:
         check_report_path(report)
-    resolved = load_config(config, {}, describe=lambda key: f"argument {key}=")
+    resolved = load_config(config, {"workers": workers}, describe=lambda key: f"argument {key}=")
     if warn is None:
         def warn(message: str) -> None:
             warnings.warn(message, LowbitWarning, stacklevel=_caller_level())

@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "calibrate_path or data_list")
     analyze.add_argument("--report", help="write REPORT.html (and REPORT.json beside it)")
     analyze.add_argument("--samples", type=int, default=32, help="samples to analyse (default 32)")
+    analyze.add_argument("--workers", type=int, help="measure the per-node figures on a local Ray with this many "
+                                                     "worker CPUs (needs lowbit[ray])")
     analyze.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary")
 
     config = commands.add_parser("config", help="configuration tools")
@@ -157,7 +159,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from .reports.analysis import format_analysis, report_paths
 
     analysis = analyze(args.float_model, args.quantized_model, args.data, args.config, samples=args.samples,
-                       report=args.report, progress=None if args.quiet else _progress_bar,
+                       workers=args.workers, report=args.report, progress=None if args.quiet else _progress_bar,
                        warn=lambda message: print(f"lowbit: warning: {message}", file=sys.stderr))
     if not args.quiet:
         print(format_analysis(analysis))

@@ -30,6 +30,7 @@ import onnx_ir as ir
 from ..config import QuantConfig, load_config
 from ..data.calibration import CalibrationData, FeedSource
 from ..data.feeds import batched, input_specs
+from ..distributed.workers import start_workers
 from ..errors import LowbitError
 from ..graph.loading import load_model
 from ..graph.passes import prepare, typed
@@ -132,7 +133,9 @@ def analyze(float_path: str | Path, quantized_path: str | Path, data: FeedSource
     quantized_error = mean_error(error.references, (quantized_session.run(outputs, b) for b in batches))
 
     step = progress("sensitivity", len(switched.nodes)) if progress else (lambda: None)
-    nodes, curve = ranked_nodes(error, simulated, step)
+    where = config.source("ray_address" if config.ray_address is not None else "workers")
+    with start_workers(config.workers, config.ray_address, where) as workers:  # the per-node figures in shares
+        nodes, curve = ranked_nodes(error, simulated, step, workers=workers)
     suggestion = _suggest(error, curve, {n.name for n in nodes})
     weights = [weight_row(t) for t in traced if t.weight is not None and t.grid is not None and t.grid.bits <= 16]
     notes = []
