@@ -1,7 +1,7 @@
 """The ``lowbit`` command.
 
     lowbit quantize MODEL -o OUT [--config FILE.cfg|FILE.json] [--data FOLDER] [--report REPORT.html] [--KEY VALUE ...]
-    lowbit analyze FLOAT QUANTIZED --data FOLDER [--report REPORT.html] [--samples N] [--config FILE]
+    lowbit analyze FLOAT QUANTIZED --data FOLDER [--report REPORT.html] [--samples N] [--workers N] [--config FILE]
     lowbit inspect MODEL
     lowbit config show [FILE] [--KEY VALUE ...]
 
