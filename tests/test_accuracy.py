@@ -366,3 +366,20 @@ def test_an_evaluator_object_and_a_target_together(digits, tmp_path):
     with pytest.raises(LowbitError, match="give one of them"):
         lowbit.quantize(digits["model"], tmp_path / "o.onnx", data=digits["calib"], progress=False,
                         evaluator=Never(), accuracy_target="cosine>=0.9")
+
+
+@pytest.mark.parametrize("target_device, rung", [("DSP", "int16"), ("NVGPU", "float16")])
+def test_the_ladder_of_each_target(digits, tmp_path, target_device, rung):
+    """DSP climbs through int16 (opset 21 on the way), NVGPU through float16, before float32."""
+    reference = logits(digits["model"], digits["x"])
+    plain = tmp_path / "int8.onnx"
+    lowbit.quantize(digits["model"], plain, data=digits["calib"], progress=False, target_device=target_device)
+    evaluator = OutputError(digits["x"], reference, mean_error(logits(plain, digits["x"]), reference) / 4)
+    out = tmp_path / "searched.onnx"
+    result = lowbit.quantize(digits["model"], out, data=digits["calib"], progress=False, evaluator=evaluator,
+                             target_device=target_device, max_evaluations=8)
+    search = result.accuracy
+    assert search.ladder == ("int8", rung, "float32")
+    assert search.trials[0].label == f"every node {rung}"
+    assert search.final.satisfied and mean_error(logits(out, digits["x"]), reference) <= evaluator.most
+    onnx.checker.check_model(str(out), full_check=True)

@@ -18,6 +18,7 @@ from ..pipeline.state import QuantState
 from ..search.modelwise import candidates
 from .candidates import too_few_to_search
 from .evaluate import holds_back_for_goal
+from .search_precisions import tensors_to_observe
 
 
 def compares(state: QuantState) -> bool:
@@ -38,8 +39,9 @@ class Calibrate(Pass):
 
     def requests(self, state: QuantState) -> list[Request]:
         histograms = any(c.method != "MAX_MIN" for c in state.candidates)
+        names = [*state.plan.activations, *sorted(tensors_to_observe(state))]  # the accuracy search's rungs too
         self.observers = {name: HistogramObserver(state.config.max_num_bin) if histograms else MinMaxObserver()
-                          for name in state.plan.activations}
+                          for name in names}
         return [Request(self.observers)]
 
     def samples(self, state: QuantState) -> Samples:

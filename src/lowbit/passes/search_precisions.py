@@ -191,6 +191,28 @@ class SearchPrecisions(Pass):
         return lines
 
 
+def tensors_to_observe(state: QuantState) -> set[str]:
+    """The activations the search's candidates may quantize beyond the plan's: each rung's, every node on it.
+
+    An int16 node's output is 16-bit where an int8 one's was fused or left float, so the
+    calibration observes these too (Calibrate asks for them when an evaluator is set).
+    """
+    if state.evaluator is None or state.config.quant_type != "FULL_QUANT":
+        return set()
+    rules = state.weight_options.precisions
+    names: set[str] = set()
+    for rung in LADDERS.get(state.config.target, ()) if state.config.precision_ladder is None \
+            else state.config.precision_ladder:
+        if rung in (INT8, FLOAT32):
+            continue
+        model = state.model if rung != INT16 else with_opset(state.model, INT4_OPSET)
+        if model is None:
+            continue
+        options = replace(state.weight_options, precisions=replace(rules, model=rung))
+        names |= set(plan_quantization(_copy(model), state.target, options).activations)
+    return names - set(state.plan.activations)
+
+
 class _Candidates:
     """Builds the candidate of an assignment with the pipeline's build passes on a fork, into ``folder``."""
 
@@ -199,14 +221,18 @@ class _Candidates:
         self.state, self.base_model, self.rules, self.build_passes, self.folder = (state, base_model, rules, build,
                                                                                    folder)
         self.paths: dict[frozenset, Path] = {}  # assignment -> its candidate file
-        self.fused: dict[str, list[str]] = {}  # a node -> the activations fused into it, which move with it
+        self.fused: dict[str, list[str]] = {}  # a node -> the activations fused into it
         for decision in state.plan.quantized_nodes:
             if decision.fused_into:
                 self.fused.setdefault(decision.fused_into, []).append(decision.node.name)
 
     def node_config(self, assignment: Assignment) -> dict[str, NodePrecision]:
+        """The node_config of an assignment. A float node takes its fused activation along (else the
+        activation would be planned int8 on its own, reading an output no range was calibrated for);
+        an int16 one leaves it unnamed, so that it stays fused and 16-bit with the node."""
         moved = {name: NodePrecision(precision, where="accuracy search")
-                 for node, precision in assignment.items() for name in (node, *self.fused.get(node, ()))}
+                 for node, precision in assignment.items()
+                 for name in (node, *(self.fused.get(node, ()) if precision in (FLOAT16, FLOAT32) else ()))}
         return {**moved, **self.rules.nodes}  # the user's node_config wins
 
     def build(self, assignment: Assignment) -> tuple[ir.Model, Path]:
