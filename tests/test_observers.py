@@ -36,6 +36,24 @@ def test_merge_equals_one_observer_over_all_data():
     assert a.batches == whole.batches
 
 
+@pytest.mark.parametrize("first, second", [((-1000, -900), (900, 1000)), ((0, 10), (10000, 10010)), ((-5, 5), (-3000, 2))])
+def test_histograms_whose_ranges_together_need_coarser_bins_merge_exactly(first, second):
+    """Each range fits 16 bins at its own width; the two together only at a coarser one, which merge must reach
+    for both sides (a worker's shard of small values merged with another's of large ones)."""
+    from lowbit.calibration.histogram import HistogramObserver
+
+    rng = np.random.default_rng(3)
+    a_values, b_values = (rng.uniform(*bounds, size=64).astype(np.float32) for bounds in (first, second))
+    whole, a, b = HistogramObserver(16, None), HistogramObserver(16, None), HistogramObserver(16, None)
+    whole.update(a_values)
+    whole.update(b_values)
+    a.update(a_values)
+    b.update(b_values)
+    a.merge(b)
+    assert (a.exponent, a.start) == (whole.exponent, whole.start)
+    assert np.array_equal(a.counts, whole.counts) and a.counts.sum() == 128
+
+
 def test_empty_observer_raises():
     with pytest.raises(ValueError):
         MinMaxObserver().range()

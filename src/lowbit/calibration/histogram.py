@@ -124,13 +124,16 @@ class HistogramObserver(RangeObserver):
             self.counts, self.start, self.exponent, self.zeros = other.counts.copy(), other.start, other.exponent, 0
             self._add_zeros(zeros)
             return
-        counts, start = other.counts, other.start
-        if other.exponent < self.exponent:
-            counts, start = _merge_pairs(counts, start, self.exponent - other.exponent)
-        elif other.exponent > self.exponent:
-            self.counts, self.start = _merge_pairs(self.counts, self.start, other.exponent - self.exponent)
-            self.exponent = other.exponent
+        counts, start, exponent = other.counts, other.start, other.exponent
+        if exponent < self.exponent:
+            counts, start = _merge_pairs(counts, start, self.exponent - exponent)
+            exponent = self.exponent
+        elif exponent > self.exponent:
+            self.counts, self.start = _merge_pairs(self.counts, self.start, exponent - self.exponent)
+            self.exponent = exponent
         self._cover(start * self.width, (start + len(counts)) * self.width - self.width / 2)
+        if self.exponent > exponent:  # the two ranges together needed coarser bins: merge the other's too
+            counts, start = _merge_pairs(counts, start, self.exponent - exponent)
         offset = start - self.start
         self.counts[offset:offset + len(counts)] += counts
 
