@@ -142,21 +142,24 @@ class DataEngine:
             keep = count if split.keep_for_tuning else 0
         held_set = set(held)
         statistics = [i for i in range(len(files)) if i not in held_set]
+        if not statistics:
+            raise LowbitError("the calibration data holds no samples")
+
+        def read(positions: list[int]) -> list[Feed]:
+            """The samples at ``positions``, read here (checked as every file is)."""
+            return list(replace(files, rows=[files.rows[i] for i in positions]))
+
         self._observe_on_workers(model, requests, self._shards(files, statistics, what), len(statistics), what)
-        local = [r for r in requests if r.samples != STATISTICS]
         sample_split = None
         if split is not None:
-            sample_split = SampleSplit.from_positions(list(replace(files, rows=[files.rows[i] for i in held])),
-                                                      list(replace(files, rows=[files.rows[i] for i in
-                                                                                statistics[:keep]])),
-                                                      count, split.hold_back, len(statistics))
+            sample_split = SampleSplit.from_positions(read(held), read(statistics[:keep]), count, split.hold_back,
+                                                      len(statistics))
+        local = [r for r in requests if r.samples != STATISTICS]  # the float outputs on the held-back samples
         if local and sample_split is not None and sample_split.held_back:
             names = [n for n in dict.fromkeys(n for r in local for n in r.observers) if n not in _graph_inputs(model)]
             runner = _Runner(make_session(model, names), names, model, local, what)
             for feed in sample_split.held_back:
                 runner.feed(feed, HELD_BACK)
-        if not statistics:
-            raise LowbitError("the calibration data holds no samples")
         self.passes.append(DataPass(what, model_label, len(statistics) + len(held), time.perf_counter() - start, True))
         return len(statistics), sample_split
 
