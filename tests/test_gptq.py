@@ -185,10 +185,43 @@ def test_full_quantization_rounds_with_gptq_by_default(tmp_path):
     assert "weight rounding: GPTQ" in gptq.summary()
 
 
-def test_weight_rounding_is_a_full_quantization_setting(tmp_path):
-    with pytest.raises(lowbit.LowbitError, match="weight_rounding=GPTQ applies to quant_type=FULL_QUANT"):
-        lowbit.load_config(None, {"quant_type": "WEIGHT_QUANT", "weight_rounding": "GPTQ"})
+def test_weight_rounding_needs_calibration_data(tmp_path):
+    with pytest.raises(lowbit.LowbitError, match="weight_rounding=GPTQ measures layer inputs"):
+        lowbit.load_config(None, {"quant_type": "DYNAMIC_QUANT", "weight_rounding": "GPTQ"})
     assert lowbit.load_config(None, {"quant_type": "DYNAMIC_QUANT"}).weight_rounding == "NEAREST"
+    assert lowbit.load_config(None, {"quant_type": "WEIGHT_QUANT"}).weight_rounding == "NEAREST"
+    src = save(correlated_conv_model(), tmp_path / "m.onnx")
+    with pytest.warns(lowbit.LowbitWarning, match="none was given: weights are rounded to nearest"):
+        result = lowbit.quantize(src, tmp_path / "w.onnx", quant_type="WEIGHT_QUANT", bit_num=4,
+                                 weight_rounding="GPTQ", min_quant_weight_channel=0, progress=False)
+    assert result.weight_rounding is None
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_weight_only_rounds_with_gptq_when_data_is_given(tmp_path, bits):
+    """The digit CNN on 500 held-out digits; measured: 2 bits, output cosine 0.947 (nearest) -> 0.959 (GPTQ);
+    4 bits, 0.99875 -> 0.99956."""
+    from bench import zoo
+
+    cells, _ = zoo.opencv_digits()
+    order = np.random.default_rng(0).permutation(len(cells))
+    calib = [{"input": zoo.digit_input(cells[i])} for i in order[:64]]
+    x = np.concatenate([zoo.digit_input(cells[i]) for i in order[1000:1500]])
+    src = zoo.digit_cnn("torchscript")
+    settings = dict(quant_type="WEIGHT_QUANT", bit_num=bits, progress=False)
+    nearest = lowbit.quantize(src, tmp_path / "n.onnx", data=calib, **settings)
+    gptq = lowbit.quantize(src, tmp_path / "g.onnx", data=calib, weight_rounding="GPTQ", **settings)
+    assert nearest.weight_rounding is None and gptq.weight_rounding.layers == 4  # the 10-class Gemm stays float
+    assert gptq.weight_rounding.error_compensated < gptq.weight_rounding.error_nearest
+    onnx.checker.check_model(str(tmp_path / "g.onnx"), full_check=True)
+    assert (tmp_path / "g.onnx").stat().st_size == (tmp_path / "n.onnx").stat().st_size  # same grid and types
+    reference = run(src, {"input": x})[0]
+
+    def cosine(path):
+        out = run(path, {"input": x})[0]
+        return np.mean((out * reference).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(reference, axis=1))
+
+    assert cosine(tmp_path / "g.onnx") > cosine(tmp_path / "n.onnx")
 
 
 def reference_gptq(w, h, scale, qmin, qmax, damping=0.01):

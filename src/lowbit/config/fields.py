@@ -214,7 +214,8 @@ FIELDS: tuple[Field, ...] = (
           choices=("cosine-similarity", "mse", "mae", "mre", "sqnr", "chebyshev"), extension=True),
     Field(FULL, "weight_rounding", Kind.ENUM, "GPTQ",
           "how weights get their integers: NEAREST (round to nearest) or GPTQ (error-compensating rounding "
-          "against the layer input's second moment on the calibration data; same grid and file size)",
+          "against the layer input's second moment on the calibration data; same grid and file size; "
+          "FULL_QUANT's default, and WEIGHT_QUANT's with data when set)",
           choices=("NEAREST", "GPTQ"), extension=True),
     Field(FULL, "per_channel", Kind.BOOL, (True,),
           "weights per output channel (true) or per tensor (false); DSP defaults to false; FULL_QUANT: "

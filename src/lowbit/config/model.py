@@ -270,9 +270,10 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
             if not settings[key].source.startswith(DEFAULT):
                 raise LowbitError(f"{where(key)}: {key} applies to quant_type=FULL_QUANT only "
                                   f"(activation ranges are calibrated there); remove it for {quant_type}")
-    if quant_type != "FULL_QUANT" and settings["weight_rounding"].value != "NEAREST":
+    if quant_type == "DYNAMIC_QUANT" and settings["weight_rounding"].value != "NEAREST":
         raise LowbitError(f"{where('weight_rounding')}: weight_rounding={settings['weight_rounding'].value} "
-                          f"applies to quant_type=FULL_QUANT only for now; {quant_type} rounds to nearest")
+                          "measures layer inputs on calibration data, which DYNAMIC_QUANT has none of; "
+                          "it rounds to nearest")
     _check_weight_only(settings, where)
     _check_accuracy(settings, where)
     if settings["max_num_bin"].value < max(settings["num_bin"].value):

@@ -1,4 +1,8 @@
-"""GPTQ: re-round each int8 weight against its layer's input second moments, on the same grid.
+"""GPTQ: re-round each integer weight against its layer's input second moments, on the same grid.
+
+FULL_QUANT's int8 weights (its default), and WEIGHT_QUANT's integer weights of 2 to 16 bits
+when calibration data is given and ``weight_rounding=GPTQ`` (there the layer inputs are
+float activations after the weights rounded before them).
 
 Reads: the rewritten model and the float weights before the rewrite. Needs: the second
 moment of every re-rounded layer's input, measured on the quantized model (its first 64
@@ -10,6 +14,7 @@ each weight gets (scales, zero points and file size stay). The rule and its fall
 from __future__ import annotations
 
 from ..pipeline.state import QuantState
+from ..quantizers.weight_bits import level_bound
 from ..recovery.gptq import (
     RoundingLayer,
     RoundingReport,
@@ -27,17 +32,16 @@ class RoundWeights(LayerInputsPass):
     changes_model = True
 
     def applies(self, state: QuantState) -> bool:
-        if state.config.weight_rounding != "GPTQ" or not state.plan.activations:
+        if state.config.weight_rounding != "GPTQ":
             return False
-        if not state.data.given:  # ranges from a calibration table, and no data
+        if state.config.quant_type == "FULL_QUANT" and not state.plan.activations:
+            return False
+        if not state.data.given:  # ranges from a calibration table, or weights only, and no data
             state.note("weight_rounding=GPTQ measures the layers' inputs on calibration data, and none was given: "
                        "weights are rounded to nearest")
             return False
-        self.job = plan_rounding([
-            RoundingLayer(slot.node, state.float_layers[slot.node.name].float_weight, slot.scheme.qmin,
-                          slot.scheme.qmax)
-            for slot in state.plan.weights
-            if slot.index == 1 and slot.node.name in state.float_layers and compensable(slot.node)])
+        layers = _full_quant_layers(state) if state.config.quant_type == "FULL_QUANT" else _weight_only_layers(state)
+        self.job = plan_rounding([layer for layer in layers if compensable(layer.node)])
         return bool(self.job.layers)
 
     def run(self, state: QuantState) -> RoundingReport:
@@ -49,3 +53,23 @@ class RoundWeights(LayerInputsPass):
             f"error {report.error_nearest:.3g} (nearest) -> {report.error_compensated:.3g}, {report.seconds:.1f} s"]
         lines += [f"    fallback: {fallback}" for fallback in report.fallbacks]
         return lines
+
+
+def _full_quant_layers(state: QuantState) -> list[RoundingLayer]:
+    return [RoundingLayer(slot.node, state.float_layers[slot.node.name].float_weight, slot.scheme.qmin,
+                          slot.scheme.qmax)
+            for slot in state.plan.weights if slot.index == 1 and slot.node.name in state.float_layers]
+
+
+def _weight_only_layers(state: QuantState) -> list[RoundingLayer]:
+    """Weights read by one layer, as its input 1, at 2 bits or more (1 bit has no zero level to round to)."""
+    layers = []
+    for name, tensor in state.plan.tensors.items():
+        bits = state.bits[name]
+        if bits < 2 or len(tensor.readers) != 1:
+            continue
+        node, index = tensor.readers[0]
+        if index == 1 and node.name in state.float_layers:
+            layers.append(RoundingLayer(node, state.float_layers[node.name].float_weight, -level_bound(bits),
+                                        level_bound(bits)))
+    return layers

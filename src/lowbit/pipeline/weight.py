@@ -13,6 +13,7 @@ from ..passes.plan import PlanWeightOnly
 from ..passes.prepare import Prepare
 from ..passes.probe import KeepProbe
 from ..passes.quant_config_out import WriteQuantConfig
+from ..passes.round_weights import RoundWeights
 from ..passes.save import Save
 from ..passes.write_weights import WriteWeights
 from .passes import Pass
@@ -22,6 +23,7 @@ def build_passes() -> list[Pass]:
     """From a width per weight to the model: what the evaluator's mixed-bit search repeats per allocation."""
     return [
         WriteWeights(),  # integers + DequantizeLinear (or MatMulNBits)
+        RoundWeights(),  # weight_rounding=GPTQ with data: quantized model, 64 samples; weights re-rounded
         CorrectBiases(),  # quantized model, 64 samples (when data is given)
     ]
 
