@@ -217,6 +217,10 @@ FIELDS: tuple[Field, ...] = (
           "against the layer input's second moment on the calibration data; same grid and file size; "
           "FULL_QUANT's default, and WEIGHT_QUANT's with data when set)",
           choices=("NEAREST", "GPTQ"), extension=True),
+    Field(FULL, "weight_bit_num", Kind.INT, 8,
+          "bits of the weights of full quantization: 8, or 4 (int4 weights behind DequantizeLinear, opset 21, "
+          "with 8-bit activations: W4A8; each channel's scale clips by the least squared error; CPU target)",
+          low=4, high=8),
     Field(FULL, "per_channel", Kind.BOOL, (True,),
           "weights per output channel (true) or per tensor (false); DSP defaults to false; FULL_QUANT: "
           "true,false = both are candidates of the model-wise search", many=True),

@@ -276,6 +276,15 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
                           "it rounds to nearest")
     _check_weight_only(settings, where)
     _check_accuracy(settings, where)
+    weight_bits = settings["weight_bit_num"].value
+    if weight_bits not in (4, 8):
+        raise LowbitError(f"{where('weight_bit_num')}: weight_bit_num={weight_bits}: 8 or 4 (int4 weights, W4A8)")
+    if weight_bits == 4 and quant_type != "FULL_QUANT":
+        raise LowbitError(f"{where('weight_bit_num')}: weight_bit_num applies to FULL_QUANT; {quant_type} takes "
+                          "its weights' width from bit_num")
+    if weight_bits == 4 and settings["target_device"].value not in (None, "CPU"):
+        raise LowbitError(f"{where('weight_bit_num')}: weight_bit_num=4: int4 weights are written for ONNX Runtime "
+                          f"(target_device CPU); {settings['target_device'].value} takes 8-bit weights")
     if settings["max_num_bin"].value < max(settings["num_bin"].value):
         raise LowbitError(f"{where('max_num_bin')}: max_num_bin={settings['max_num_bin'].value} is below "
                           f"num_bin={max(settings['num_bin'].value)} ({where('num_bin')}); "

@@ -42,7 +42,14 @@ class PlanFull(Pass):
         state.target_name = config.target
         rules = PrecisionRules.from_config(config, config.target)
         rules.check(state.model.graph)
-        if rules.asks_int16:
+        if config.weight_bit_num == 4:
+            upgraded = with_opset(state.model, INT4_OPSET)
+            if upgraded is None:
+                raise LowbitError(f"{config.source('weight_bit_num')}: int4 weights need opset {INT4_OPSET} "
+                                  "(DequantizeLinear reads int4 from there on), and onnx's converter could not take "
+                                  "the model there")
+            state.model, state.target = upgraded, state.target.with_int4_weights()
+        if rules.asks_int16 and state.model.opset_imports.get("", 1) < INT4_OPSET:
             upgraded = with_opset(state.model, INT4_OPSET)
             if upgraded is not None:
                 state.model = upgraded

@@ -28,6 +28,7 @@ from ..config.precision import EC, FLOAT16, FLOAT32, INT8, INT16
 from ..graph.query import STANDARD_DOMAINS, attribute, constant_array, is_activation, is_float32
 from .float16 import has_float16_form
 from .precision import FLOATS, PrecisionRules, float16_kernels
+from .qparams import INT8 as INT8_TYPE
 from .qparams import QuantScheme
 from .selection import WeightSelection
 from .targets import FUSABLE_ACTIVATIONS, FUSION_PRODUCERS, SAME_SCALE_OPS, WEIGHTED_OPS, Target
@@ -384,6 +385,8 @@ class _Planner:
     def _weight_scheme(self, node: ir.Node, value: ir.Value, wide: bool = False) -> QuantScheme:
         scheme = self.target.weight16 if wide and self.target.weight16 is not None else self.target.weight
         weight = constant_array(value)
+        if scheme.qtype.bits < 8 and _grouped(node):  # W4A8: a depthwise filter's few weights keep 8 bits
+            scheme = QuantScheme(INT8_TYPE, symmetric=True, narrow_range=True)
         per_channel = (
             self.options.per_channel
             and weight.ndim >= 2
@@ -431,6 +434,11 @@ class _Planner:
         self.plan.activations.setdefault(value.name, value)
         if wide:
             self.plan.wide.add(value.name)
+
+
+def _grouped(node: ir.Node) -> bool:
+    """A grouped (depthwise) convolution: each output channel reads a few inputs' worth of weights."""
+    return node.op_type in ("Conv", "ConvTranspose") and attribute(node, "group", 1) != 1
 
 
 def _pads_with_zero(node: ir.Node) -> bool:

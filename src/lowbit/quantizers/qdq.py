@@ -33,6 +33,7 @@ from .constants import add_initializer, dequantize_node, weight_qparams
 from .float16 import compute_in_float16
 from .plan import WEIGHT_REQUANTIZED, BiasSlot, QuantPlan
 from .qparams import INT32, QParams, QuantScheme, compute_qparams
+from .weight_bits import quantize_weight
 
 WIDE_HEADROOM = 2.0
 
@@ -58,13 +59,15 @@ class _Rewriter:
         if key in self.dequantized:
             return self.dequantized[key]
         array = constant_array(value)
-        q = add_initializer(self.graph, f"{value.name}_quantized", qparams.quantize(array))
+        q = add_initializer(self.graph, f"{value.name}_quantized", qparams.quantize(array),
+                            qparams.scheme.qtype.onnx_type)
         scale = add_initializer(self.graph, f"{value.name}_scale", qparams.scale)
         # An int32 bias leaves out its zero point (0 by default, 4 bytes a channel saved).
         # Weights keep theirs even when 0: ONNX Runtime fuses DQ -> Gemm into QGemm only then.
         omit_zero_point = qparams.scheme.qtype is INT32 and not qparams.zero_point.any()
         zero_point = (None if omit_zero_point
-                      else add_initializer(self.graph, f"{value.name}_zero_point", qparams.zero_point))
+                      else add_initializer(self.graph, f"{value.name}_zero_point", qparams.zero_point,
+                                           qparams.scheme.qtype.onnx_type))
         out = dequantize_node(self.graph, q, scale, zero_point, qparams.scheme.axis, f"{value.name}_dequantized",
                               value.shape)
         self.graph.insert_before(self.graph.node(0), out.producer())
@@ -124,6 +127,9 @@ class _Rewriter:
         value = node.inputs[index]
         array = constant_array(value)
         qparams = weight_qparams(array, scheme)
+        if scheme.qtype.bits < 8:  # few levels: a scale that clips a few large weights costs less error
+            grid = quantize_weight(array, scheme.qtype.bits, scheme.axis)
+            qparams = QParams(grid.scale.astype(np.float32), qparams.zero_point, scheme)
         if bias is not None and not bias.own_scale and bias.input_value.name in self.activation_qparams:
             qparams = _fit_bias_in_int32(qparams, constant_array(node.inputs[bias.index]),
                                          self.activation_qparams[bias.input_value.name])
