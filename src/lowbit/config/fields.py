@@ -213,10 +213,11 @@ FIELDS: tuple[Field, ...] = (
           "metric on the calibration samples it read (Horizon's metric); unset = always keep",
           choices=("cosine-similarity", "mse", "mae", "mre", "sqnr", "chebyshev"), extension=True),
     Field(FULL, "weight_rounding", Kind.ENUM, "GPTQ",
-          "how weights get their integers: NEAREST (round to nearest) or GPTQ (error-compensating rounding "
+          "how weights get their integers: NEAREST (round to nearest), GPTQ (error-compensating rounding "
           "against the layer input's second moment on the calibration data; same grid and file size; "
-          "FULL_QUANT's default, and WEIGHT_QUANT's with data when set)",
-          choices=("NEAREST", "GPTQ"), extension=True),
+          "FULL_QUANT's default, and WEIGHT_QUANT's with data when set) or ADAROUND (GPTQ, then AdaRound's "
+          "learned up/down choices from there, where they lower the layer's output error)",
+          choices=("NEAREST", "GPTQ", "ADAROUND"), extension=True),
     Field(FULL, "weight_bit_num", Kind.INT, 8,
           "bits of the weights of full quantization: 8, or 4 (int4 weights behind DequantizeLinear, opset 21, "
           "with 8-bit activations: W4A8; each channel's scale clips by the least squared error; CPU target)",

@@ -27,30 +27,32 @@ from .layer_inputs import LayerInputsPass
 
 class RoundWeights(LayerInputsPass):
     name = "round_weights"
-    setting = "weight_rounding=GPTQ"
+    setting = "weight_rounding"
     requires = ("plan", "float_layers")
     changes_model = True
 
     def applies(self, state: QuantState) -> bool:
-        if state.config.weight_rounding != "GPTQ":
+        if state.config.weight_rounding not in ("GPTQ", "ADAROUND"):
             return False
         if state.config.quant_type == "FULL_QUANT" and not state.plan.activations:
             return False
         if not state.data.given:  # ranges from a calibration table, or weights only, and no data
-            state.note("weight_rounding=GPTQ measures the layers' inputs on calibration data, and none was given: "
-                       "weights are rounded to nearest")
+            state.note(f"weight_rounding={state.config.weight_rounding} measures the layers' inputs on calibration "
+                       "data, and none was given: weights are rounded to nearest")
             return False
         layers = _full_quant_layers(state) if state.config.quant_type == "FULL_QUANT" else _weight_only_layers(state)
         self.job = plan_rounding([layer for layer in layers if compensable(layer.node)])
         return bool(self.job.layers)
 
     def run(self, state: QuantState) -> RoundingReport:
-        return compensate_rounding(self.job, self.samples_seen, self.started)
+        return compensate_rounding(self.job, self.samples_seen, self.started,
+                                   refine=state.config.weight_rounding == "ADAROUND")
 
     def describe(self, report: RoundingReport) -> list[str]:
         lines = [] if not report.layers else [
-            f"  weight rounding: GPTQ on {report.layers} layers from {report.samples} samples, mean layer output "
-            f"error {report.error_nearest:.3g} (nearest) -> {report.error_compensated:.3g}, {report.seconds:.1f} s"]
+            f"  weight rounding: {report.method} on {report.layers} layers from {report.samples} samples, mean layer "
+            f"output error {report.error_nearest:.3g} (nearest) -> {report.error_compensated:.3g}, "
+            f"{report.seconds:.1f} s"]
         lines += [f"    fallback: {fallback}" for fallback in report.fallbacks]
         return lines
 

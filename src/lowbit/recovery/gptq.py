@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..graph.query import constant_array
+from .adaround import adaround
 from .layers import (
     LayerJob,
     as_rows,
@@ -63,6 +64,7 @@ class RoundingReport:
     error_nearest: float
     error_compensated: float
     fallbacks: list[str] = field(default_factory=list)  # layers GPTQ could not round as usual, and what it did
+    method: str = "GPTQ"  # or "GPTQ + AdaRound": AdaRound refining GPTQ's choices
 
 
 def gptq_round(weights: np.ndarray, covariance: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
@@ -117,7 +119,7 @@ def plan_rounding(layers: list[RoundingLayer]) -> LayerJob:
     return plan_layer_inputs(layers, order=2)
 
 
-def compensate_rounding(job: LayerJob, samples: int, start: float) -> RoundingReport:
+def compensate_rounding(job: LayerJob, samples: int, start: float, refine: bool = False) -> RoundingReport:
     """Re-round each layer's integer weight in place, from the second moments ``job``'s observers hold.
 
     A second moment that GPTQ cannot invert (a singular or ill-conditioned one, from huge
@@ -138,6 +140,11 @@ def compensate_rounding(job: LayerJob, samples: int, start: float) -> RoundingRe
                                                        else "second moments not invertible, kept round to nearest"))
         if q is None:
             continue
+        if refine:  # AdaRound from GPTQ's choices; kept where it lowers the layer's output error
+            refined = adaround(rows, covariance, scale, zero_point, layer.qmin, layer.qmax, start=q)
+            if _layer_error(rows, refined, scale, zero_point, covariance) < _layer_error(rows, q, scale,
+                                                                                        zero_point, covariance):
+                q = refined
         dequantized = (q - zero_point[..., None]) * scale[..., None]
         before.append(output_error(rows, (nearest - zero_point[..., None]) * scale[..., None], covariance))
         after.append(output_error(rows, dequantized, covariance))
@@ -149,7 +156,11 @@ def compensate_rounding(job: LayerJob, samples: int, start: float) -> RoundingRe
         done += 1
     return RoundingReport(done, samples, time.perf_counter() - start,
                           float(np.mean(before)) if before else 0.0, float(np.mean(after)) if after else 0.0,
-                          fallbacks)
+                          fallbacks, "GPTQ + AdaRound" if refine else "GPTQ")
+
+
+def _layer_error(rows, q, scale, zero_point, covariance) -> float:
+    return output_error(rows, (q - zero_point[..., None]) * scale[..., None], covariance)
 
 
 def _round_with_fallback(rows, covariance, scale, zero_point, layer: RoundingLayer):
