@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from .config import FIELDS, Kind, load_config
-from .config.model import QuantConfig
+from .config.model import CalibrationSource, QuantConfig, format_shapes, format_sources
 from .config.precision import NodePrecision
 from .config.precision import describe as describe_precisions
 from .errors import LowbitError
@@ -115,13 +115,13 @@ def _show_value(value) -> str:
     if isinstance(value, dict) and all(isinstance(v, NodePrecision) for v in value.values()):
         return describe_precisions(value)
     if isinstance(value, dict):
-        return ";".join(f"{name}:{','.join(map(str, dims))}" for name, dims in value.items())
+        return format_shapes(value)
     if isinstance(value, tuple) and all(isinstance(v, bool) for v in value):
         return ",".join(str(v).lower() for v in value)
+    if isinstance(value, tuple) and value and all(isinstance(v, CalibrationSource) for v in value):
+        return format_sources(value)
     if isinstance(value, tuple):
-        return ",".join(
-            (f"{v.input_name}:{v.folder}" if v.input_name else str(v.folder)) if hasattr(v, "folder") else str(v)
-            for v in value) or "(none)"
+        return ",".join(str(v) for v in value) or "(none)"
     return str(value)
 
 

@@ -28,6 +28,7 @@ import onnxruntime as ort
 
 from ..data.feeds import InputSpec, batched, check_sample
 from ..errors import LowbitError, did_you_mean
+from ..search.metrics import compare
 from .evaluator import Evaluator
 
 METRICS = ("cosine", "top1-agreement", "accuracy-drop")
@@ -143,7 +144,7 @@ class GoalEvaluator(Evaluator):
         if self.reference is None:
             self.reference = outputs
         if self.goal.metric == "cosine":
-            return float(np.mean([_cosine(a, b) for got, want in zip(outputs, self.reference)
+            return float(np.mean([compare(a, b) for got, want in zip(outputs, self.reference)
                                   for a, b in zip(_rows(got), _rows(want))]))
         predicted = np.concatenate([out.argmax(-1).reshape(-1) for out in outputs])
         if self.goal.metric == "top1-agreement":
@@ -170,9 +171,3 @@ def _rows(output: np.ndarray) -> np.ndarray:
     """One row per sample: (batch, everything else flattened); a scalar output is one row."""
     return output.reshape(output.shape[0] if output.ndim > 1 else 1, -1).astype(np.float64)
 
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    norms = np.linalg.norm(a) * np.linalg.norm(b)
-    if norms == 0:
-        return 1.0 if np.array_equal(a, b) else 0.0
-    return float(np.dot(a, b) / norms)

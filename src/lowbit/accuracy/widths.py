@@ -66,7 +66,9 @@ def search_init_scale(allocate: Callable[[float], dict[str, int]], average_bits:
             result.stopped = "max_evaluations reached"
             break
         low, high = (middle, high) if verdict else (low, middle)
-    if result.bits is None and attempt(0.0, widest, "every weight at the widest width") is not None:
-        result.stopped = "no allocation passed; every weight at the widest width" if result.bits else \
-            "not met even with every weight at the widest width"
+    if result.bits is None:
+        verdict = attempt(0.0, widest, "every weight at the widest width")
+        if verdict is not None:
+            result.stopped = ("no allocation passed; every weight at the widest width" if verdict
+                              else "not met even with every weight at the widest width")
     return result

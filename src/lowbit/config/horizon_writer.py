@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .fields import Field, Kind
-from .model import DEFAULT, QuantConfig, Setting
+from .model import DEFAULT, SEARCH_KEYS, QuantConfig, Setting, format_shapes, format_sources
 from .precision import NodePrecision
 
-SEARCH_KEYS = ("evaluator", "accuracy_target", "eval_data", "eval_batch_num", "max_evaluations", "precision_ladder")
+LEFT_OUT = ("evaluator", "accuracy_target", *SEARCH_KEYS)  # what the rerun does without
 HORIZON_MODEL_KEYS = ("all_node_type", "model_output_type")
 
 
@@ -36,7 +36,7 @@ def horizon_document(config: QuantConfig, node_config: dict[str, NodePrecision])
         document["node_config"] = {name: _entry(entry) for name, entry in node_config.items()}
     own = {field.key: json_value(field, setting.value) for field, setting in config.items()
            if _chosen(setting) and setting.value is not None
-           and field.key not in (*SEARCH_KEYS, *HORIZON_MODEL_KEYS, "op_config", "node_config")}
+           and field.key not in (*LEFT_OUT, *HORIZON_MODEL_KEYS, "op_config", "node_config")}
     if own:
         document["lowbit"] = own
     return document
@@ -52,9 +52,9 @@ def write_horizon_json(document: dict[str, Any], path: Path) -> None:
 def json_value(field: Field, value: Any) -> Any:
     """The value as JSON that :func:`lowbit.config.model.parse_value` turns back into ``value``."""
     if field.kind is Kind.PATH_MAP:
-        return ",".join(f"{s.input_name}:{s.folder}" if s.input_name else str(s.folder) for s in value)
+        return format_sources(value)
     if field.kind is Kind.SHAPES:
-        return ";".join(f"{name}:{','.join(map(str, dims))}" for name, dims in value.items())
+        return format_shapes(value)
     if isinstance(value, tuple):
         return list(value)
     return value

@@ -150,6 +150,16 @@ def _parse_one(field: Field, raw: Any, bad, where: str) -> Any:
     return str(text)
 
 
+def format_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
+    """input_shape as it is written: ``name:d0,d1;name:d0,d1`` (what :func:`_parse_shapes` reads)."""
+    return ";".join(f"{name}:{','.join(map(str, dims))}" for name, dims in shapes.items())
+
+
+def format_sources(sources: tuple[CalibrationSource, ...]) -> str:
+    """calibrate_path as it is written: ``folder`` or ``input:folder,input:folder``."""
+    return ",".join(f"{s.input_name}:{s.folder}" if s.input_name else str(s.folder) for s in sources)
+
+
 def _parse_shapes(text: Any, bad) -> dict[str, tuple[int, ...]]:
     if isinstance(text, dict):
         items = text.items()

@@ -23,6 +23,11 @@ HOLD_BACK_EVERY = 8
 MAX_SET_ASIDE = 32
 
 
+def held_back_positions(total: int, count: int) -> list[int]:
+    """The positions the split holds back from a stream of ``total`` samples: every 8th, the first ``count``."""
+    return list(range(HOLD_BACK_EVERY - 1, total, HOLD_BACK_EVERY))[:count]
+
+
 def held_back_count(total: int, count: int | None) -> int:
     """How many of ``total`` samples the split holds back (``count``: search_samples, or None)."""
     return min(count if count is not None else MAX_SET_ASIDE, total // HOLD_BACK_EVERY)

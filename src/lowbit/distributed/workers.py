@@ -37,7 +37,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from ..data.feeds import batched
 from ..errors import LowbitError
+from ..graph.runtime import make_session
+from ..search.metrics import PairStats
 
 MAX_RETRIES = 3
 
@@ -57,14 +60,8 @@ class Workers:
         name to observer) and its warnings; ``done(samples)`` is called as each shard ends."""
         model_ref = self.ray.put(model.SerializeToString())
         empty = copy.deepcopy(observers)
-        pending = {self._observe.remote(model_ref, fetched, empty, shard): i for i, shard in enumerate(shards)}
-        results: dict[int, Any] = {}
-        while pending:
-            ready, _ = self.ray.wait(list(pending), num_returns=1)
-            index = pending.pop(ready[0])
-            results[index] = self._get(ready[0])
-            done(len(shards[index].samples))
-        return [results[i] for i in range(len(shards))]
+        tasks = [self._observe.remote(model_ref, fetched, empty, shard) for shard in shards]
+        return self._in_order(tasks, lambda index: done(len(shards[index].samples)))
 
     def score(self, models: Sequence[onnx.ModelProto], feeds: Sequence[dict[str, np.ndarray]], names: Sequence[str],
               references: Sequence[Sequence[np.ndarray]]) -> list[Any]:
@@ -85,16 +82,25 @@ class Workers:
         batches_ref = self.ray.put(list(error.batches))
         names = [node.name for node in switched.nodes]
         share = -(-len(names) // self.count)
-        pending = {self._sensitivities.remote(model_ref, switched.nodes, batches_ref, error.outputs,
-                                              names[i:i + share], full_error, alone): len(names[i:i + share])
-                   for i in range(0, len(names), share)}
-        rows = []
+        shares = [names[i:i + share] for i in range(0, len(names), share)]
+        tasks = [self._sensitivities.remote(model_ref, switched.nodes, batches_ref, error.outputs, part, full_error,
+                                            alone) for part in shares]
+
+        def done(index: int) -> None:
+            for _ in shares[index]:
+                step()
+        return [row for rows in self._in_order(tasks, done) for row in rows]
+
+    def _in_order(self, tasks: list, done: Callable[[int], None]) -> list[Any]:
+        """The tasks' results in the tasks' order; ``done(index)`` as each one finishes (for a progress bar)."""
+        pending = {task: index for index, task in enumerate(tasks)}
+        results: dict[int, Any] = {}
         while pending:
             ready, _ = self.ray.wait(list(pending), num_returns=1)
-            for _ in range(pending.pop(ready[0])):
-                step()
-            rows += self._get(ready[0])
-        return rows
+            index = pending.pop(ready[0])
+            results[index] = self._get(ready[0])
+            done(index)
+        return [results[i] for i in range(len(tasks))]
 
     def _get(self, task) -> Any:
         try:
@@ -121,16 +127,13 @@ class Shard:
     def batches(self):
         if isinstance(self.samples, list):
             return iter(self.samples)
-        from ..data.feeds import batched
-
         return batched(iter(self.samples), self.specs, self.batch_size)
 
 
 def _observe_shard(model_bytes: bytes, fetched: list[str], observers: list[dict[str, Any]], shard: Shard
                    ) -> tuple[list[dict[str, dict]], list[str]]:
     """On a worker: run the model over the shard's samples into ``observers``; return their states."""
-    from ..graph.runtime import make_session
-    from ..pipeline.engine import STATISTICS, Request, _Runner
+    from ..pipeline.engine import STATISTICS, Request, _Runner  # the engine imports this module
 
     model = onnx.load_from_string(model_bytes)
     warnings: list[str] = []
@@ -152,9 +155,6 @@ def _observe_shard(model_bytes: bytes, fetched: list[str], observers: list[dict[
 def _score_model(model_bytes: bytes, feeds: list[dict[str, np.ndarray]], names: list[str],
                  references: list[list[np.ndarray]]):
     """On a worker: the comparison sums of one candidate model on the held-back samples."""
-    from ..graph.runtime import make_session
-    from ..search.metrics import PairStats
-
     session = make_session(onnx.load_from_string(model_bytes))
     stats = PairStats()
     for feed, expected in zip(feeds, references):
@@ -166,9 +166,8 @@ def _score_model(model_bytes: bytes, feeds: list[dict[str, np.ndarray]], names: 
 def _node_sensitivities(model_bytes: bytes, nodes: list[Any], batches: list[dict[str, np.ndarray]],
                         outputs: list[str], names: list[str], full_error: float, alone: bool) -> list[Any]:
     """On a worker: the sensitivity figures of the switched nodes ``names``."""
-    from ..analysis.sensitivity import OutputError, node_sensitivities
+    from ..analysis.sensitivity import OutputError, node_sensitivities  # analysis imports this module
     from ..analysis.switches import SwitchedModel
-    from ..graph.runtime import make_session
 
     session = make_session(onnx.load_from_string(model_bytes))
     error = OutputError(session, SwitchedModel(None, nodes), batches, outputs)

@@ -118,6 +118,11 @@ def _ensure_min_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
             f"and onnx's version converter could not upgrade it ({_first_line(exc)})") from None
 
 
+def copy_model(model: ir.Model) -> ir.Model:
+    """An independent copy (through the protobuf form) that a rewrite can change while ``model`` stays."""
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
 def with_opset(model: ir.Model, version: int) -> ir.Model | None:
     """The model converted to at least ``version`` of the default opset, or None when onnx's converter fails.
 

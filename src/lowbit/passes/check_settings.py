@@ -26,6 +26,7 @@ from ..errors import LowbitError, closest
 from ..graph.saving import check_output_path
 from ..pipeline.passes import Pass
 from ..pipeline.state import QuantState
+from .evaluate import holds_back_for_goal
 
 IMAGE_KEYS = ("image_to_format", "normalize_mean", "normalize_std", "resize_width", "resize_height",
               "resize_method", "center_crop_width", "center_crop_height")
@@ -57,7 +58,10 @@ class CheckSettings(Pass):
         if config.quant_type == "DYNAMIC_QUANT":
             if state.data.given:
                 yield "DYNAMIC_QUANT computes activation scales at run time; the calibration data is not used"
+            yield from _unused(config, ("workers", "ray_address"), "DYNAMIC_QUANT makes no run over data")
             return
+        if not state.data.given:
+            yield from _unused(config, ("workers", "ray_address"), "no calibration data is given")
         kinds = state.data.file_kinds() if state.data.given else set()
         where = "no calibration data is given" if not state.data.given else \
             "the calibration samples are arrays given in memory" if kinds is None else \
@@ -101,7 +105,7 @@ class CheckSettings(Pass):
             yield from _unused(config, ("layerwise_metric",), "layerwise_search=false")
         if not searched:
             yield from _unused(config, ("search_metric",), f"there is one candidate and no search ({chosen})")
-            if "AUTO_TUNE" not in methods:
+            if "AUTO_TUNE" not in methods and not holds_back_for_goal(state):  # accuracy_target scores them
                 yield from _unused(config, ("search_samples",),
                                    f"there is one candidate and no search ({chosen})")
 

@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from ..calibration.observers import Observer, OutputsObserver
 from ..calibration.ranges import Range
+from ..graph.loading import copy_model
 from ..pipeline.engine import HELD_BACK, Request
 from ..pipeline.passes import FLOAT, Pass
 from ..pipeline.state import QuantState
@@ -100,7 +101,7 @@ class ChooseRanges(Pass):
 def _quantized_copy(state: QuantState, ranges: dict[str, Range], target: Target,
                     options: PlanOptions) -> onnx.ModelProto:
     """The model quantized with ``ranges``, as a new proto; the state's model is left float."""
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(state.model))
+    copy = copy_model(state.model)
     plan = plan_quantization(copy, target, options)
     apply_plan(copy, plan, activation_qparams(plan, ranges))
     return ir.serde.serialize_model(copy)

@@ -11,12 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx_ir as ir
 from tqdm import tqdm
 
 from ..accuracy.latency import latencies
 from ..accuracy.widths import WidthSearch, search_init_scale
 from ..errors import LowbitError
+from ..graph.loading import copy_model
 from ..graph.saving import save_atomically
 from ..pipeline.passes import Pass, run_pipeline
 from ..pipeline.state import QuantState
@@ -98,7 +98,7 @@ class ChooseWidths(Pass):
             paths: dict[tuple, Path] = {}
 
             def evaluate(bits: dict[str, int], label: str):
-                model = _copy(state.model)  # planned again: the plan's readers are the nodes it rewrites
+                model = copy_model(state.model)  # planned again: the plan's readers are the nodes it rewrites
                 fork = state.fork(model=model, plan=plan_weight_only(model, state.weight_options), bits=bits,
                                   stored=None, float_layers=None)
                 run_pipeline(self.build(), fork)
@@ -173,10 +173,6 @@ def _describe_search(report: WidthSearchReport) -> list[str]:
         lines.append(f"  latency, ONNX Runtime CPU, one sample: float {report.latency_ms[0]:.2f} ms, "
                      f"quantized {report.latency_ms[1]:.2f} ms")
     return lines
-
-
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
 def _report(plan, init_scale: float, where: str, errors, bits) -> MixedBitReport:

@@ -38,7 +38,7 @@ from ..analysis.switches import OUTPUT_ROUNDING, switched_model
 from ..config.precision import FLOAT16, FLOAT32, INT8, INT16, NodePrecision
 from ..data.feeds import batched
 from ..errors import LowbitError
-from ..graph.loading import with_opset
+from ..graph.loading import copy_model, with_opset
 from ..graph.passes import typed
 from ..graph.query import is_float32
 from ..graph.runtime import make_session
@@ -98,7 +98,7 @@ class SearchPrecisions(Pass):
         evaluate_float_model(state)
         evaluator = state.evaluator
         rules = state.weight_options.precisions
-        ladder = self._ladder(state)
+        ladder = ladder_of(state)
         base_model = state.model
         if INT16 in ladder and base_model.opset_imports.get("", 1) < INT4_OPSET:
             base_model = with_opset(state.model, INT4_OPSET)
@@ -138,15 +138,12 @@ class SearchPrecisions(Pass):
         state.accuracy = report
         return report
 
-    def _ladder(self, state: QuantState) -> tuple[str, ...]:
-        return tuple(state.config.precision_ladder or LADDERS[state.config.target])
-
     def _rank(self, state: QuantState, quantized: ir.Model, rules, samples: list[dict[str, np.ndarray]]
               ) -> list[str]:
         """The movable nodes, most sensitive first, from the switched form of the planned candidate."""
         batches = list(batched(samples, state.specs, 8))
         outputs = [v.name for v in state.model.graph.outputs if is_float32(v)]
-        switched = switched_model(typed(_copy(quantized)), state.model)
+        switched = switched_model(typed(copy_model(quantized)), state.model)
         error = OutputError(make_session(switched.model), switched, batches, outputs)
         everything = {node.name for node in switched.nodes}
         nodes, _ = ranked_nodes(error, error(everything), workers=state.workers, alone=False)
@@ -191,25 +188,29 @@ class SearchPrecisions(Pass):
         return lines
 
 
+def ladder_of(state: QuantState) -> tuple[str, ...]:
+    """precision_ladder, else the target's ladder."""
+    return tuple(state.config.precision_ladder or LADDERS[state.config.target])
+
+
 def tensors_to_observe(state: QuantState) -> set[str]:
     """The activations the search's candidates may quantize beyond the plan's: each rung's, every node on it.
 
-    An int16 node's output is 16-bit where an int8 one's was fused or left float, so the
-    calibration observes these too (Calibrate asks for them when an evaluator is set).
+    Calibrate observes these too when an evaluator is set, so that a candidate never quantizes
+    a tensor the calibration did not see.
     """
     if state.evaluator is None or state.config.quant_type != "FULL_QUANT":
         return set()
     rules = state.weight_options.precisions
     names: set[str] = set()
-    for rung in LADDERS.get(state.config.target, ()) if state.config.precision_ladder is None \
-            else state.config.precision_ladder:
+    for rung in ladder_of(state):
         if rung in (INT8, FLOAT32):
             continue
         model = state.model if rung != INT16 else with_opset(state.model, INT4_OPSET)
         if model is None:
             continue
         options = replace(state.weight_options, precisions=replace(rules, model=rung))
-        names |= set(plan_quantization(_copy(model), state.target, options).activations)
+        names |= set(plan_quantization(model, state.target, options).activations)  # planning only reads
     return names - set(state.plan.activations)
 
 
@@ -238,7 +239,7 @@ class _Candidates:
     def build(self, assignment: Assignment) -> tuple[ir.Model, Path]:
         state = self.state
         options = replace(state.weight_options, precisions=replace(self.rules, nodes=self.node_config(assignment)))
-        model = _copy(self.base_model)
+        model = copy_model(self.base_model)
         plan = plan_quantization(model, state.target, options)
         missing = sorted(set(plan.activations) - set(state.ranges or {}))
         if missing:
@@ -266,10 +267,6 @@ def _ranking_samples(state: QuantState) -> list[dict[str, np.ndarray]]:
         return state.held_back[:RANKING_SAMPLES]
     stream, _ = state.data.open(None)
     return [feed for _, feed in zip(range(RANKING_SAMPLES), stream)]
-
-
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
 def _weighted_int8(state: QuantState) -> tuple[int, int]:

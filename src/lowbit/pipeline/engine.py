@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ..calibration.observers import Observer
 from ..data.calibration import CalibrationData
 from ..data.feeds import InputSpec, batched, batches_freely
-from ..data.split import HOLD_BACK_EVERY, MAX_SET_ASIDE, SampleSplit
+from ..data.split import MAX_SET_ASIDE, SampleSplit, held_back_positions
 from ..distributed.workers import Shard, Workers
 from ..errors import LowbitError
 from ..graph.runtime import make_session
@@ -138,7 +138,7 @@ class DataEngine:
         if split is not None:
             count = split.search_samples if split.search_samples is not None else MAX_SET_ASIDE
             if split.hold_back:
-                held = [i for i in range(len(files)) if i % HOLD_BACK_EVERY == HOLD_BACK_EVERY - 1][:count]
+                held = held_back_positions(len(files), count)
             keep = count if split.keep_for_tuning else 0
         held_set = set(held)
         statistics = [i for i in range(len(files)) if i not in held_set]
