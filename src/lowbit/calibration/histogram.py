@@ -14,8 +14,9 @@ Binning is one multiply by the (exact, power-of-two) reciprocal width, a truncat
 does not grow with the number of samples. A large tensor contributes an evenly strided
 sample of at most ``values_per_batch`` values per batch (32768 by default: over a few
 hundred samples that is tens of millions of values per tensor, far more than the
-histogram resolves), which keeps a histogram pass close to a min/max pass in time. The exact minimum and maximum are kept beside
-the counts: the range-selection methods in :mod:`lowbit.calibration.ranges` start from them.
+histogram resolves), which keeps a histogram pass close to a min/max pass in time. The
+exact minimum and maximum are kept beside the counts: the range-selection methods in
+:mod:`lowbit.calibration.ranges` start from them.
 """
 
 from __future__ import annotations

@@ -212,6 +212,11 @@ FIELDS: tuple[Field, ...] = (
           "bias_correction: keep the corrected biases only if they do not worsen the model's outputs by this "
           "metric on the calibration samples it read (Horizon's metric); unset = always keep",
           choices=("cosine-similarity", "mse", "mae", "mre", "sqnr", "chebyshev"), extension=True),
+    Field(FULL, "cross_layer_equalization", Kind.BOOL, False,
+          "before calibration, rescale the channels of consecutive Conv/Gemm/MatMul layers (through Relu, "
+          "LeakyRelu, PRelu; Clip(0, hi) becomes Relu + a per-channel Min) so that per-tensor weight grids fit "
+          "every channel; the float model computes the same (Nagel et al. 2019); for per_channel=false / DSP",
+          extension=True),
     Field(FULL, "weight_rounding", Kind.ENUM, "GPTQ",
           "how weights get their integers: NEAREST (round to nearest), GPTQ (error-compensating rounding "
           "against the layer input's second moment on the calibration data; same grid and file size; "

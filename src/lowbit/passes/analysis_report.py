@@ -64,7 +64,8 @@ class WriteAnalysisReport(Pass):
                        "pass a list or a folder for the report (no report written)")
             return None
         analysis = analyze(state.model_path, state.output_path, state.user_data, config=state.config,
-                           samples=state.config.report_samples, warn=state.note)
+                           samples=state.config.report_samples, warn=state.note,
+                           float_model=state.float_reference() if state.equalized is not None else None)
         html, json_path = write_report(analysis, state.config.report)
         state.engine.passes.append(DataPass("analysis_report", "switched model", analysis.samples,
                                             analysis.seconds, True))

@@ -16,8 +16,6 @@ from pathlib import Path
 
 from ..data.feeds import batched
 from ..errors import LowbitError
-from ..graph.loading import load_model
-from ..graph.passes import prepare
 from ..graph.runtime import make_session
 from ..pipeline.engine import DataPass
 from ..pipeline.passes import Pass
@@ -48,7 +46,7 @@ class WriteDebugReports(Pass):
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LowbitError(f"debug_info_save_path={folder}: cannot create the folder ({exc.strerror})") from None
-        float_model = prepare(load_model(state.model_path)[0])
+        float_model = state.float_reference()
         traced = debug.trace(float_model, state.model, [d.node.name for d in state.plan.quantized_nodes])
         outcome = next((s.report for s in state.sections if s.name == "correct_biases"), None)
         kept = outcome is not None and (outcome.verdict is None or outcome.verdict.kept)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..passes.check_settings import CheckSettings
+from ..passes.equalize import EqualizeLayers
 from ..passes.evaluate import CheckGoal, LoadEvaluator
 from ..passes.plan import PlanDynamic
 from ..passes.prepare import Prepare
@@ -14,6 +15,7 @@ from .passes import Pass
 def dynamic_quant() -> list[Pass]:
     return [
         Prepare(),
+        EqualizeLayers(),
         PlanDynamic(),  # MatMul / Gemm / Gather with constant weights
         CheckSettings(),
         LoadEvaluator(),  # evaluator / accuracy_target: loaded, and the float model evaluated, before any work

@@ -10,6 +10,7 @@ from ..passes.check_settings import CheckSettings
 from ..passes.choose_ranges import ChooseRanges
 from ..passes.correct_biases import CorrectBiases
 from ..passes.debug_reports import WriteDebugReports
+from ..passes.equalize import EqualizeLayers
 from ..passes.evaluate import CheckGoal, LoadEvaluator
 from ..passes.plan import PlanFull
 from ..passes.prepare import Prepare
@@ -33,6 +34,7 @@ def build_passes() -> list[Pass]:
 def full_quant() -> list[Pass]:
     return [
         Prepare(),  # load, fold BatchNormalization and pads, name every node
+        EqualizeLayers(),  # cross_layer_equalization: channels rescaled, same outputs
         CheckReportPath(),  # report: its folder and libraries, before any work
         PlanFull(),  # per node: int8 or float (and why); per tensor: Q/DQ or not
         ReadCalibrationTable(),  # calibration_table: the ranges from a file (then no calibration run)

@@ -11,13 +11,15 @@ in the manner of ``onnx_ir.passes`` (requires / call / ensures) and of NNCF's al
   prepared float model) or :data:`CURRENT` (the model as the passes before it left it),
   or None when it reads no data; ``requests(state)`` declares the observers, and
   ``samples(state)`` which samples (the first N, a split for the search);
-* ``changes_model``: whether it rewrites the graph;
+* ``changes_model``: whether it rewrites the graph; ``keeps_outputs``: the rewrite leaves
+  what the model computes unchanged (equalization), so the float model's statistics are
+  measured after it;
 * ``run(state)``: the step itself, returning its report; ``describe(report)`` gives the
   summary lines.
 
 The pipeline makes as few runs over the data as the dependencies allow: every pending
 pass that measures the float model is served by one run, made at the latest just before
-the first pass that changes the model; a pass that measures the current model gets a run
+the first pass that changes what the model computes; a pass that measures the current model gets a run
 of its own, right before it. Each run is recorded in the result (``result.data_passes``).
 
 Adding a pass is writing one module under :mod:`lowbit.passes` and naming it in a
@@ -53,6 +55,7 @@ class Pass(ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
     changes_model: ClassVar[bool] = False
+    keeps_outputs: ClassVar[bool] = False
     # the setting that asks for the pass, named when an iterator's samples cannot be read again for it
     setting: ClassVar[str] = ""
 
@@ -110,7 +113,8 @@ def run_pipeline(passes: Sequence[Pass], state: QuantState) -> None:
             continue
         _check(current, current.requires, state, "requires")
         start = current.started = time.perf_counter()
-        if not float_served and (current.changes_model or current.measures(state) == FLOAT):
+        changes_outputs = current.changes_model and not current.keeps_outputs
+        if not float_served and (changes_outputs or current.measures(state) == FLOAT):
             _serve_float(passes[index:], state)
             float_served = True
         if current.measures(state) == CURRENT:

@@ -18,6 +18,8 @@ import onnx_ir as ir
 from ..config import QuantConfig
 from ..data.calibration import CalibrationData
 from ..data.feeds import InputSpec
+from ..graph.loading import copy_model, load_model
+from ..graph.passes import prepare
 from ..quantizers.plan import Decisions
 from ..quantizers.targets import Target
 from .engine import DataEngine
@@ -47,6 +49,7 @@ class QuantState:
     # load and prepare
     model: ir.Model | None = None
     float_bytes: int | None = None
+    equalized: ir.Model | None = None  # the float model as cross-layer equalization left it, when it changed it
     specs: list[InputSpec] | None = None
     data: CalibrationData | None = None
     engine: DataEngine | None = None
@@ -83,6 +86,13 @@ class QuantState:
 
     # save
     output_bytes: int | None = None
+
+    def float_reference(self) -> ir.Model:
+        """The prepared float model the quantized one is compared with, tensor by tensor (the reports): the
+        equalized one when equalization rescaled channels, whose tensors the quantized model computes."""
+        if self.equalized is not None:
+            return copy_model(self.equalized)
+        return prepare(load_model(self.model_path)[0])
 
     def fork(self, **changes: Any) -> QuantState:
         """A copy that builds a candidate model (the accuracy search's): quiet, with its own data engine.

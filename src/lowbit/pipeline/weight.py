@@ -7,6 +7,7 @@ from ..passes.check_settings import CheckSettings
 from ..passes.choose_widths import ChooseWidths
 from ..passes.correct_biases import CorrectBiases
 from ..passes.debug_reports import WriteDebugReports
+from ..passes.equalize import EqualizeLayers
 from ..passes.evaluate import CheckGoal, LoadEvaluator
 from ..passes.output_check import CheckOutputs
 from ..passes.plan import PlanWeightOnly
@@ -31,6 +32,7 @@ def build_passes() -> list[Pass]:
 def weight_quant() -> list[Pass]:
     return [
         Prepare(),
+        EqualizeLayers(),
         CheckReportPath(),  # report: its folder and libraries, before any work
         PlanWeightOnly(),  # which weights, and opset 21 when int4 / int16 may be stored
         CheckSettings(),

@@ -81,7 +81,8 @@ def _why_float(node: ir.Node, options: DynamicOptions) -> str | None:
     if node.name in options.skip_nodes:
         return SKIPPED
     if node.domain not in STANDARD_DOMAINS or op not in DYNAMIC_OPS:
-        return f"{op} has no dynamic int8 rule" + (" (ConvInteger lacks kernels in ONNX Runtime)" if op == "Conv" else "")
+        why = " (ConvInteger lacks kernels in ONNX Runtime)" if op == "Conv" else ""
+        return f"{op} has no dynamic int8 rule{why}"
     weight_index = 0 if op == "Gather" else 1
     weight = constant_array(node.inputs[weight_index])
     if op == "Gather":

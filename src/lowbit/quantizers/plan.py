@@ -188,8 +188,7 @@ class _Planner:
             self._decide_float(node, f"float32 ({self.rules.input_precision(node, 1).source})", FLOAT32, "")
             return
         self.plan.decisions[node.name] = NodeDecision(node, True, precision=precision.qtype, inputs=inputs)
-        fused = self._fusable_activation(node)
-        if fused is not None:
+        for fused in self._fused_activations(node):
             self.plan.decisions[fused.name] = NodeDecision(fused, True, fused_into=node.name,
                                                            precision=INT16 if precision.qtype == INT16 else INT8)
 
@@ -245,8 +244,7 @@ class _Planner:
             return
         reason = "only float ops read its output, so int8 would add rounding without an int8 kernel"
         self.plan.decisions[node.name] = NodeDecision(node, False, reason)
-        fused = self._fusable_activation(node)
-        if fused is not None:
+        for fused in self._fused_activations(node):
             self.plan.decisions[fused.name] = NodeDecision(fused, False, f"follows {node.name}, which stays float")
 
     def place(self, node: ir.Node) -> None:
@@ -268,8 +266,8 @@ class _Planner:
 
     def _results(self, node: ir.Node) -> list[ir.Value]:
         """The node's outputs, or its fused activation's output."""
-        fused = self._fusable_activation(node)
-        return [fused.outputs[0]] if fused is not None else [v for v in node.outputs if v is not None]
+        fused = self._fused_activations(node)
+        return [fused[-1].outputs[0]] if fused else [v for v in node.outputs if v is not None]
 
     def _read_by_quantized(self, value: ir.Value) -> bool:
         for use in value.uses():
@@ -410,18 +408,30 @@ class _Planner:
                 self._mark(out)
                 self.plan.share_scale(source, out.name)
 
-    def _fusable_activation(self, node: ir.Node) -> ir.Node | None:
-        """The Relu/Clip that is the only reader of this op's output, if a runtime would fuse it."""
+    def _fused_activations(self, node: ir.Node) -> list[ir.Node]:
+        """The activation a runtime would fuse into this op (the Relu/Clip that alone reads its output), and
+        after a Relu the Min with a constant bound that alone reads it (a per-channel clip, as cross-layer
+        equalization writes a scaled ReLU6); empty when there is none."""
         if node.op_type not in FUSION_PRODUCERS:
-            return None
+            return []
+        chain = []
+        for kinds in (FUSABLE_ACTIVATIONS, ("Min",)):
+            consumer = self._only_reader(node if not chain else chain[-1])
+            if consumer is None or consumer.op_type not in kinds or (chain and chain[-1].op_type != "Relu"):
+                break
+            chain.append(consumer)
+        return chain
+
+    def _only_reader(self, node: ir.Node) -> ir.Node | None:
+        """The node that alone reads this node's output, if the plan may fuse it (no setting names it, its
+        other inputs are constants)."""
         out = node.outputs[0]
         uses = list(out.uses())
         if out.is_graph_output() or len(uses) != 1:
             return None
         consumer = uses[0].node
         if (
-            consumer.op_type not in FUSABLE_ACTIVATIONS
-            or consumer.domain not in STANDARD_DOMAINS
+            consumer.domain not in STANDARD_DOMAINS
             or consumer.name in self.options.skip_nodes
             or consumer.name in self.rules.nodes
             or self.rules.input_precision(consumer, 0).qtype in FLOATS

@@ -36,7 +36,8 @@ def _finite(values: Sequence[float], cap: float) -> list[float]:
 
 
 def error_along_graph(computed_db: Sequence[float], rounded_db: Sequence[float | None], marked: Sequence[int]) -> str:
-    """SQNR of each tensor in graph order: a line for the computed values, dots after rounding, marks at suggested nodes."""
+    """SQNR of each tensor in graph order: a line for the computed values, dots after rounding, marks at the
+    suggested nodes."""
     figure, axes = plt.subplots(figsize=WIDE)
     finite = [v for v in list(computed_db) + [r for r in rounded_db if r is not None] if not math.isinf(v)]
     cap = (max(finite) + 5) if finite else 100.0
