@@ -64,17 +64,19 @@ class Row:
 
 # -- data -------------------------------------------------------------------------------
 
-def efficientnet_case(n_calib: int, crops_per_photo: int) -> Case:
-    """Calibrate on opencv-doc's video frames and other images; evaluate on natural photos."""
+def efficientnet_case(n_calib: int, crops_per_photo: int, variant: int = 0) -> Case:
+    """EfficientNet-Lite0 (or Lite1): calibrate on opencv-doc's video frames and other images; evaluate on natural
+    photos."""
+    size = zoo.EFFICIENTNET_LITE_SIZES[variant]
     images = zoo.calibration_images()
     per_image = max(1, -(-n_calib // len(images)))
-    calib = [zoo.efficientnet_input(c)[0] for i, p in enumerate(images.values())
+    calib = [zoo.efficientnet_input(c, size)[0] for i, p in enumerate(images.values())
              for c in zoo.crops(p, per_image, seed=i)]
     calib = [calib[i] for i in np.random.default_rng(0).permutation(len(calib))[:n_calib]]
     held = zoo.natural_photos()
-    evaluation = np.concatenate([zoo.efficientnet_input(c) for i, p in enumerate(held.values())
+    evaluation = np.concatenate([zoo.efficientnet_input(c, size) for i, p in enumerate(held.values())
                                  for c in zoo.crops(p, crops_per_photo, seed=100 + i)])
-    return Case("EfficientNet-Lite0", zoo.efficientnet_lite0("torchscript"), "input", calib, evaluation,
+    return Case(f"EfficientNet-Lite{variant}", zoo.efficientnet_lite(variant), "input", calib, evaluation,
                 data=f"Calibration: random crops of {len(images)} opencv-doc video frames and images (chessboards, "
                      "renders, street scenes, a cartoon). Evaluation: random crops (40-100% of the short side) of "
                      f"{len(held)} natural photos of scikit-image, scikit-learn and opencv-doc, none used for "

@@ -192,3 +192,22 @@ def test_efficientnet_lite0_per_tensor_gains_from_equalization(tmp_path, photos)
         errors[equalize_layers] = 1 - np.mean([zoo.cosine(a, b) for a, b in zip(reference, got)])
     # measured on these 40 crops (per-tensor weights rounded to nearest): 1 - cosine 0.200 without, 0.110 with
     assert errors[True] < 0.6 * errors[False]
+
+
+def test_a_calibration_table_with_equalization_is_explained(tmp_path):
+    rng = np.random.default_rng(5)
+    model = _block_model(rng)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    feeds = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    with pytest.warns(lowbit.LowbitWarning, match="ranges are those of the equalized model"):
+        lowbit.quantize(src, tmp_path / "q.onnx", data=feeds, progress=False, cross_layer_equalization=True,
+                        calibration_table_out=str(tmp_path / "t.json"))
+    with pytest.warns(lowbit.LowbitWarning, match="must come from a run with cross_layer_equalization"):
+        lowbit.quantize(src, tmp_path / "q2.onnx", progress=False, cross_layer_equalization=True,
+                        calibration_table=str(tmp_path / "t.json"), weight_rounding="NEAREST", bias_correction=False)
+    # the table written from the equalized model gives the same ranges when read back with equalization
+    first = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+    second = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "q2.onnx")).graph.initializer}
+    scales = [name for name in first if name.endswith("_scale") and first[name].ndim == 0]
+    assert scales and all(np.allclose(first[n], second[n], rtol=1e-6) for n in scales)

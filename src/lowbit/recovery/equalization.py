@@ -38,6 +38,11 @@ from ..graph.query import attribute, constant_array
 SETTLED = 1e-4
 # At most this many rounds over all pairs (MobileNet-like chains settle in far fewer).
 MAX_ROUNDS = 50
+# A channel whose largest weight is below this share of its layer's largest is left unscaled: it is
+# dead (BatchNormalization folded a near-zero scale into it) and computes its bias alone; equalizing it
+# would divide that constant by a tiny scale and stretch the per-tensor activation grid for nothing.
+# Measured on EfficientNet-Lite0 per tensor (DSP): 1 - cosine 0.0157 with dead channels scaled, 0.0092 without.
+DEAD = 1e-4
 POSITIVELY_HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "PRelu"})
 
 
@@ -222,7 +227,7 @@ def _equalize_pair(pair: Pair) -> np.ndarray:
     """Rescale the pair's shared channels once; returns the scales (first's channel i divided by s_i)."""
     r1, r2 = _output_ranges(pair.first), _input_ranges(pair.second)
     scale = np.ones_like(r1)
-    usable = (r1 > 0) & (r2 > 0)
+    usable = (r1 > DEAD * r1.max()) & (r2 > DEAD * r2.max())
     scale[usable] = np.sqrt(r1[usable] / r2[usable])
     _scale_outputs(pair.first, 1.0 / scale)
     _scale_inputs(pair.second, scale)
