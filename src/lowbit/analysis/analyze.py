@@ -36,6 +36,7 @@ from ..graph.loading import load_model
 from ..graph.passes import prepare, typed
 from ..graph.query import is_float32
 from ..graph.runtime import make_session
+from ..quantizers.levels import unpack_model
 from ..reports import debug
 from .sensitivity import NodeSensitivity, OutputError, mean_error, ranked_nodes
 from .switches import switched_model
@@ -112,7 +113,7 @@ def analyze(float_path: str | Path, quantized_path: str | Path, data: FeedSource
     float_path, quantized_path = Path(float_path), Path(quantized_path)
     config = config if config is not None else load_config(None, {})
     float_model = prepare(load_model(float_path)[0]) if float_model is None else float_model
-    quantized = typed(load_model(quantized_path)[0])
+    quantized = _load_quantized(quantized_path)
     _check_pair(float_model, quantized, float_path, quantized_path)
     outputs = [v.name for v in float_model.graph.outputs if is_float32(v)]
     specs = input_specs(float_model)
@@ -125,7 +126,7 @@ def analyze(float_path: str | Path, quantized_path: str | Path, data: FeedSource
     float_ranges = {t.name: (t.activation.histogram.min, t.activation.histogram.max)
                     for t in tensors if t.activation is not None and t.activation.histogram.min is not None}
 
-    switched = switched_model(typed(load_model(quantized_path)[0]), float_model, float_ranges)
+    switched = switched_model(_load_quantized(quantized_path), float_model, float_ranges)
     if not switched.nodes:
         raise LowbitError(f"{quantized_path}: no node reads a DequantizeLinear output; "
                           "analyze reads QDQ models (QuantizeLinear/DequantizeLinear pairs)")
@@ -146,6 +147,13 @@ def analyze(float_path: str | Path, quantized_path: str | Path, data: FeedSource
                      f"simulation of the same model {simulated:.3g}: the per-node figures are the simulation's")
     return Analysis(float_path, quantized_path, len(feeds), outputs, quantized_error, simulated, nodes, tensors,
                     weights, suggestion, time.perf_counter() - start, error.runs, notes)
+
+
+def _load_quantized(path: Path) -> ir.Model:
+    """The quantized model with its weights as integer constants (non-uniform weights unpacked)."""
+    model = load_model(path)[0]
+    unpack_model(model)
+    return typed(model)
 
 
 def _read_samples(data: CalibrationData, count: int) -> list[dict[str, np.ndarray]]:

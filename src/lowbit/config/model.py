@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LowbitError, did_you_mean
+from ..quantizers.levels import LEVEL_COUNTS
 from .fields import FIELDS, FIELDS_BY_KEY, Field, Kind
 from .precision import parse_precisions
 
@@ -253,6 +254,24 @@ def _apply_dependent_defaults(settings: dict[str, Setting]) -> None:
         settings["weight_rounding"] = Setting("NEAREST", f"{DEFAULT} for {quant_type}")
 
 
+def _check_levels(settings: dict[str, Setting], where) -> None:
+    levels, quant_type = settings["weight_levels"].value, settings["quant_type"].value
+    if levels is None:
+        return
+    if levels not in LEVEL_COUNTS:
+        raise LowbitError(f"{where('weight_levels')}: weight_levels={levels}: a power of two from 2 to 256")
+    if quant_type == "DYNAMIC_QUANT":
+        raise LowbitError(f"{where('weight_levels')}: weight_levels chooses levels on calibration data; "
+                          "DYNAMIC_QUANT has none (use FULL_QUANT or WEIGHT_QUANT)")
+    if settings["weight_bit_num"].value == 4:
+        raise LowbitError(f"{where('weight_levels')}: weight_levels with weight_bit_num=4: int4 weights have 15 "
+                          "levels; choose one of the two")
+    bits = settings["bit_num"].value
+    if quant_type == "WEIGHT_QUANT" and bits and levels >= 2 ** bits:
+        raise LowbitError(f"{where('weight_levels')}: weight_levels={levels} is not fewer than the "
+                          f"{2 ** bits} levels of bit_num={bits}")
+
+
 def _check_combinations(settings: dict[str, Setting]) -> None:
     def where(key: str) -> str:
         return settings[key].source
@@ -286,6 +305,7 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
                           "it rounds to nearest")
     _check_weight_only(settings, where)
     _check_accuracy(settings, where)
+    _check_levels(settings, where)
     weight_bits = settings["weight_bit_num"].value
     if weight_bits not in (4, 8):
         raise LowbitError(f"{where('weight_bit_num')}: weight_bit_num={weight_bits}: 8 or 4 (int4 weights, W4A8)")

@@ -13,6 +13,7 @@ each weight gets (scales, zero points and file size stay). The rule and its fall
 
 from __future__ import annotations
 
+from ..errors import LowbitError
 from ..pipeline.state import QuantState
 from ..quantizers.weight_bits import level_bound
 from ..recovery.gptq import (
@@ -32,21 +33,30 @@ class RoundWeights(LayerInputsPass):
     changes_model = True
 
     def applies(self, state: QuantState) -> bool:
-        if state.config.weight_rounding not in ("GPTQ", "ADAROUND"):
+        config = state.config
+        if config.weight_rounding not in ("GPTQ", "ADAROUND") and config.weight_levels is None:
             return False
-        if state.config.quant_type == "FULL_QUANT" and not state.plan.activations:
+        if config.quant_type == "FULL_QUANT" and not state.plan.activations:
             return False
         if not state.data.given:  # ranges from a calibration table, or weights only, and no data
-            state.note(f"weight_rounding={state.config.weight_rounding} measures the layers' inputs on calibration "
+            if config.weight_levels is not None:
+                raise LowbitError(f"weight_levels={config.weight_levels} chooses each layer's levels by its output "
+                                  "error on calibration data, and none was given; give --data FOLDER")
+            state.note(f"weight_rounding={config.weight_rounding} measures the layers' inputs on calibration "
                        "data, and none was given: weights are rounded to nearest")
             return False
+        if config.weight_levels is not None and config.weight_rounding == "ADAROUND":
+            state.note("weight_rounding=ADAROUND with weight_levels: AdaRound chooses up or down on the uniform "
+                       "grid, so the levels are rounded by GPTQ alone")
         layers = _full_quant_layers(state) if state.config.quant_type == "FULL_QUANT" else _weight_only_layers(state)
         self.job = plan_rounding([layer for layer in layers if compensable(layer.node)])
         return bool(self.job.layers)
 
     def run(self, state: QuantState) -> RoundingReport:
+        config = state.config
         return compensate_rounding(self.job, self.samples_seen, self.started,
-                                   refine=state.config.weight_rounding == "ADAROUND")
+                                   refine=config.weight_rounding == "ADAROUND", levels=config.weight_levels,
+                                   compensate=config.weight_rounding != "NEAREST")
 
     def describe(self, report: RoundingReport) -> list[str]:
         lines = [] if not report.layers else [
@@ -54,6 +64,14 @@ class RoundWeights(LayerInputsPass):
             f"output error {report.error_nearest:.3g} (nearest) -> {report.error_compensated:.3g}, "
             f"{report.seconds:.1f} s"]
         lines += [f"    fallback: {fallback}" for fallback in report.fallbacks]
+        if report.levels:
+            rows = report.levels
+            uniform, packed = sum(r.bytes_uniform for r in rows), sum(r.bytes_packed for r in rows)
+            lines.append(f"  weight levels: {rows[0].count} per layer on {len(rows)} layers, weights "
+                         f"{uniform / 1e6:.2f} -> {packed / 1e6:.2f} MB packed ({packed / uniform:.2f}x), mean layer "
+                         f"output error {sum(r.uniform_output_error for r in rows) / len(rows):.3g} (uniform) -> "
+                         f"{sum(r.output_error for r in rows) / len(rows):.3g}; per layer: "
+                         "result.weight_rounding.levels")
         return lines
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..graph.query import constant_array
+from ..quantizers.levels import PACKED_TAG, nearest_level, optimal_levels, packed_bytes
 from .adaround import adaround
 from .layers import (
     LayerJob,
@@ -65,14 +66,30 @@ class RoundingReport:
     error_compensated: float
     fallbacks: list[str] = field(default_factory=list)  # layers GPTQ could not round as usual, and what it did
     method: str = "GPTQ"  # or "GPTQ + AdaRound": AdaRound refining GPTQ's choices
+    levels: list[LevelsRow] = field(default_factory=list)  # weight_levels: each layer's levels and errors
+
+
+@dataclass(frozen=True)
+class LevelsRow:
+    """One layer of non-uniform weights: its K levels, errors (relative) and bytes."""
+
+    node: str
+    count: int
+    levels: list[int]
+    weight_error: float  # sum (w - w_q)^2 / sum w^2
+    output_error: float  # e^T H e / w^T H w, as the rounding report
+    uniform_output_error: float  # the same with every integer of the grid (the uniform weight before)
+    bytes_uniform: int
+    bytes_packed: int
 
 
 def gptq_round(weights: np.ndarray, covariance: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
-               qmin: int, qmax: int, damping: float = DAMPING) -> np.ndarray:
+               qmin: int, qmax: int, damping: float = DAMPING, levels: np.ndarray | None = None) -> np.ndarray:
     """Integers for ``weights`` (groups, outputs, D) on the grid ``scale``/``zero_point`` (groups, outputs).
 
     ``covariance`` (groups, D, D) is the input second moment of each group. Returns int64
-    integers of the weights' shape.
+    integers of the weights' shape. ``levels``: the only integers allowed (non-uniform
+    weights, :mod:`lowbit.quantizers.levels`), each weight going to the nearest of them.
     """
     w = weights.astype(np.float64).copy()
     h = covariance.astype(np.float64).copy()
@@ -92,12 +109,18 @@ def gptq_round(weights: np.ndarray, covariance: np.ndarray, scale: np.ndarray, z
         errors = np.empty(w.shape[:2] + (end - begin,))
         for i in range(begin, end):
             column = w[:, :, i]
-            q[:, :, i] = np.clip(np.rint(column / scale) + zero_point, qmin, qmax)
+            q[:, :, i] = _on_grid(column / scale + zero_point, qmin, qmax, levels)
             error = (column - (q[:, :, i] - zero_point) * scale) / upper[:, i, i][:, None]
             w[:, :, i + 1:end] -= error[:, :, None] * upper[:, None, i, i + 1:end]
             errors[:, :, i - begin] = error
         w[:, :, end:] -= np.matmul(errors, upper[:, begin:end, end:])
     return q
+
+
+def _on_grid(values: np.ndarray, qmin: int, qmax: int, levels: np.ndarray | None) -> np.ndarray:
+    if levels is None:
+        return np.clip(np.rint(values), qmin, qmax)
+    return nearest_level(np.clip(values, qmin, qmax), levels)
 
 
 def output_error(weights: np.ndarray, rounded: np.ndarray, covariance: np.ndarray) -> float:
@@ -119,14 +142,18 @@ def plan_rounding(layers: list[RoundingLayer]) -> LayerJob:
     return plan_layer_inputs(layers, order=2)
 
 
-def compensate_rounding(job: LayerJob, samples: int, start: float, refine: bool = False) -> RoundingReport:
+def compensate_rounding(job: LayerJob, samples: int, start: float, refine: bool = False,
+                        levels: int | None = None, compensate: bool = True) -> RoundingReport:
     """Re-round each layer's integer weight in place, from the second moments ``job``'s observers hold.
 
     A second moment that GPTQ cannot invert (a singular or ill-conditioned one, from huge
     or degenerate activations) gets more damping, then round to nearest for that layer;
-    the report lists each such layer.
+    the report lists each such layer. ``levels``: each layer's weights take only that many
+    of its integers, chosen for the least output error (:func:`choose_layer_levels`), and the
+    integer tensor is tagged for packing; ``compensate=False`` rounds to the nearest level
+    without GPTQ (``weight_rounding=NEAREST``).
     """
-    before, after, fallbacks, done = [], [], [], 0
+    before, after, fallbacks, rows_report, done = [], [], [], [], 0
     for layer, key in job.layers:
         dq = integer_weight(layer.node)
         covariance = job.observers[key].covariance()
@@ -134,43 +161,72 @@ def compensate_rounding(job: LayerJob, samples: int, start: float, refine: bool 
         scale, zero_point = _grid(dq, rows.shape[:2])
         stored = constant_array(dq.inputs[0])
         nearest = as_rows(layer.node, stored.astype(np.int64))
-        q, damping = _round_with_fallback(rows, covariance, scale, zero_point, layer)
+        chosen = None
+        if levels is not None and levels < layer.qmax - layer.qmin + 1 and np.all(np.isfinite(covariance)):
+            chosen = choose_layer_levels(rows, covariance, scale, zero_point, layer, levels)
+            uniform_error = _layer_error(rows, nearest, scale, zero_point, covariance)
+            nearest = nearest_level(np.clip(rows / scale[..., None] + zero_point[..., None], layer.qmin,
+                                            layer.qmax), chosen).astype(np.int64)
+        q, damping = (nearest, DAMPING) if not compensate else \
+            _round_with_fallback(rows, covariance, scale, zero_point, layer, chosen)
         if damping != DAMPING:
             fallbacks.append(f"{layer.node.name}: " + (f"damping raised to {damping:g}" if q is not None
                                                        else "second moments not invertible, kept round to nearest"))
+        q = nearest if q is None and chosen is not None else q
         if q is None:
             continue
-        if refine:  # AdaRound from GPTQ's choices; kept where it lowers the layer's output error
+        if refine and chosen is None:  # AdaRound from GPTQ's choices; kept where it lowers the layer's output error
             refined = adaround(rows, covariance, scale, zero_point, layer.qmin, layer.qmax, start=q)
             if _layer_error(rows, refined, scale, zero_point, covariance) < _layer_error(rows, q, scale,
                                                                                         zero_point, covariance):
                 q = refined
-        dequantized = (q - zero_point[..., None]) * scale[..., None]
-        before.append(output_error(rows, (nearest - zero_point[..., None]) * scale[..., None], covariance))
-        after.append(output_error(rows, dequantized, covariance))
+        before.append(_layer_error(rows, nearest, scale, zero_point, covariance))
+        after.append(_layer_error(rows, q, scale, zero_point, covariance))
         if after[-1] >= before[-1]:  # GPTQ's greedy order can lose on a tiny layer: keep the better
-            after[-1] = before[-1]
-            continue
+            after[-1], q = before[-1], nearest
+            if chosen is None:
+                continue
         new = from_rows(layer.node, q, stored.shape).astype(stored.dtype)
         dq.inputs[0].const_value = ir.tensor(new, name=dq.inputs[0].name)
+        if chosen is not None:
+            dq.metadata_props[PACKED_TAG] = str(levels)
+            dequantized = (q - zero_point[..., None]) * scale[..., None]
+            rows_report.append(LevelsRow(layer.node.name, levels, [int(v) for v in chosen],
+                                         float(np.sum((dequantized - rows) ** 2) / max(np.sum(rows ** 2), 1e-30)),
+                                         after[-1], uniform_error, stored.size * stored.itemsize,
+                                         packed_bytes(stored.size, levels)))
         done += 1
+    method = "nearest level" if not compensate else "GPTQ + AdaRound" if refine and levels is None else "GPTQ"
     return RoundingReport(done, samples, time.perf_counter() - start,
                           float(np.mean(before)) if before else 0.0, float(np.mean(after)) if after else 0.0,
-                          fallbacks, "GPTQ + AdaRound" if refine else "GPTQ")
+                          fallbacks, method, rows_report)
+
+
+def choose_layer_levels(rows: np.ndarray, covariance: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+                        layer: RoundingLayer, count: int) -> np.ndarray:
+    """The ``count`` integers of the layer's grid with the least output error when each weight takes the
+    nearest: each weight's squared error counts with its channel's scale squared times the second moment
+    of the input it multiplies (the diagonal of ``H``)."""
+    diagonal = np.arange(covariance.shape[-1])
+    importance = scale[..., None] ** 2 * np.maximum(covariance[:, diagonal, diagonal], 0)[:, None, :]
+    if not np.any(importance > 0):
+        importance = np.ones_like(rows)
+    return optimal_levels(rows / scale[..., None] + zero_point[..., None], importance, count, layer.qmin,
+                          layer.qmax)
 
 
 def _layer_error(rows, q, scale, zero_point, covariance) -> float:
     return output_error(rows, (q - zero_point[..., None]) * scale[..., None], covariance)
 
 
-def _round_with_fallback(rows, covariance, scale, zero_point, layer: RoundingLayer):
+def _round_with_fallback(rows, covariance, scale, zero_point, layer: RoundingLayer, levels=None):
     """(integers, damping used), trying ten and a hundred times the damping; (None, damping) when all fail."""
     if not np.all(np.isfinite(covariance)):
         return None, math.inf
     for damping in (DAMPING, 10 * DAMPING, 100 * DAMPING):
         try:
             with np.errstate(all="ignore"):
-                q = gptq_round(rows, covariance, scale, zero_point, layer.qmin, layer.qmax, damping)
+                q = gptq_round(rows, covariance, scale, zero_point, layer.qmin, layer.qmax, damping, levels)
         except np.linalg.LinAlgError:
             continue
         return q, damping

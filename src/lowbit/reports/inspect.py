@@ -22,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
 
 from ..errors import LowbitError
 from ..graph.loading import load_model
 from ..inference import is_weight_only
+from ..quantizers.levels import unpack_model
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,8 @@ class Inspection:
 
 def inspect_model(path: str | Path) -> Inspection:
     path = Path(path)
-    _, file_bytes = load_model(path)  # checks the file and measures it with its external data
-    proto = onnx.load(str(path))
+    model, file_bytes = load_model(path)  # checks the file and measures it with its external data
+    proto = ir.serde.serialize_model(model) if unpack_model(model) else onnx.load(str(path))  # packed levels
     graph = proto.graph
     constants = {t.name: t for t in graph.initializer}
     readers: dict[str, list[onnx.NodeProto]] = {}

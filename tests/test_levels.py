@@ -1,0 +1,193 @@
+"""Non-uniform weights (weight_levels): the level choice against a brute-force optimum, packing round trips,
+files that shrink and still run, and the errors for settings that cannot work."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lowbit
+from bench import zoo
+from lowbit.errors import LowbitError
+from lowbit.quantizers.levels import (
+    DECODER_BYTES,
+    LEVEL_COUNTS,
+    nearest_level,
+    optimal_levels,
+    pack_indices,
+    packed_bytes,
+    unpack_indices,
+)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_levels_are_the_brute_force_optimum(seed):
+    rng = np.random.default_rng(seed)
+    values = rng.normal(scale=2.5, size=int(rng.integers(3, 30)))
+    importance = rng.uniform(0.1, 3.0, size=values.shape)
+    count = int(rng.integers(1, 5))
+    chosen = optimal_levels(values, importance, count, -6, 6)
+
+    def cost(levels):
+        clipped = np.clip(values, -6, 6)
+        return float(np.sum(importance * (clipped - nearest_level(clipped, np.array(sorted(levels)))) ** 2))
+
+    best = min(cost(c) for c in itertools.combinations(range(-6, 7), count))
+    assert len(chosen) == count and np.all(np.diff(chosen) > 0)
+    assert cost(chosen) == pytest.approx(best, abs=1e-9)
+
+
+def test_levels_by_hand():
+    # three weights near 0 that matter little, one at 9.6 that matters a lot: with two levels, 0 and 10
+    values, importance = np.array([-0.4, 0.2, 0.3, 9.6]), np.array([1.0, 1.0, 1.0, 100.0])
+    np.testing.assert_array_equal(optimal_levels(values, importance, 2, -12, 12), [0, 10])
+    # one level: the integer nearest the weighted mean (sum a v / sum a = 9.37...) is 9
+    np.testing.assert_array_equal(optimal_levels(values, importance, 1, -12, 12), [9])
+    # as many levels as the grid has integers: the grid itself
+    np.testing.assert_array_equal(optimal_levels(values, importance, 8, -3, 3), np.arange(-3, 4))
+
+
+@pytest.mark.parametrize("count", LEVEL_COUNTS)
+def test_pack_and_unpack_round_trip(count):
+    rng = np.random.default_rng(count)
+    indices = rng.integers(0, count, size=1003)  # not a multiple of 8
+    bits = int(np.log2(count))
+    planes = pack_indices(indices, bits)
+    assert planes.shape == (bits, 126) and planes.dtype == np.uint8
+    np.testing.assert_array_equal(unpack_indices(planes, 1003), indices)
+    assert packed_bytes(1003, count) == bits * 126 + count
+
+
+def _conv_model(rng) -> onnx.ModelProto:
+    init = [numpy_helper.from_array(rng.normal(size=(64, 8, 3, 3)).astype(np.float32), "w1"),
+            numpy_helper.from_array(rng.normal(size=64).astype(np.float32), "b1"),
+            numpy_helper.from_array((rng.normal(size=(128, 64, 1, 1)) * 0.2).astype(np.float32), "w2"),
+            numpy_helper.from_array((rng.normal(size=(10, 128)) * 0.3).astype(np.float32), "wf")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+             helper.make_node("GlobalAveragePool", ["c2"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "wf"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])], init)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _weights(path) -> dict[str, np.ndarray]:
+    """The integer weights behind every DequantizeLinear of a weighted node, packed or not."""
+    model = ir.load(str(path))
+    from lowbit.quantizers.levels import unpack_model
+
+    unpack_model(model)
+    out = {}
+    for node in model.graph:
+        if node.op_type in ("Conv", "Gemm"):
+            dq = node.inputs[1].producer()
+            out[node.name] = dq.inputs[0].const_value.numpy()
+    return out
+
+
+def _run(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_full_quant_levels_shrink_the_file_and_run(tmp_path):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_model(rng), src)
+    feeds = [{"x": rng.normal(size=(1, 8, 12, 12)).astype(np.float32)} for _ in range(32)]
+    x = rng.normal(size=(16, 8, 12, 12)).astype(np.float32)
+    uniform, packed, plain = tmp_path / "u.onnx", tmp_path / "k4.onnx", tmp_path / "k4plain.onnx"
+    lowbit.quantize(src, uniform, data=feeds, progress=False)
+    result = lowbit.quantize(src, packed, data=feeds, progress=False, weight_levels=4)
+    lowbit.quantize(src, plain, data=feeds, progress=False, weight_levels=4, pack_weight_levels=False)
+    onnx.checker.check_model(str(packed), full_check=True)
+    rows = result.weight_rounding.levels
+    assert [r.node for r in rows] == ["conv1", "conv2", "fc"] and all(len(r.levels) == 4 for r in rows)
+    for row in rows:
+        assert row.output_error >= row.uniform_output_error  # 4 levels cannot beat 255
+        assert row.bytes_packed == packed_bytes(row.bytes_uniform, 4)
+    for name, weight in _weights(packed).items():
+        row = next(r for r in rows if r.node == name)
+        assert set(np.unique(weight)) <= set(row.levels)
+    assert all(np.array_equal(_weights(packed)[n], w) for n, w in _weights(plain).items())
+    np.testing.assert_array_equal(_run(packed, x), _run(plain, x))  # ORT folds the decoder: the same model
+    # conv2 (8192 bytes) is packed at 2 bits; conv1 (4608) and fc (1280) would save less than twice a decoder
+    decoders = [n.name for n in onnx.load(str(packed)).graph.node if n.op_type == "Gather"]
+    assert decoders == ["w2_quantized_unpack_gathered"]
+    saved = uniform.stat().st_size - packed.stat().st_size
+    assert saved >= 8192 - packed_bytes(8192, 4) - DECODER_BYTES
+    reference = _run(src, x)
+    assert zoo.cosine(_run(packed, x), reference) > 0.95
+    assert any("weight levels: 4 per layer on 3 layers" in line for line in result.summary().splitlines())
+
+
+def test_weight_only_levels_with_data(tmp_path):
+    rng = np.random.default_rng(1)
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_model(rng), src)
+    feeds = [{"x": rng.normal(size=(1, 8, 12, 12)).astype(np.float32)} for _ in range(16)]
+    out = tmp_path / "w.onnx"
+    result = lowbit.quantize(src, out, data=feeds, progress=False, quant_type="WEIGHT_QUANT", bit_num=8,
+                             weight_levels=16, min_quant_weight_channel=0)
+    assert len(result.weight_rounding.levels) == 3
+    assert all(len(np.unique(w)) <= 16 for w in _weights(out).values())
+    x = rng.normal(size=(4, 8, 12, 12)).astype(np.float32)
+    reference = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert zoo.cosine(_run(out, x), reference) > 0.99
+
+
+def test_analysis_reads_packed_weights(tmp_path):
+    rng = np.random.default_rng(2)
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_model(rng), src)
+    feeds = [{"x": rng.normal(size=(1, 8, 12, 12)).astype(np.float32)} for _ in range(8)]
+    lowbit.quantize(src, tmp_path / "q.onnx", data=feeds, progress=False, weight_levels=8)
+    analysis = lowbit.analyze(src, tmp_path / "q.onnx", feeds)
+    assert {row.node for row in analysis.weights} == {"conv1", "conv2", "fc"}
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"weight_levels": 24}, "a power of two"),
+    ({"weight_levels": 16, "quant_type": "DYNAMIC_QUANT"}, "DYNAMIC_QUANT has none"),
+    ({"weight_levels": 16, "weight_bit_num": 4}, "int4 weights have 15"),
+    ({"weight_levels": 16, "quant_type": "WEIGHT_QUANT", "bit_num": 4}, "not fewer than the 16 levels"),
+])
+def test_levels_settings_that_cannot_work(tmp_path, settings, message):
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_model(np.random.default_rng(3)), src)
+    with pytest.raises(LowbitError, match=message):
+        lowbit.quantize(src, tmp_path / "q.onnx", progress=False, **settings)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_levels_need_data(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_model(np.random.default_rng(4)), src)
+    with pytest.raises(LowbitError, match="give --data"):
+        lowbit.quantize(src, tmp_path / "q.onnx", progress=False, quant_type="WEIGHT_QUANT", weight_levels=16,
+                        min_quant_weight_channel=0)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_digit_cnn_keeps_its_accuracy_on_16_levels(tmp_path):
+    cells, labels = zoo.opencv_digits()
+    order = np.random.default_rng(0).permutation(len(cells))
+    calib = [{"input": zoo.digit_input(cells[i])} for i in order[:64]]
+    held = order[1000:2000]
+    x = np.concatenate([zoo.digit_input(cells[i]) for i in held])
+    src, out = zoo.digit_cnn(), tmp_path / "digits.onnx"
+    lowbit.quantize(src, out, data=calib, progress=False, weight_levels=16)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    float_session = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    accuracy = np.mean(session.run(None, {"input": x})[0].argmax(1) == labels[held])
+    float_accuracy = np.mean(float_session.run(None, {"input": x})[0].argmax(1) == labels[held])
+    # measured on these 1000 digits: 0.971 on 16 levels, float 0.974. Margin: 2 digits
+    assert accuracy >= float_accuracy - 0.005
