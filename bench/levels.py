@@ -7,7 +7,9 @@ EfficientNet-Lite0 and Lite1, FULL_QUANT (W8A8) with K = 256 (uniform), 64, 32 a
 per layer, on the data of bench/recovery.py (300 held-out crops): file bytes, 1 - cosine and
 top-1 agreement against the float model, latency at batch 8 (the models take turns, same run),
 session creation time. MiniLM, WEIGHT_QUANT bit_num=8 with data, uniform and K = 64 and 32:
-sentence-embedding cosine on 256 held-out sentences and file bytes.
+sentence-embedding cosine on 256 held-out sentences and file bytes. The automatic mode
+(weight_levels=AUTO) on both, with an evaluator on the same held-out inputs: EfficientNet-Lite0
+top-1 agreement >= 0.95 (the uniform model's is 0.97), MiniLM embedding cosine >= 0.998.
 """
 
 from __future__ import annotations
@@ -45,10 +47,31 @@ def image_model(case: run.Case, work: Path) -> dict:
         rows[label] = {**recovery.measure(case, out, reference), "seconds": time.perf_counter() - start,
                        "bytes": run.model_bytes(out), "session_seconds": session_seconds(out)}
         print(f"  {label}: {rows[label]}", flush=True)
+    if case.name == "EfficientNet-Lite0":
+        from bench.accuracy import Agreement
+
+        out = paths["AUTO, agreement >= 0.95"] = work / "levels-auto.onnx"
+        start = time.perf_counter()
+        result = lowbit.quantize(case.model, out, data=calib, progress=False, weight_levels="AUTO",
+                                 evaluator=Agreement(case.evaluation, case.input_name, 0.95), max_evaluations=10)
+        rows["AUTO, agreement >= 0.95"] = {**recovery.measure(case, out, reference),
+                                           "seconds": time.perf_counter() - start, "bytes": run.model_bytes(out),
+                                           "session_seconds": session_seconds(out),
+                                           "auto": auto_summary(result)}
+        print(f"  AUTO: {rows['AUTO, agreement >= 0.95']}", flush=True)
     latency = run.compare_latency(paths, {case.input_name: case.evaluation[:8]}, runs=8)
     for label, ms in latency.items():
         rows[label]["latency_b8_ms"] = ms
     return {"case": case.name, "inputs": len(case.evaluation), "rows": rows}
+
+
+def auto_summary(result) -> dict:
+    search = result.report("search_levels")
+    counts = {}
+    for count in search.counts.values():
+        counts[str(count)] = counts.get(str(count), 0) + 1
+    return {"evaluations": sum(not t.repeated for t in search.search.tries), "tries": len(search.search.tries),
+            "layers": counts, "stopped": search.search.stopped}
 
 
 def minilm(work: Path) -> dict:
@@ -74,6 +97,14 @@ def minilm(work: Path) -> dict:
         rows[label] = {"cosine": cosine.eval_model(str(out), None), "bytes": run.model_bytes(out),
                        "seconds": time.perf_counter() - start}
         print(f"  {label}: {rows[label]}", flush=True)
+    out = work / "minilm-levels-auto.onnx"
+    start = time.perf_counter()
+    goal = EmbeddingCosine(cosine.batches, 0.998)
+    result = lowbit.quantize(model, out, data=calib, progress=False, quant_type="WEIGHT_QUANT", bit_num=8,
+                             weight_rounding="GPTQ", weight_levels="AUTO", evaluator=goal, max_evaluations=10)
+    rows["AUTO, cosine >= 0.998"] = {"cosine": cosine.eval_model(str(out), None), "bytes": run.model_bytes(out),
+                                     "seconds": time.perf_counter() - start, "auto": auto_summary(result)}
+    print(f"  AUTO: {rows['AUTO, cosine >= 0.998']}", flush=True)
     return {"case": "MiniLM weight-only, 8 bits, GPTQ", "inputs": len(held), "rows": rows}
 
 
@@ -92,13 +123,22 @@ def markdown(models: list[dict]) -> str:
                              f"{row['error']:.5f} | {row['error'] / uniform['error']:.1f} | {row['agreement']:.3f} | "
                              f"{row['latency_b8_ms']:.2f} ms | {row['session_seconds']:.2f} s | "
                              f"{row['seconds']:.0f} s |")
+            lines += _auto_lines(rows)
         else:
             lines += ["| weights | file | x uniform | embedding cosine | quantize |", "|---|---|---|---|---|"]
             for label, row in rows.items():
                 lines.append(f"| {label} | {row['bytes'] / 1e6:.2f} MB | {row['bytes'] / uniform['bytes']:.3f} | "
                              f"{row['cosine']:.5f} | {row['seconds']:.0f} s |")
+            lines += _auto_lines(rows)
         lines.append("")
     return "\n".join(lines)
+
+
+def _auto_lines(rows: dict) -> list[str]:
+    return [f"\n{label}: {row['auto']['evaluations']} evaluations ({row['auto']['tries']} tries, "
+            f"{row['auto']['stopped']}); layers per K: "
+            + ", ".join(f"{n} at {k}" for k, n in sorted(row["auto"]["layers"].items(), key=lambda i: int(i[0])))
+            for label, row in rows.items() if "auto" in row]
 
 
 def main() -> None:

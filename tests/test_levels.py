@@ -155,7 +155,9 @@ def test_analysis_reads_packed_weights(tmp_path):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"weight_levels": 24}, "a power of two"),
+    ({"weight_levels": 24}, "unknown value .*allowed: one of 2, 4, 8, 16, 32, 64, 128, 256, AUTO"),
+    ({"weight_levels": "AUTO", "quant_type": "WEIGHT_QUANT"}, "for an evaluator or accuracy_target"),
+    ({"weight_levels": "AUTO", "quant_type": "WEIGHT_QUANT", "bit_num": 4}, "16 to 256 levels of 8-bit"),
     ({"weight_levels": 16, "quant_type": "DYNAMIC_QUANT"}, "DYNAMIC_QUANT has none"),
     ({"weight_levels": 16, "weight_bit_num": 4}, "int4 weights have 15"),
     ({"weight_levels": 16, "quant_type": "WEIGHT_QUANT", "bit_num": 4}, "not fewer than the 16 levels"),
@@ -191,3 +193,69 @@ def test_digit_cnn_keeps_its_accuracy_on_16_levels(tmp_path):
     float_accuracy = np.mean(float_session.run(None, {"input": x})[0].argmax(1) == labels[held])
     # measured on these 1000 digits: 0.971 on 16 levels, float 0.974. Margin: 2 digits
     assert accuracy >= float_accuracy - 0.005
+
+
+class DigitAccuracy:
+    """Accuracy on held-out digits; satisfied when at most ``drop`` below the float model's."""
+
+    def __init__(self, drop: float):
+        cells, labels = zoo.opencv_digits()
+        held = np.random.default_rng(0).permutation(len(cells))[1000:1600]
+        self.x, self.labels, self.drop = np.concatenate([zoo.digit_input(cells[i]) for i in held]), labels[held], drop
+        self.calls = 0
+
+    def eval_model(self, model_file, batch_num):
+        self.calls += 1
+        session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+        return float(np.mean(session.run(None, {"input": self.x})[0].argmax(1) == self.labels))
+
+    def is_satisfied(self, original_metric, new_metric):
+        return new_metric >= original_metric - self.drop
+
+
+def _digit_calibration():
+    cells, _ = zoo.opencv_digits()
+    order = np.random.default_rng(0).permutation(len(cells))
+    return [{"input": zoo.digit_input(cells[i])} for i in order[:64]]
+
+
+def test_auto_levels_search_the_fewest_the_evaluator_accepts(tmp_path):
+    evaluator = DigitAccuracy(drop=0.004)
+    out = tmp_path / "auto.onnx"
+    result = lowbit.quantize(zoo.digit_cnn(), out, data=_digit_calibration(), progress=False, weight_levels="AUTO",
+                             evaluator=evaluator, max_evaluations=12)
+    search = result.report("search_levels")
+    kept = [t for t in search.search.tries if t.evaluation.satisfied]
+    assert kept and search.counts and set(search.counts.values()) <= {16, 32, 64, 128, 256}
+    assert evaluator.calls <= 12
+    # the written model is the kept allocation: the evaluator accepts it, and it is the smallest one accepted
+    assert evaluator.is_satisfied(evaluator.eval_model(zoo.digit_cnn(), None), evaluator.eval_model(out, None))
+    assert search.search.bits == search.counts
+    assert min(t.average_bits for t in kept) == pytest.approx(min(
+        t.average_bits for t in search.search.tries if t.evaluation.satisfied))
+    for name, weight in _weights_of(out).items():
+        assert len(np.unique(weight)) <= search.counts[name]
+    assert search.bytes_kept < search.bytes_uniform
+    assert any("weight levels (AUTO)" in line for line in result.summary().splitlines())
+
+
+def test_auto_levels_never_satisfied_writes_nothing(tmp_path):
+    class Never(DigitAccuracy):
+        def is_satisfied(self, original_metric, new_metric):
+            return False
+
+    out = tmp_path / "never.onnx"
+    with pytest.raises(LowbitError, match="not satisfied even with every layer on the uniform grid"):
+        lowbit.quantize(zoo.digit_cnn(), out, data=_digit_calibration(), progress=False, quant_type="WEIGHT_QUANT",
+                        weight_levels="AUTO", evaluator=Never(0.0), max_evaluations=30, min_quant_weight_channel=0)
+    assert not out.exists()
+
+
+def _weights_of(path) -> dict[str, np.ndarray]:
+    from lowbit.quantizers.levels import unpack_model
+
+    model = ir.load(str(path))
+    unpack_model(model)
+    return {node.name: node.inputs[1].producer().inputs[0].const_value.numpy() for node in model.graph
+            if node.op_type in ("Conv", "Gemm", "MatMul") and node.inputs[1].producer() is not None
+            and node.inputs[1].producer().inputs[0].const_value is not None}

@@ -41,7 +41,7 @@ class WidthSearch:
 
 def search_init_scale(allocate: Callable[[float], dict[str, int]], average_bits: Callable[[dict[str, int]], float],
                       evaluate: Callable[[dict[str, int], str], Evaluation], evaluations_left: Callable[[], int],
-                      widest: dict[str, int]) -> WidthSearch:
+                      widest: dict[str, int], budget_name: str = "init_scale") -> WidthSearch:
     result = WidthSearch(None, None)
     seen: dict[tuple, Evaluation] = {}
 
@@ -61,7 +61,7 @@ def search_init_scale(allocate: Callable[[float], dict[str, int]], average_bits:
     result.stopped = "resolution reached"
     while high - low > RESOLUTION:
         middle = (low + high) / 2
-        verdict = attempt(10**middle, allocate(10**middle), f"init_scale={10**middle:.4g}")
+        verdict = attempt(10**middle, allocate(10**middle), f"{budget_name}={10**middle:.4g}")
         if verdict is None:
             result.stopped = "max_evaluations reached"
             break

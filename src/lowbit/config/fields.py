@@ -95,11 +95,12 @@ FIELDS: tuple[Field, ...] = (
           "or AUTO: per token for MatMuls whose weight widens or narrows the hidden size 2x or more "
           "(feed-forward layers), per tensor for the others",
           choices=("AUTO", "TOKEN", "TENSOR"), extension=True),
-    Field(COMMON, "weight_levels", Kind.INT, None,
+    Field(COMMON, "weight_levels", Kind.ENUM, None,
           "non-uniform weights: each quantized Conv/Gemm/MatMul weight takes only this many of its grid's integers "
           "(a power of two, 2 to 256), chosen for the least layer output error on the calibration data; the file "
-          "stores log2(K)-bit indices and the levels (FULL_QUANT; WEIGHT_QUANT with data); unset = uniform",
-          low=2, high=256, extension=True),
+          "stores log2(K)-bit indices and the levels (FULL_QUANT; WEIGHT_QUANT with data); AUTO: K per layer "
+          "(16 to 256), the fewest the evaluator or accuracy_target accepts; unset = uniform",
+          choices=(*(str(2 ** b) for b in range(1, 9)), "AUTO"), extension=True),
     Field(COMMON, "pack_weight_levels", Kind.BOOL, True,
           "weight_levels: store each weight as bit-planes of level indices decoded by standard ONNX ops that ONNX "
           "Runtime folds at load (true), or as the plain integer tensor (false)", extension=True),

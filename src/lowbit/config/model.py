@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LowbitError, did_you_mean
-from ..quantizers.levels import LEVEL_COUNTS
+from ..quantizers.levels import AUTO, fixed_count
 from .fields import FIELDS, FIELDS_BY_KEY, Field, Kind
 from .precision import parse_precisions
 
@@ -255,21 +255,22 @@ def _apply_dependent_defaults(settings: dict[str, Setting]) -> None:
 
 
 def _check_levels(settings: dict[str, Setting], where) -> None:
-    levels, quant_type = settings["weight_levels"].value, settings["quant_type"].value
-    if levels is None:
+    setting, quant_type = settings["weight_levels"].value, settings["quant_type"].value
+    if setting is None:
         return
-    if levels not in LEVEL_COUNTS:
-        raise LowbitError(f"{where('weight_levels')}: weight_levels={levels}: a power of two from 2 to 256")
     if quant_type == "DYNAMIC_QUANT":
         raise LowbitError(f"{where('weight_levels')}: weight_levels chooses levels on calibration data; "
                           "DYNAMIC_QUANT has none (use FULL_QUANT or WEIGHT_QUANT)")
     if settings["weight_bit_num"].value == 4:
         raise LowbitError(f"{where('weight_levels')}: weight_levels with weight_bit_num=4: int4 weights have 15 "
                           "levels; choose one of the two")
-    bits = settings["bit_num"].value
-    if quant_type == "WEIGHT_QUANT" and bits and levels >= 2 ** bits:
+    levels, bits = fixed_count(setting), settings["bit_num"].value
+    if quant_type == "WEIGHT_QUANT" and bits and levels is not None and levels >= 2 ** bits:
         raise LowbitError(f"{where('weight_levels')}: weight_levels={levels} is not fewer than the "
                           f"{2 ** bits} levels of bit_num={bits}")
+    if quant_type == "WEIGHT_QUANT" and setting == AUTO and bits != 8:
+        raise LowbitError(f"{where('weight_levels')}: weight_levels=AUTO chooses among 16 to 256 levels of 8-bit "
+                          f"weights; bit_num={bits} (set bit_num=8, or a fixed weight_levels)")
 
 
 def _check_combinations(settings: dict[str, Setting]) -> None:

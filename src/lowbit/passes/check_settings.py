@@ -28,6 +28,7 @@ from ..errors import LowbitError, closest
 from ..graph.saving import check_output_path
 from ..pipeline.passes import Pass
 from ..pipeline.state import QuantState
+from ..quantizers.levels import AUTO
 from .evaluate import holds_back_for_goal
 
 IMAGE_KEYS = ("image_to_format", "normalize_mean", "normalize_std", "resize_width", "resize_height",
@@ -41,6 +42,11 @@ class CheckSettings(Pass):
     requires = ("model", "data")
 
     def run(self, state: QuantState) -> None:
+        config = state.config
+        if config.weight_levels == AUTO and state.user_evaluator is None and config.evaluator is None \
+                and config.accuracy_target is None:
+            raise LowbitError(f"weight_levels=AUTO ({config.source('weight_levels')}) searches the levels per layer "
+                              "for an evaluator or accuracy_target; give one, or a fixed weight_levels")
         for message in [*self._names(state), *self._data(state), *self._ranges(state)]:
             state.note(message)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from ..errors import LowbitError
 from ..pipeline.state import QuantState
+from ..quantizers.levels import AUTO, fixed_count
 from ..quantizers.weight_bits import level_bound
 from ..recovery.gptq import (
     RoundingLayer,
@@ -54,8 +55,11 @@ class RoundWeights(LayerInputsPass):
 
     def run(self, state: QuantState) -> RoundingReport:
         config = state.config
+        if config.weight_levels == AUTO:  # search_levels rounds each layer on 16 to 128 levels from these moments
+            state.level_job = self.job
         return compensate_rounding(self.job, self.samples_seen, self.started,
-                                   refine=config.weight_rounding == "ADAROUND", levels=config.weight_levels,
+                                   refine=config.weight_rounding == "ADAROUND",
+                                   levels=fixed_count(config.weight_levels),
                                    compensate=config.weight_rounding != "NEAREST")
 
     def describe(self, report: RoundingReport) -> list[str]:

@@ -18,6 +18,7 @@ from ..passes.quant_config_out import WriteQuantConfig
 from ..passes.rewrite import RewriteQDQ
 from ..passes.round_weights import RoundWeights
 from ..passes.save import Save
+from ..passes.search_levels import SearchLevels
 from ..passes.search_precisions import SearchPrecisions
 from .passes import Pass
 
@@ -45,6 +46,7 @@ def full_quant() -> list[Pass]:
         ChooseRanges(),  # float model, held-back samples: the search's references; ranges chosen
         SearchPrecisions(build_passes),  # evaluator: candidates built and evaluated; the plan of the one kept
         *build_passes(),
+        SearchLevels(),  # weight_levels=AUTO: the fewest levels per layer the evaluator accepts
         CheckGoal(),  # evaluator, nothing to search (no node quantized): the model evaluated
         Save(),  # checked, then moved into place
         WriteQuantConfig(),  # after a search: the configuration it kept, as Horizon's quant_config JSON

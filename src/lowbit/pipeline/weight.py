@@ -16,6 +16,7 @@ from ..passes.probe import KeepProbe
 from ..passes.quant_config_out import WriteQuantConfig
 from ..passes.round_weights import RoundWeights
 from ..passes.save import Save
+from ..passes.search_levels import SearchLevels
 from ..passes.write_weights import WriteWeights
 from .passes import Pass
 
@@ -40,6 +41,7 @@ def weight_quant() -> list[Pass]:
         KeepProbe(),  # float model, first 16 samples: the samples, float outputs, input means
         ChooseWidths(build_passes),  # bit_num, or the mixed-bit search on the probe (and the evaluator)
         *build_passes(),
+        SearchLevels(),  # weight_levels=AUTO: the fewest levels per layer the evaluator accepts
         CheckOutputs(),  # output cosine against the float outputs of the probe
         CheckGoal(),  # evaluator with a fixed bit_num: the model evaluated; not satisfied, nothing is written
         Save(),

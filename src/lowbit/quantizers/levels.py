@@ -28,10 +28,17 @@ import numpy as np
 import onnx_ir as ir
 
 LEVEL_COUNTS = tuple(2 ** b for b in range(1, 9))  # the K a user may ask for: powers of two, 2 to 256
+AUTO = "AUTO"  # weight_levels=AUTO: K per layer, searched with the evaluator
+AUTO_COUNTS = (16, 32, 64, 128)  # the K the automatic mode tries per layer (256: the uniform grid)
 PACKED_TAG = "lowbit.weight_levels"  # metadata on a DequantizeLinear whose integer weight takes K levels
 # The decoder's nodes and constants take up to 2.5 KB of the file (2.3 KB measured): a weight is packed only
 # when packing saves more than twice that, so small weights stay plain integer tensors.
 DECODER_BYTES = 2560
+
+
+def fixed_count(setting: str | None) -> int | None:
+    """The K of ``weight_levels`` when it names one (None when unset or AUTO)."""
+    return int(setting) if setting is not None and setting != AUTO else None
 
 
 def optimal_levels(values: np.ndarray, importance: np.ndarray, count: int, low: int, high: int) -> np.ndarray:

@@ -70,6 +70,16 @@ class RoundingReport:
 
 
 @dataclass(frozen=True)
+class LevelOption:
+    """A layer's integers on ``count`` levels, what weight_levels=AUTO chooses from."""
+
+    count: int
+    integers: np.ndarray  # the stored tensor's shape and type
+    output_error: float  # e^T H e / w^T H w
+    bytes_packed: int
+
+
+@dataclass(frozen=True)
 class LevelsRow:
     """One layer of non-uniform weights: its K levels, errors (relative) and bytes."""
 
@@ -200,6 +210,36 @@ def compensate_rounding(job: LayerJob, samples: int, start: float, refine: bool 
     return RoundingReport(done, samples, time.perf_counter() - start,
                           float(np.mean(before)) if before else 0.0, float(np.mean(after)) if after else 0.0,
                           fallbacks, method, rows_report)
+
+
+def level_options(job: LayerJob, counts: tuple[int, ...], compensate: bool) -> dict[str, list[LevelOption]]:
+    """For each layer of ``job`` (its weight as stored now), its integers on each of ``counts`` levels, for
+    weight_levels=AUTO to choose from; the model is not changed."""
+    options = {}
+    for layer, key in job.layers:
+        dq = integer_weight(layer.node)
+        covariance = job.observers[key].covariance()
+        if dq is None or not np.all(np.isfinite(covariance)):
+            continue
+        rows = as_rows(layer.node, layer.float_weight)
+        scale, zero_point = _grid(dq, rows.shape[:2])
+        stored = constant_array(dq.inputs[0])
+        options[layer.node.name] = [_level_option(layer, rows, covariance, scale, zero_point, count, compensate,
+                                                  stored) for count in counts if count < layer.qmax - layer.qmin + 1]
+    return {name: choices for name, choices in options.items() if choices}
+
+
+def _level_option(layer: RoundingLayer, rows, covariance, scale, zero_point, count: int, compensate: bool,
+                  stored: np.ndarray) -> LevelOption:
+    chosen = choose_layer_levels(rows, covariance, scale, zero_point, layer, count)
+    nearest = nearest_level(np.clip(rows / scale[..., None] + zero_point[..., None], layer.qmin, layer.qmax),
+                            chosen).astype(np.int64)
+    q = _round_with_fallback(rows, covariance, scale, zero_point, layer, chosen)[0] if compensate else None
+    if q is None or _layer_error(rows, q, scale, zero_point, covariance) >= \
+            _layer_error(rows, nearest, scale, zero_point, covariance):
+        q = nearest
+    return LevelOption(count, from_rows(layer.node, q, stored.shape).astype(stored.dtype),
+                       _layer_error(rows, q, scale, zero_point, covariance), packed_bytes(stored.size, count))
 
 
 def choose_layer_levels(rows: np.ndarray, covariance: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
