@@ -259,3 +259,27 @@ def _weights_of(path) -> dict[str, np.ndarray]:
     return {node.name: node.inputs[1].producer().inputs[0].const_value.numpy() for node in model.graph
             if node.op_type in ("Conv", "Gemm", "MatMul") and node.inputs[1].producer() is not None
             and node.inputs[1].producer().inputs[0].const_value is not None}
+
+
+def test_levels_per_op_type_and_node_from_a_horizon_json(tmp_path):
+    import json
+
+    rng = np.random.default_rng(6)
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_model(rng), src)
+    feeds = [{"x": rng.normal(size=(1, 8, 12, 12)).astype(np.float32)} for _ in range(16)]
+    config = tmp_path / "quant_config.json"
+    config.write_text(json.dumps({"op_config": {"Conv": {"weight_levels": 16}},
+                                  "node_config": {"conv2": {"weight_levels": 4}}}))
+    out = tmp_path / "q.onnx"
+    result = lowbit.quantize(src, out, data=feeds, progress=False, config=str(config))
+    counts = {row.node: row.count for row in result.weight_rounding.levels}
+    assert counts == {"conv1": 16, "conv2": 4}  # fc: no entry, no model-wide weight_levels: uniform
+    weights = _weights(out)
+    assert len(np.unique(weights["conv1"])) <= 16 and len(np.unique(weights["conv2"])) <= 4
+    assert len(np.unique(weights["fc"])) > 16
+    # a weight_levels entry names no precision: every node stays int8 and none is "explicit"
+    assert {n.name for n in result.quantized_nodes} >= {"conv1", "conv2", "fc"}
+    with pytest.raises(LowbitError, match="weight_levels: unknown value '5'"):
+        lowbit.quantize(src, tmp_path / "bad.onnx", data=feeds, progress=False,
+                        node_config={"conv2": {"weight_levels": 5}})

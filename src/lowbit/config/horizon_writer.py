@@ -71,4 +71,6 @@ def _chosen(setting: Setting) -> bool:
 def _entry(entry: NodePrecision) -> dict[str, str]:
     out = {"qtype": entry.qtype} if entry.qtype is not None else {}
     out.update({f"input{index}": qtype for index, qtype in sorted(entry.inputs.items())})
+    if entry.weight_levels is not None:
+        out["weight_levels"] = int(entry.weight_levels)
     return out

@@ -23,7 +23,9 @@ INT8, INT16, FLOAT16, FLOAT32, EC = "int8", "int16", "float16", "float32", "ec"
 QTYPES = (INT8, INT16, FLOAT16, FLOAT32)
 INPUT_QTYPES = (*QTYPES, EC)
 INPUT_KEYS = ("input0", "input1")
-NODE_KEYS = ("qtype", *INPUT_KEYS)
+LEVELS_KEY = "weight_levels"  # lowbit's key in an entry: the node's (op type's) non-uniform weight levels
+NODE_KEYS = ("qtype", *INPUT_KEYS, LEVELS_KEY)
+LEVEL_CHOICES = tuple(str(2 ** b) for b in range(1, 9))
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,12 @@ class NodePrecision:
     qtype: str | None = None
     inputs: dict[int, str] = field(default_factory=dict)
     where: str = ""
+    weight_levels: str | None = None  # lowbit's key: K levels for this node's (op type's) weight
+
+    @property
+    def asks_precision(self) -> bool:
+        """Whether the entry names a precision (an entry may only set weight_levels)."""
+        return self.qtype is not None or bool(self.inputs)
 
     def for_input(self, index: int) -> str | None:
         """The precision of input ``index``: its own ``inputN`` first, else ``qtype``."""
@@ -64,21 +72,24 @@ def _parse_entry(entry: Any, per_input: bool, where: str) -> NodePrecision:
         raise LowbitError(f"{where}: expected {{\"qtype\": ...}} or a precision name, got {entry!r}")
     if not entry:
         raise LowbitError(f"{where}: empty; give qtype" + (", input0 or input1" if per_input else ""))
-    keys = NODE_KEYS if per_input else ("qtype",)
-    qtype, inputs = None, {}
+    keys = NODE_KEYS if per_input else ("qtype", LEVELS_KEY)
+    qtype, inputs, levels = None, {}, None
     for key, value in entry.items():
         if key not in keys:
             hint = did_you_mean(str(key), keys)
             if not per_input and key in INPUT_KEYS:
                 hint = " (input0/input1 are node_config keys; op_config takes qtype)"
             raise LowbitError(f"{where}: unknown key '{key}'{hint}; keys: {', '.join(keys)}")
+        if key == LEVELS_KEY:
+            levels = check_choice(str(value), LEVEL_CHOICES, f"{where}.{key}")
+            continue
         choices = QTYPES if key == "qtype" else INPUT_QTYPES
         value = check_choice(value, choices, f"{where}.{key}")
         if key == "qtype":
             qtype = value
         else:
             inputs[int(key[-1])] = value
-    return NodePrecision(qtype, inputs, where)
+    return NodePrecision(qtype, inputs, where, levels)
 
 
 def check_choice(value: Any, choices: tuple[str, ...], where: str) -> str:

@@ -35,18 +35,18 @@ class RoundWeights(LayerInputsPass):
 
     def applies(self, state: QuantState) -> bool:
         config = state.config
-        if config.weight_rounding not in ("GPTQ", "ADAROUND") and config.weight_levels is None:
+        if config.weight_rounding not in ("GPTQ", "ADAROUND") and not asks_levels(config):
             return False
         if config.quant_type == "FULL_QUANT" and not state.plan.activations:
             return False
         if not state.data.given:  # ranges from a calibration table, or weights only, and no data
-            if config.weight_levels is not None:
-                raise LowbitError(f"weight_levels={config.weight_levels} chooses each layer's levels by its output "
-                                  "error on calibration data, and none was given; give --data FOLDER")
+            if asks_levels(config):
+                raise LowbitError("weight_levels chooses each layer's levels by its output error on calibration "
+                                  "data, and none was given; give --data FOLDER")
             state.note(f"weight_rounding={config.weight_rounding} measures the layers' inputs on calibration "
                        "data, and none was given: weights are rounded to nearest")
             return False
-        if config.weight_levels is not None and config.weight_rounding == "ADAROUND":
+        if asks_levels(config) and config.weight_rounding == "ADAROUND":
             state.note("weight_rounding=ADAROUND with weight_levels: AdaRound chooses up or down on the uniform "
                        "grid, so the levels are rounded by GPTQ alone")
         layers = _full_quant_layers(state) if state.config.quant_type == "FULL_QUANT" else _weight_only_layers(state)
@@ -59,7 +59,7 @@ class RoundWeights(LayerInputsPass):
             state.level_job = self.job
         return compensate_rounding(self.job, self.samples_seen, self.started,
                                    refine=config.weight_rounding == "ADAROUND",
-                                   levels=fixed_count(config.weight_levels),
+                                   levels=fixed_levels(self.job, config),
                                    compensate=config.weight_rounding != "NEAREST")
 
     def describe(self, report: RoundingReport) -> list[str]:
@@ -77,6 +77,26 @@ class RoundWeights(LayerInputsPass):
                          f"{sum(r.output_error for r in rows) / len(rows):.3g}; per layer: "
                          "result.weight_rounding.levels")
         return lines
+
+
+def asks_levels(config) -> bool:
+    """Whether weight_levels is set, for the model or in an op_config / node_config entry."""
+    entries = [*(config.op_config or {}).values(), *(config.node_config or {}).values()]
+    return config.weight_levels is not None or any(e.weight_levels is not None for e in entries)
+
+
+def fixed_levels(job, config) -> dict[str, int]:
+    """Per layer of ``job``, the fixed K asked for it: its node_config entry's, else its op type's op_config
+    entry's, else the model's weight_levels (none under AUTO)."""
+    chosen = {}
+    for layer, _ in job.layers:
+        node = layer.node
+        entries = ((config.node_config or {}).get(node.name), (config.op_config or {}).get(node.op_type))
+        count = next((int(e.weight_levels) for e in entries if e is not None and e.weight_levels is not None),
+                     fixed_count(config.weight_levels))
+        if count is not None:
+            chosen[node.name] = count
+    return chosen
 
 
 def _full_quant_layers(state: QuantState) -> list[RoundingLayer]:

@@ -11,7 +11,7 @@ from ..graph.loading import copy_model
 from ..graph.saving import save_atomically
 from ..pipeline.passes import Pass
 from ..pipeline.state import QuantState
-from ..quantizers.levels import pack_model
+from ..quantizers.levels import PACKED_TAG, pack_model
 
 
 class Save(Pass):
@@ -24,7 +24,7 @@ class Save(Pass):
             state.note(f"nothing in {state.model_path} can be quantized for target {state.target_name}; "
                        "the output is the float model")
         model = state.model
-        if state.config.weight_levels is not None and state.config.pack_weight_levels:
+        if state.config.pack_weight_levels and any(PACKED_TAG in n.metadata_props for n in model.graph):
             model = copy_model(model)  # the passes after this one read the integer tensors
             pack_model(model)
         state.output_bytes = save_atomically(model, state.output_path)

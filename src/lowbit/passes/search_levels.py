@@ -34,6 +34,7 @@ from ..quantizers.levels import AUTO, AUTO_COUNTS, PACKED_TAG, pack_model
 from ..recovery.gptq import level_options
 from ..recovery.layers import integer_weight
 from .evaluate import candidate_folder, describe_evaluator, evaluate_float_model
+from .round_weights import fixed_levels
 
 UNIFORM = 256
 
@@ -57,12 +58,17 @@ class SearchLevels(Pass):
     def applies(self, state: QuantState) -> bool:
         return state.config.weight_levels == AUTO and state.level_job is not None
 
-    def run(self, state: QuantState) -> LevelSearch:
+    def run(self, state: QuantState) -> LevelSearch | None:
         if state.evaluator is None:
             raise LowbitError("weight_levels=AUTO searches the levels per layer for an evaluator or accuracy_target; "
                               "give one, or a fixed weight_levels")
         evaluate_float_model(state)
-        options = level_options(state.level_job, AUTO_COUNTS, state.config.weight_rounding != "NEAREST")
+        fixed = fixed_levels(state.level_job, state.config)  # node_config / op_config entries keep their K
+        options = level_options(state.level_job, AUTO_COUNTS, state.config.weight_rounding != "NEAREST", set(fixed))
+        if not options:
+            state.note("weight_levels=AUTO: every layer has its levels from node_config or op_config; nothing to "
+                       "search")
+            return None
         sizes = {name: choices[0].integers.size for name, choices in options.items()}
 
         def allocate(budget: float) -> dict[str, int]:
@@ -99,7 +105,9 @@ class SearchLevels(Pass):
             state.accuracy = report
         return report
 
-    def describe(self, report: LevelSearch) -> list[str]:
+    def describe(self, report: LevelSearch | None) -> list[str]:
+        if report is None:
+            return []
         histogram = {}
         for count in report.counts.values():
             histogram[count] = histogram.get(count, 0) + 1

@@ -70,7 +70,8 @@ class PrecisionRules:
         """The same rules with every int16 read as int8 (a model that cannot reach opset 21)."""
         def demote(entry: NodePrecision) -> NodePrecision:
             return NodePrecision(INT8 if entry.qtype == INT16 else entry.qtype,
-                                 {i: INT8 if q == INT16 else q for i, q in entry.inputs.items()}, entry.where)
+                                 {i: INT8 if q == INT16 else q for i, q in entry.inputs.items()}, entry.where,
+                                 entry.weight_levels)
         return PrecisionRules(INT8 if self.model == INT16 else self.model,
                               {k: demote(v) for k, v in self.ops.items()},
                               {k: demote(v) for k, v in self.nodes.items()},
@@ -123,8 +124,10 @@ class PrecisionRules:
         return Precision(qtype, source)
 
     def explicit(self, node: ir.Node) -> bool:
-        """Whether op_config or node_config names this node (not only all_node_type)."""
-        return node.name in self.nodes or node.op_type in self.ops
+        """Whether op_config or node_config names this node's precision (not only all_node_type; an entry
+        that sets weight_levels alone does not)."""
+        return any(entry is not None and entry.asks_precision
+                   for entry in (self.nodes.get(node.name), self.ops.get(node.op_type)))
 
 
 def _suggest(name: str, candidates) -> str:

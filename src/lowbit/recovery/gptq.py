@@ -153,14 +153,14 @@ def plan_rounding(layers: list[RoundingLayer]) -> LayerJob:
 
 
 def compensate_rounding(job: LayerJob, samples: int, start: float, refine: bool = False,
-                        levels: int | None = None, compensate: bool = True) -> RoundingReport:
+                        levels: dict[str, int] | None = None, compensate: bool = True) -> RoundingReport:
     """Re-round each layer's integer weight in place, from the second moments ``job``'s observers hold.
 
     A second moment that GPTQ cannot invert (a singular or ill-conditioned one, from huge
     or degenerate activations) gets more damping, then round to nearest for that layer;
-    the report lists each such layer. ``levels``: each layer's weights take only that many
-    of its integers, chosen for the least output error (:func:`choose_layer_levels`), and the
-    integer tensor is tagged for packing; ``compensate=False`` rounds to the nearest level
+    the report lists each such layer. ``levels``: per node name, how many of its integers the
+    layer's weights may take, chosen for the least output error (:func:`choose_layer_levels`),
+    the integer tensor then tagged for packing; ``compensate=False`` rounds to the nearest level
     without GPTQ (``weight_rounding=NEAREST``).
     """
     before, after, fallbacks, rows_report, done = [], [], [], [], 0
@@ -171,9 +171,9 @@ def compensate_rounding(job: LayerJob, samples: int, start: float, refine: bool 
         scale, zero_point = _grid(dq, rows.shape[:2])
         stored = constant_array(dq.inputs[0])
         nearest = as_rows(layer.node, stored.astype(np.int64))
-        chosen = None
-        if levels is not None and levels < layer.qmax - layer.qmin + 1 and np.all(np.isfinite(covariance)):
-            chosen = choose_layer_levels(rows, covariance, scale, zero_point, layer, levels)
+        chosen, count = None, (levels or {}).get(layer.node.name)
+        if count is not None and count < layer.qmax - layer.qmin + 1 and np.all(np.isfinite(covariance)):
+            chosen = choose_layer_levels(rows, covariance, scale, zero_point, layer, count)
             uniform_error = _layer_error(rows, nearest, scale, zero_point, covariance)
             nearest = nearest_level(np.clip(rows / scale[..., None] + zero_point[..., None], layer.qmin,
                                             layer.qmax), chosen).astype(np.int64)
@@ -199,24 +199,27 @@ def compensate_rounding(job: LayerJob, samples: int, start: float, refine: bool 
         new = from_rows(layer.node, q, stored.shape).astype(stored.dtype)
         dq.inputs[0].const_value = ir.tensor(new, name=dq.inputs[0].name)
         if chosen is not None:
-            dq.metadata_props[PACKED_TAG] = str(levels)
+            dq.metadata_props[PACKED_TAG] = str(count)
             dequantized = (q - zero_point[..., None]) * scale[..., None]
-            rows_report.append(LevelsRow(layer.node.name, levels, [int(v) for v in chosen],
+            rows_report.append(LevelsRow(layer.node.name, count, [int(v) for v in chosen],
                                          float(np.sum((dequantized - rows) ** 2) / max(np.sum(rows ** 2), 1e-30)),
                                          after[-1], uniform_error, stored.size * stored.itemsize,
-                                         packed_bytes(stored.size, levels)))
+                                         packed_bytes(stored.size, count)))
         done += 1
-    method = "nearest level" if not compensate else "GPTQ + AdaRound" if refine and levels is None else "GPTQ"
+    method = "nearest level" if not compensate else "GPTQ + AdaRound" if refine and not levels else "GPTQ"
     return RoundingReport(done, samples, time.perf_counter() - start,
                           float(np.mean(before)) if before else 0.0, float(np.mean(after)) if after else 0.0,
                           fallbacks, method, rows_report)
 
 
-def level_options(job: LayerJob, counts: tuple[int, ...], compensate: bool) -> dict[str, list[LevelOption]]:
-    """For each layer of ``job`` (its weight as stored now), its integers on each of ``counts`` levels, for
-    weight_levels=AUTO to choose from; the model is not changed."""
+def level_options(job: LayerJob, counts: tuple[int, ...], compensate: bool,
+                  skip: set[str] = frozenset()) -> dict[str, list[LevelOption]]:
+    """For each layer of ``job`` (its weight as stored now) but those named in ``skip``, its integers on each of
+    ``counts`` levels, for weight_levels=AUTO to choose from; the model is not changed."""
     options = {}
     for layer, key in job.layers:
+        if layer.node.name in skip:
+            continue
         dq = integer_weight(layer.node)
         covariance = job.observers[key].covariance()
         if dq is None or not np.all(np.isfinite(covariance)):
