@@ -124,6 +124,7 @@ class _ScoringGraph:
         self.output_types: dict[str, int] = {}
         self.rounded_weights: dict[tuple[str, int], str] = {}
         self.reference_stats: dict[str, dict[str, str]] = {}
+        self.doubles: dict[str, str] = {}
         self.slots = {(slot.node.name, slot.index): slot for slot in plan.weights}
         self.counter = 0
 
@@ -155,7 +156,7 @@ class _ScoringGraph:
         self.nodes.append(copy)
         reference = node.outputs[0].name
         fields = dict(self._reference_stats(reference))
-        sources = {"a": actual, "b": reference}
+        sources = {"a": self._in_double(actual), "b": self._in_double(reference)}
         for field in self.needs:
             if field not in _OF_REFERENCE:
                 op, what = _REDUCTIONS[field]
@@ -172,11 +173,18 @@ class _ScoringGraph:
 
     def _reference_stats(self, reference: str) -> dict[str, str]:
         if reference not in self.reference_stats:
-            sources = {"b": reference}
+            sources = {"b": self._in_double(reference)}
             self.reference_stats[reference] = {
                 field: self._reduce(_REDUCTIONS[field][0], self._source(_REDUCTIONS[field][1], sources))
                 for field in self.needs if field in _OF_REFERENCE}
         return self.reference_stats[reference]
+
+    def _in_double(self, tensor: str) -> str:
+        """The tensor cast to float64, once: the sums of squares of huge (finite) activations overflow float32."""
+        if tensor not in self.doubles:
+            self.doubles[tensor] = self.fresh("double")
+            self.nodes.append(helper.make_node("Cast", [tensor], [self.doubles[tensor]], to=onnx.TensorProto.DOUBLE))
+        return self.doubles[tensor]
 
     def _source(self, what: str, sources: dict[str, str]) -> str:
         """The tensor a reduction reads, built once per candidate: a, b, a - b, |a - b|, a * b, |b|."""
@@ -198,7 +206,7 @@ class _ScoringGraph:
         attributes = {} if op == "Size" else {"keepdims": 0}
         self.nodes.append(helper.make_node(op, [source], [name], **attributes))
         self.outputs.append(name)
-        self.output_types[name] = onnx.TensorProto.INT64 if op == "Size" else onnx.TensorProto.FLOAT
+        self.output_types[name] = onnx.TensorProto.INT64 if op == "Size" else onnx.TensorProto.DOUBLE
         return name
 
     def _rounded_weight(self, node: ir.Node, index: int) -> str:
