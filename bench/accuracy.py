@@ -159,11 +159,7 @@ def minilm_widths(work: Path) -> dict:
 
     work.mkdir(parents=True, exist_ok=True)
     model = zoo.minilm_encoder("torchscript")
-    tokenize = text.WordPiece()
-    sentences = zoo.stdlib_sentences()
-    calib = [tokenize([s], 128) for s in sentences[::7][:64]]
-    held = [s for i, s in enumerate(sentences) if i % 7][:256]
-    batches = [tokenize(held[i:i + 32], 128) for i in range(0, len(held), 32)]
+    calib, batches = text.sentence_data()
     evaluator = EmbeddingCosine(batches, 0.998)
     eight = work / "minilm-8bit.onnx"
     lowbit.quantize(model, eight, data=calib, progress=False, quant_type="WEIGHT_QUANT", bit_num=8)

@@ -81,11 +81,8 @@ def minilm(work: Path) -> dict:
 
     work.mkdir(parents=True, exist_ok=True)
     model = zoo.minilm_encoder("torchscript")
-    tokenize = text.WordPiece()
-    sentences = zoo.stdlib_sentences()
-    calib = [tokenize([s], 128) for s in sentences[::7][:64]]
-    held = [s for i, s in enumerate(sentences) if i % 7][:256]
-    cosine = EmbeddingCosine([tokenize(held[i:i + 32], 128) for i in range(0, len(held), 32)], 0.999)
+    calib, batches = text.sentence_data()
+    cosine = EmbeddingCosine(batches, 0.999)
     cosine.eval_model(str(model), None)
     rows = {}
     for count in (None, 64, 32):
@@ -105,7 +102,8 @@ def minilm(work: Path) -> dict:
     rows["AUTO, cosine >= 0.998"] = {"cosine": cosine.eval_model(str(out), None), "bytes": run.model_bytes(out),
                                      "seconds": time.perf_counter() - start, "auto": auto_summary(result)}
     print(f"  AUTO: {rows['AUTO, cosine >= 0.998']}", flush=True)
-    return {"case": "MiniLM weight-only, 8 bits, GPTQ", "inputs": len(held), "rows": rows}
+    return {"case": "MiniLM weight-only, 8 bits, GPTQ", "inputs": sum(len(b["input_ids"]) for b in batches),
+            "rows": rows}
 
 
 def markdown(models: list[dict]) -> str:

@@ -154,3 +154,15 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """sentence-transformers' mean pooling over real tokens, then L2 normalisation."""
     summed = (hidden * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
     return summed / np.linalg.norm(summed, axis=1, keepdims=True)
+
+
+def sentence_data(calibration: int = 64, held_out: int = 256, batch: int = 32) -> tuple[list[dict], list[dict]]:
+    """Calibration feeds (one sentence each, every 7th of the stdlib sentences) and batches of the held-out
+    others, tokenized to 128 tokens: what the benches that score MiniLM's embeddings read."""
+    from bench import zoo
+
+    tokenize = WordPiece()
+    sentences = zoo.stdlib_sentences()
+    calib = [tokenize([s], 128) for s in sentences[::7][:calibration]]
+    held = [s for i, s in enumerate(sentences) if i % 7][:held_out]
+    return calib, [tokenize(held[i:i + batch], 128) for i in range(0, len(held), batch)]

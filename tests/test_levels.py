@@ -23,6 +23,7 @@ from lowbit.quantizers.levels import (
     pack_indices,
     packed_bytes,
     unpack_indices,
+    unpack_model,
 )
 
 
@@ -81,17 +82,23 @@ def _conv_model(rng) -> onnx.ModelProto:
 
 
 def _weights(path) -> dict[str, np.ndarray]:
-    """The integer weights behind every DequantizeLinear of a weighted node, packed or not."""
+    """The integer weights behind the DequantizeLinear of every weighted node, packed or not."""
     model = ir.load(str(path))
-    from lowbit.quantizers.levels import unpack_model
-
     unpack_model(model)
-    out = {}
+    weights = {}
     for node in model.graph:
-        if node.op_type in ("Conv", "Gemm"):
-            dq = node.inputs[1].producer()
-            out[node.name] = dq.inputs[0].const_value.numpy()
-    return out
+        dq = node.inputs[1].producer() if node.op_type in ("Conv", "Gemm", "MatMul") else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.inputs[0].const_value is not None:
+            weights[node.name] = dq.inputs[0].const_value.numpy()
+    return weights
+
+
+def _saved_model_and_feeds(tmp_path, seed: int, samples: int):
+    """The test model saved, its random number generator, and calibration feeds drawn from it."""
+    rng = np.random.default_rng(seed)
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_model(rng), src)
+    return src, rng, [{"x": rng.normal(size=(1, 8, 12, 12)).astype(np.float32)} for _ in range(samples)]
 
 
 def _run(path, x):
@@ -99,10 +106,7 @@ def _run(path, x):
 
 
 def test_full_quant_levels_shrink_the_file_and_run(tmp_path):
-    rng = np.random.default_rng(0)
-    src = tmp_path / "m.onnx"
-    onnx.save(_conv_model(rng), src)
-    feeds = [{"x": rng.normal(size=(1, 8, 12, 12)).astype(np.float32)} for _ in range(32)]
+    src, rng, feeds = _saved_model_and_feeds(tmp_path, 0, 32)
     x = rng.normal(size=(16, 8, 12, 12)).astype(np.float32)
     uniform, packed, plain = tmp_path / "u.onnx", tmp_path / "k4.onnx", tmp_path / "k4plain.onnx"
     lowbit.quantize(src, uniform, data=feeds, progress=False)
@@ -130,10 +134,7 @@ def test_full_quant_levels_shrink_the_file_and_run(tmp_path):
 
 
 def test_weight_only_levels_with_data(tmp_path):
-    rng = np.random.default_rng(1)
-    src = tmp_path / "m.onnx"
-    onnx.save(_conv_model(rng), src)
-    feeds = [{"x": rng.normal(size=(1, 8, 12, 12)).astype(np.float32)} for _ in range(16)]
+    src, rng, feeds = _saved_model_and_feeds(tmp_path, 1, 16)
     out = tmp_path / "w.onnx"
     result = lowbit.quantize(src, out, data=feeds, progress=False, quant_type="WEIGHT_QUANT", bit_num=8,
                              weight_levels=16, min_quant_weight_channel=0)
@@ -145,10 +146,7 @@ def test_weight_only_levels_with_data(tmp_path):
 
 
 def test_analysis_reads_packed_weights(tmp_path):
-    rng = np.random.default_rng(2)
-    src = tmp_path / "m.onnx"
-    onnx.save(_conv_model(rng), src)
-    feeds = [{"x": rng.normal(size=(1, 8, 12, 12)).astype(np.float32)} for _ in range(8)]
+    src, rng, feeds = _saved_model_and_feeds(tmp_path, 2, 8)
     lowbit.quantize(src, tmp_path / "q.onnx", data=feeds, progress=False, weight_levels=8)
     analysis = lowbit.analyze(src, tmp_path / "q.onnx", feeds)
     assert {row.node for row in analysis.weights} == {"conv1", "conv2", "fc"}
@@ -233,7 +231,7 @@ def test_auto_levels_search_the_fewest_the_evaluator_accepts(tmp_path):
     assert search.search.bits == search.counts
     assert min(t.average_bits for t in kept) == pytest.approx(min(
         t.average_bits for t in search.search.tries if t.evaluation.satisfied))
-    for name, weight in _weights_of(out).items():
+    for name, weight in _weights(out).items():
         assert len(np.unique(weight)) <= search.counts[name]
     assert search.bytes_kept < search.bytes_uniform
     assert any("weight levels (AUTO)" in line for line in result.summary().splitlines())
@@ -249,25 +247,10 @@ def test_auto_levels_never_satisfied_writes_nothing(tmp_path):
         lowbit.quantize(zoo.digit_cnn(), out, data=_digit_calibration(), progress=False, quant_type="WEIGHT_QUANT",
                         weight_levels="AUTO", evaluator=Never(0.0), max_evaluations=30, min_quant_weight_channel=0)
     assert not out.exists()
-
-
-def _weights_of(path) -> dict[str, np.ndarray]:
-    from lowbit.quantizers.levels import unpack_model
-
-    model = ir.load(str(path))
-    unpack_model(model)
-    return {node.name: node.inputs[1].producer().inputs[0].const_value.numpy() for node in model.graph
-            if node.op_type in ("Conv", "Gemm", "MatMul") and node.inputs[1].producer() is not None
-            and node.inputs[1].producer().inputs[0].const_value is not None}
-
-
 def test_levels_per_op_type_and_node_from_a_horizon_json(tmp_path):
     import json
 
-    rng = np.random.default_rng(6)
-    src = tmp_path / "m.onnx"
-    onnx.save(_conv_model(rng), src)
-    feeds = [{"x": rng.normal(size=(1, 8, 12, 12)).astype(np.float32)} for _ in range(16)]
+    src, rng, feeds = _saved_model_and_feeds(tmp_path, 6, 16)
     config = tmp_path / "quant_config.json"
     config.write_text(json.dumps({"op_config": {"Conv": {"weight_levels": 16}},
                                   "node_config": {"conv2": {"weight_levels": 4}}}))
