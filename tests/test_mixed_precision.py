@@ -436,7 +436,7 @@ def test_per_channel_and_asymmetric_lists_are_search_candidates(model_path, tmp_
 
     monkeypatch.setattr(modelwise, "_score_models", last_wins)
     out, result = quantize(model_path, tmp_path, calib, activation_quant_method="MAX_MIN,MSE",
-                           per_channel=[True, False], asymmetric=[True, False], layerwise_search=False)
+                           per_channel=[True, False], asymmetric=[True, False])
     labels = [row.label for row in result.search.rows]
     assert labels[0] == "MAX_MIN (per channel, asymmetric)" and len(labels) == 8
     assert result.search.chosen == "MSE (per tensor, symmetric)"

@@ -110,7 +110,7 @@ def test_modelwise_search_reports_every_candidate_and_keeps_the_best(tmp_path):
                              search_metric="mse")
     search = result.search
     assert [row.label for row in search.rows] == ["MAX_MIN", "REMOVAL_OUTLIER max_percentile=0.9999",
-                                                  "KL num_bin=1024", "MSE", "layerwise"]
+                                                  "KL num_bin=1024", "MSE"]
     assert search.samples == 5 and result.calibration_samples == 35
     scores = [row.score for row in search.rows]
     assert search.chosen == search.rows[int(np.argmin(scores))].label

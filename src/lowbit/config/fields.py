@@ -190,7 +190,7 @@ FIELDS: tuple[Field, ...] = (
     Field(FULL, "tune_num", Kind.INT, 10,
           "AUTO_TUNE: candidate thresholds tried per tensor between the KL threshold and |x|max",
           low=1, high=1000, extension=True),
-    Field(FULL, "layerwise_search", Kind.BOOL, True,
+    Field(FULL, "layerwise_search", Kind.BOOL, False,
           "per op, keep the candidate method whose int8 op output is closest to the float one "
           "(by search_metric), then score the mix as one more candidate of the model-wise search", extension=True),
     Field(FULL, "search_metric", Kind.ENUM, "cosine-similarity",

@@ -36,6 +36,6 @@ class ActivationCandidates(Pass):
             methods = ("MAX_MIN",)
         state.candidates = candidates(methods, config.num_bin, config.max_percentile, config.per_channel,
                                       config.asymmetric)
-        if config.layerwise_search and len(state.candidates) < 2 and not config.is_default("layerwise_search"):
+        if config.layerwise_search and len(state.candidates) < 2:
             state.note("layerwise_search chooses among several activation_quant_method candidates; with one there "
                        "is nothing to choose")
