@@ -77,19 +77,22 @@ def test_an_activation_that_overflows_names_tensor_node_and_sample(tmp_path, cap
     assert code == 2
 
 
-def test_huge_finite_weights_do_not_break_weight_rounding(tmp_path):
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_huge_finite_weights_do_not_break_weight_rounding(tmp_path, layerwise):
     """One weight of 1e36: the activations stay finite, their squares do not fit in float32.
 
     GPTQ's second moments were inf and numpy raised LinAlgError; now they are summed in
     float64 where float32 overflows, and a statistic that still cannot be inverted falls
-    back (more damping, then round to nearest), said in the summary."""
+    back (more damping, then round to nearest), said in the summary. The layer-wise search's
+    per-op sums of squares overflowed the same way (a NaN error) and are float64 too."""
     model = conv_relu_pool_model()
     weights = {t.name: t for t in model.graph.initializer}
     w1 = onnx.numpy_helper.to_array(weights["w1"]).copy()
     w1[0, 0, 0, 0] = 1e36
     weights["w1"].CopyFrom(onnx.numpy_helper.from_array(w1, "w1"))
     src = save(model, tmp_path / "m.onnx")
-    result = lowbit.quantize(src, tmp_path / "q.onnx", data=random_feeds(16), progress=False)
+    result = lowbit.quantize(src, tmp_path / "q.onnx", data=random_feeds(16), progress=False,
+                             layerwise_search=layerwise)
     onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
     assert result.weight_rounding is not None
     for fallback in result.weight_rounding.fallbacks:
