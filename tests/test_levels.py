@@ -130,7 +130,7 @@ def test_full_quant_levels_shrink_the_file_and_run(tmp_path):
     assert saved >= 8192 - packed_bytes(8192, 4) - DECODER_BYTES
     reference = _run(src, x)
     assert zoo.cosine(_run(packed, x), reference) > 0.95
-    assert any("weight levels: 4 per layer on 3 layers" in line for line in result.summary().splitlines())
+    assert any("weight levels: 4 on 3 of 3 layers" in line for line in result.summary().splitlines())
 
 
 def test_weight_only_levels_with_data(tmp_path):

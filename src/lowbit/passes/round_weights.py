@@ -55,6 +55,7 @@ class RoundWeights(LayerInputsPass):
 
     def run(self, state: QuantState) -> RoundingReport:
         config = state.config
+        self.stored = "packed" if config.pack_weight_levels else "once packed (stored as integers)"
         if config.weight_levels == AUTO:  # search_levels rounds each layer on 16 to 128 levels from these moments
             state.level_job = self.job
         return compensate_rounding(self.job, self.samples_seen, self.started,
@@ -71,10 +72,13 @@ class RoundWeights(LayerInputsPass):
         if report.levels:
             rows = report.levels
             uniform, packed = sum(r.bytes_uniform for r in rows), sum(r.bytes_packed for r in rows)
-            lines.append(f"  weight levels: {rows[0].count} per layer on {len(rows)} layers, weights "
-                         f"{uniform / 1e6:.2f} -> {packed / 1e6:.2f} MB packed ({packed / uniform:.2f}x), mean layer "
-                         f"output error {sum(r.uniform_output_error for r in rows) / len(rows):.3g} (uniform) -> "
-                         f"{sum(r.output_error for r in rows) / len(rows):.3g}; per layer: "
+            error_uniform = sum(r.uniform_output_error for r in rows) / len(rows)
+            error_levels = sum(r.output_error for r in rows) / len(rows)
+            counts = sorted({r.count for r in rows})
+            spread = ", ".join(f"{k} on {sum(r.count == k for r in rows)}" for k in counts)
+            lines.append(f"  weight levels: {spread} of {len(rows)} layers, weights "
+                         f"{uniform / 1e6:.2f} -> {packed / 1e6:.2f} MB {self.stored} ({packed / uniform:.2f}x), "
+                         f"mean layer output error {error_uniform:.3g} (uniform) -> {error_levels:.3g}; per layer: "
                          "result.weight_rounding.levels")
         return lines
 

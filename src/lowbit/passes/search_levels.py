@@ -47,6 +47,7 @@ class LevelSearch:
     counts: dict[str, int]  # per node: the levels kept (256: the uniform grid)
     bytes_uniform: int
     bytes_kept: int
+    packed: bool  # pack_weight_levels
 
 
 class SearchLevels(Pass):
@@ -100,7 +101,8 @@ class SearchLevels(Pass):
         _apply(state.model, counts, options)
         report = LevelSearch(describe_evaluator(state.evaluator), state.evaluator.original, search, counts,
                              sum(choices[0].integers.nbytes for choices in options.values()),
-                             sum(_kept_bytes(choices, counts[name]) for name, choices in options.items()))
+                             sum(_kept_bytes(choices, counts[name]) for name, choices in options.items()),
+                             state.config.pack_weight_levels)
         if state.accuracy is None:
             state.accuracy = report
         return report
@@ -112,9 +114,12 @@ class SearchLevels(Pass):
         for count in report.counts.values():
             histogram[count] = histogram.get(count, 0) + 1
         spread = ", ".join(f"{n} at {k}" for k, n in sorted(histogram.items()))
+        evaluations = sum(not attempt.repeated for attempt in report.search.tries)
+        stored = "packed" if report.packed else "once packed (pack_weight_levels=false: stored as integers)"
         lines = [f"  weight levels (AUTO), evaluator {report.evaluator}: float {report.original:.6g}; "
-                 f"{len(report.search.tries)} tries ({report.search.stopped}); layers: {spread}; weights "
-                 f"{report.bytes_uniform / 1e6:.2f} -> {report.bytes_kept / 1e6:.2f} MB packed"]
+                 f"{evaluations} evaluations in {len(report.search.tries)} tries ({report.search.stopped}); "
+                 f"layers: {spread}; weights {report.bytes_uniform / 1e6:.2f} -> {report.bytes_kept / 1e6:.2f} MB "
+                 f"{stored}"]
         for attempt in report.search.tries:
             verdict = "satisfied" if attempt.evaluation.satisfied else "not satisfied"
             again = " (an allocation already evaluated)" if attempt.repeated else ""
