@@ -102,15 +102,14 @@ def find_pairs(graph: ir.Graph, skipped: dict[str, int] | None = None) -> list[P
     for node in graph:
         if not _rescalable(node):
             continue
-        activation, reader = _single_reader(node.outputs[0])
-        if activation is not None and activation.op_type in (*POSITIVELY_HOMOGENEOUS, "Clip"):
-            if activation.op_type == "Clip" and not _clip_from_zero(activation):
+        following = _single_reader(node.outputs[0])
+        activation, reader = None, following
+        if following is not None and following.op_type in (*POSITIVELY_HOMOGENEOUS, "Clip"):
+            if following.op_type == "Clip" and not _clip_from_zero(following):
                 _count(skipped, "Clip with a lower bound other than 0")
                 continue
-            _, reader = _single_reader(activation.outputs[0])
-        else:
-            activation, reader = None, activation
-        if reader is None or not _rescalable(reader) or _input_channels(reader) is None:
+            activation, reader = following, _single_reader(following.outputs[0])
+        if reader is None or not _rescalable(reader):
             continue
         channels = _weight(node).shape[_output_axis(node)]
         if _input_channels(reader) != channels:
@@ -124,12 +123,12 @@ def _count(skipped: dict[str, int], why: str) -> None:
     skipped[why] = skipped.get(why, 0) + 1
 
 
-def _single_reader(value: ir.Value) -> tuple[ir.Node | None, ir.Node | None]:
-    """The one node reading the value (None when it is a graph output or read by several or none)."""
+def _single_reader(value: ir.Value) -> ir.Node | None:
+    """The one node reading the value, as its first input (None for a graph output, or several readers)."""
     uses = list(value.uses())
     if value.is_graph_output() or len(uses) != 1 or uses[0].idx != 0:
-        return None, None
-    return uses[0].node, uses[0].node
+        return None
+    return uses[0].node
 
 
 def _rescalable(node: ir.Node) -> bool:
@@ -173,7 +172,7 @@ def _output_axis(node: ir.Node) -> int:
     return 1
 
 
-def _input_channels(node: ir.Node) -> int | None:
+def _input_channels(node: ir.Node) -> int:
     weight = _weight(node)
     if node.op_type == "Conv":
         return weight.shape[1] * int(attribute(node, "group", 1))
