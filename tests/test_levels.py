@@ -266,3 +266,18 @@ def test_levels_per_op_type_and_node_from_a_horizon_json(tmp_path):
     with pytest.raises(LowbitError, match="weight_levels: unknown value '5'"):
         lowbit.quantize(src, tmp_path / "bad.onnx", data=feeds, progress=False,
                         node_config={"conv2": {"weight_levels": 5}})
+
+
+def test_auto_levels_after_a_precision_search_write_a_config_that_reruns(tmp_path):
+    """FULL_QUANT with an evaluator writes the quant_config of its precision search; AUTO's levels are left out of
+    it (said in the summary), so that the rerun, which has no evaluator, does not search again."""
+    import json
+
+    out = tmp_path / "auto.onnx"
+    result = lowbit.quantize(zoo.digit_cnn(), out, data=_digit_calibration(), progress=False, weight_levels="AUTO",
+                             evaluator=DigitAccuracy(drop=0.004), max_evaluations=6)
+    written = json.loads(result.quant_config_path.read_text())
+    assert "weight_levels" not in written.get("lowbit", {})
+    assert "without weight_levels=AUTO's per-layer levels" in result.summary()
+    lowbit.quantize(zoo.digit_cnn(), tmp_path / "again.onnx", data=_digit_calibration(), progress=False,
+                    config=str(result.quant_config_path))

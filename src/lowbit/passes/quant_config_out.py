@@ -13,6 +13,7 @@ from pathlib import Path
 from ..config.horizon_writer import horizon_document, write_horizon_json
 from ..pipeline.passes import Pass
 from ..pipeline.state import QuantState
+from ..quantizers.levels import AUTO
 
 
 def quant_config_path(output: Path) -> Path:
@@ -32,9 +33,17 @@ class WriteQuantConfig(Pass):
         document = horizon_document(state.config, node_config)
         if settings:
             document.setdefault("lowbit", {}).update(settings)
+        # weight_levels=AUTO would search again, and the rerun has no evaluator: its choice is not written
+        self.levels_left_out = document.get("lowbit", {}).get("weight_levels") == AUTO
+        if self.levels_left_out:
+            del document["lowbit"]["weight_levels"]
         path = quant_config_path(state.output_path)
         write_horizon_json(document, path)
         return path
 
     def describe(self, path: Path) -> list[str]:
-        return [f"  wrote {path}: the same model again without the search: --config {path.name}"]
+        lines = [f"  wrote {path}: the same model again without the search: --config {path.name}"]
+        if self.levels_left_out:
+            lines.append("    without weight_levels=AUTO's per-layer levels (not written yet): the rerun keeps uniform "
+                         "weights")
+        return lines
