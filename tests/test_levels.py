@@ -281,3 +281,34 @@ def test_auto_levels_after_a_precision_search_write_a_config_that_reruns(tmp_pat
     assert "without weight_levels=AUTO's per-layer levels" in result.summary()
     lowbit.quantize(zoo.digit_cnn(), tmp_path / "again.onnx", data=_digit_calibration(), progress=False,
                     config=str(result.quant_config_path))
+
+
+def test_weight_only_levels_cover_lookup_tables(tmp_path):
+    """A Gather table (word embeddings) takes its levels too: fewest squared error of the dequantized table,
+    each entry to the nearest level, packed like the layers' weights."""
+    rng = np.random.default_rng(7)
+    table = rng.normal(size=(1000, 64)).astype(np.float32)
+    weight = (rng.normal(size=(64, 32)) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 32])],
+                              [numpy_helper.from_array(table, "table"), numpy_helper.from_array(weight, "w")])
+    src, out, uniform = tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "u.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    feeds = [{"ids": rng.integers(0, 1000, size=(1, 8))} for _ in range(16)]
+    settings = dict(data=feeds, progress=False, quant_type="WEIGHT_QUANT", bit_num=8, min_quant_weight_channel=0)
+    result = lowbit.quantize(src, out, weight_levels=16, **settings)
+    lowbit.quantize(src, uniform, **settings)
+    rows = {row.node: row for row in result.weight_rounding.levels}
+    assert set(rows) == {"table", "proj"} and rows["table"].count == 16
+    model = ir.load(str(out))
+    assert any(node.op_type == "BitShift" for node in model.graph)  # the table is packed (64000 bytes -> 32000)
+    unpack_model(model)
+    dq = next(node for node in model.graph if node.op_type == "Gather").inputs[0].producer()
+    assert len(np.unique(dq.inputs[0].const_value.numpy())) <= 16
+    assert out.stat().st_size < 0.6 * uniform.stat().st_size
+    ids = rng.integers(0, 1000, size=(4, 8))
+    want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    assert zoo.cosine(got, want) > 0.99

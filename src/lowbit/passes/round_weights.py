@@ -13,11 +13,16 @@ each weight gets (scales, zero points and file size stay). The rule and its fall
 
 from __future__ import annotations
 
+import numpy as np
+import onnx_ir as ir
+
 from ..errors import LowbitError
+from ..graph.query import constant_array
 from ..pipeline.state import QuantState
-from ..quantizers.levels import AUTO, fixed_count
+from ..quantizers.levels import AUTO, PACKED_TAG, fixed_count, packed_bytes, table_levels
 from ..quantizers.weight_bits import level_bound
 from ..recovery.gptq import (
+    LevelsRow,
     RoundingLayer,
     RoundingReport,
     compensable,
@@ -58,10 +63,13 @@ class RoundWeights(LayerInputsPass):
         self.stored = "packed" if config.pack_weight_levels else "once packed (stored as integers)"
         if config.weight_levels == AUTO:  # search_levels rounds each layer on 16 to 128 levels from these moments
             state.level_job = self.job
-        return compensate_rounding(self.job, self.samples_seen, self.started,
-                                   refine=config.weight_rounding == "ADAROUND",
-                                   levels=fixed_levels(self.job, config),
-                                   compensate=config.weight_rounding != "NEAREST")
+        report = compensate_rounding(self.job, self.samples_seen, self.started,
+                                     refine=config.weight_rounding == "ADAROUND",
+                                     levels=fixed_levels(self.job, config),
+                                     compensate=config.weight_rounding != "NEAREST")
+        if config.quant_type == "WEIGHT_QUANT":
+            report.levels += _table_levels(state)
+        return report
 
     def describe(self, report: RoundingReport) -> list[str]:
         lines = [] if not report.layers else [
@@ -83,6 +91,46 @@ class RoundWeights(LayerInputsPass):
         return lines
 
 
+def _table_levels(state: QuantState) -> list[LevelsRow]:
+    """Weight-only lookup tables (every reader a Gather: word embeddings) on their fixed levels, tagged for
+    packing. No input statistic weighs a table's entries: the levels minimise the squared error of the
+    dequantized table, and each entry goes to the nearest."""
+    rows = []
+    for name, tensor in state.plan.tensors.items():
+        nodes = [node for node, _ in tensor.readers]
+        count = _fixed_count(nodes[0], state.config)
+        dq = nodes[0].inputs[0].producer()
+        bits = state.bits[name]
+        if any(node.op_type != "Gather" for node in nodes) or count is None or count >= 2 ** bits \
+                or dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0].const_value is None:
+            continue
+        stored = dq.inputs[0].const_value.numpy()
+        scale, zero = constant_array(dq.inputs[1]), constant_array(dq.inputs[2]) if len(dq.inputs) > 2 else 0
+        table, low, high = tensor.array.astype(np.float64), -level_bound(bits), level_bound(bits)
+        integers, chosen = table_levels(table, scale, zero, tensor.axis, low, high, count)
+        uniform_error = _relative_error(table, stored, scale, zero, tensor.axis)
+        dq.inputs[0].const_value = ir.tensor(integers.astype(stored.dtype), name=dq.inputs[0].name)
+        dq.metadata_props[PACKED_TAG] = str(count)
+        error = _relative_error(table, integers, scale, zero, tensor.axis)
+        rows.append(LevelsRow(name, count, [int(v) for v in chosen], error, error, uniform_error,
+                              stored.size * stored.itemsize, packed_bytes(stored.size, count)))
+    return rows
+
+
+def _relative_error(table, integers, scale, zero, axis) -> float:
+    shape = [1] * table.ndim
+    if axis is not None:
+        shape[axis] = -1
+    dequantized = (integers - np.reshape(zero, shape)) * np.reshape(scale, shape)
+    return float(np.sum((dequantized - table) ** 2) / max(float(np.sum(table ** 2)), 1e-30))
+
+
+def _fixed_count(node, config) -> int | None:
+    entries = ((config.node_config or {}).get(node.name), (config.op_config or {}).get(node.op_type))
+    return next((int(e.weight_levels) for e in entries if e is not None and e.weight_levels is not None),
+                fixed_count(config.weight_levels))
+
+
 def asks_levels(config) -> bool:
     """Whether weight_levels is set, for the model or in an op_config / node_config entry."""
     entries = [*(config.op_config or {}).values(), *(config.node_config or {}).values()]
@@ -94,12 +142,9 @@ def fixed_levels(job, config) -> dict[str, int]:
     entry's, else the model's weight_levels (none under AUTO)."""
     chosen = {}
     for layer, _ in job.layers:
-        node = layer.node
-        entries = ((config.node_config or {}).get(node.name), (config.op_config or {}).get(node.op_type))
-        count = next((int(e.weight_levels) for e in entries if e is not None and e.weight_levels is not None),
-                     fixed_count(config.weight_levels))
+        count = _fixed_count(layer.node, config)
         if count is not None:
-            chosen[node.name] = count
+            chosen[layer.node.name] = count
     return chosen
 
 

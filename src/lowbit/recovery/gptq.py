@@ -83,7 +83,7 @@ class LevelOption:
 class LevelsRow:
     """One layer of non-uniform weights: its K levels, errors (relative) and bytes."""
 
-    node: str
+    node: str  # the layer's node; for a lookup table (weight-only Gather), the table's tensor name
     count: int
     levels: list[int]
     weight_error: float  # sum (w - w_q)^2 / sum w^2
