@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from ..quantizers.levels import AUTO, LEVEL_COUNTS
+
 
 class Kind(Enum):
     STR = "string"
@@ -100,7 +102,7 @@ FIELDS: tuple[Field, ...] = (
           "(a power of two, 2 to 256), chosen for the least layer output error on the calibration data; the file "
           "stores log2(K)-bit indices and the levels (FULL_QUANT; WEIGHT_QUANT with data); AUTO: K per layer "
           "(16 to 256), the fewest the evaluator or accuracy_target accepts; unset = uniform",
-          choices=(*(str(2 ** b) for b in range(1, 9)), "AUTO"), extension=True),
+          choices=(*(str(count) for count in LEVEL_COUNTS), AUTO), extension=True),
     Field(COMMON, "pack_weight_levels", Kind.BOOL, True,
           "weight_levels: store each weight as bit-planes of level indices decoded by standard ONNX ops that ONNX "
           "Runtime folds at load (true), or as the plain integer tensor (false)", extension=True),

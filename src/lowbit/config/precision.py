@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import LowbitError, did_you_mean
+from ..quantizers.levels import LEVEL_COUNTS
 
 INT8, INT16, FLOAT16, FLOAT32, EC = "int8", "int16", "float16", "float32", "ec"
 QTYPES = (INT8, INT16, FLOAT16, FLOAT32)
@@ -25,7 +26,7 @@ INPUT_QTYPES = (*QTYPES, EC)
 INPUT_KEYS = ("input0", "input1")
 LEVELS_KEY = "weight_levels"  # lowbit's key in an entry: the node's (op type's) non-uniform weight levels
 NODE_KEYS = ("qtype", *INPUT_KEYS, LEVELS_KEY)
-LEVEL_CHOICES = tuple(str(2 ** b) for b in range(1, 9))
+LEVEL_CHOICES = tuple(str(count) for count in LEVEL_COUNTS)
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ class WriteAnalysisReport(Pass):
             return None
         analysis = analyze(state.model_path, state.output_path, state.user_data, config=state.config,
                            samples=state.config.report_samples, warn=state.note,
-                           float_model=state.float_reference() if state.equalized is not None else None)
+                           float_model=state.float_reference())
         html, json_path = write_report(analysis, state.config.report)
         state.engine.passes.append(DataPass("analysis_report", "switched model", analysis.samples,
                                             analysis.seconds, True))

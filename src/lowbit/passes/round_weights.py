@@ -19,7 +19,7 @@ import onnx_ir as ir
 from ..errors import LowbitError
 from ..graph.query import constant_array
 from ..pipeline.state import QuantState
-from ..quantizers.levels import AUTO, PACKED_TAG, fixed_count, packed_bytes, table_levels
+from ..quantizers.levels import AUTO, PACKED_TAG, channel_shape, fixed_count, packed_bytes, table_levels
 from ..quantizers.weight_bits import level_bound
 from ..recovery.gptq import (
     LevelsRow,
@@ -118,9 +118,7 @@ def _table_levels(state: QuantState) -> list[LevelsRow]:
 
 
 def _relative_error(table, integers, scale, zero, axis) -> float:
-    shape = [1] * table.ndim
-    if axis is not None:
-        shape[axis] = -1
+    shape = channel_shape(table.ndim, axis)
     dequantized = (integers - np.reshape(zero, shape)) * np.reshape(scale, shape)
     return float(np.sum((dequantized - table) ** 2) / max(float(np.sum(table ** 2)), 1e-30))
 

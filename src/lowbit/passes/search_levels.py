@@ -57,12 +57,10 @@ class SearchLevels(Pass):
     changes_model = True
 
     def applies(self, state: QuantState) -> bool:
-        return state.config.weight_levels == AUTO and state.level_job is not None
+        # without an evaluator CheckSettings has stopped the job before any work
+        return state.config.weight_levels == AUTO and state.level_job is not None and state.evaluator is not None
 
     def run(self, state: QuantState) -> LevelSearch | None:
-        if state.evaluator is None:
-            raise LowbitError("weight_levels=AUTO searches the levels per layer for an evaluator or accuracy_target; "
-                              "give one, or a fixed weight_levels")
         evaluate_float_model(state)
         fixed = fixed_levels(state.level_job, state.config)  # node_config / op_config entries keep their K
         options = level_options(state.level_job, AUTO_COUNTS, state.config.weight_rounding != "NEAREST", set(fixed))

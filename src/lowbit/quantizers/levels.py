@@ -79,13 +79,19 @@ def optimal_levels(values: np.ndarray, importance: np.ndarray, count: int, low: 
     return grid[np.array(chosen[::-1])]
 
 
+def channel_shape(ndim: int, axis: int | None) -> list[int]:
+    """The shape that spreads per-channel parameters (scale, zero point) along ``axis`` (None: one for all)."""
+    shape = [1] * ndim
+    if axis is not None:
+        shape[axis] = -1
+    return shape
+
+
 def table_levels(table: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None, low: int,
                  high: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     """A lookup table's integers (a Gather's: no input statistic weighs its entries) on ``count`` levels chosen
     for the least squared error of its dequantized values; returns (integers, levels)."""
-    shape = [1] * table.ndim
-    if axis is not None:
-        shape[axis] = -1
+    shape = channel_shape(table.ndim, axis)
     scale = np.asarray(scale, np.float64).reshape(shape)
     values = np.clip(table / scale + np.asarray(zero_point, np.float64).reshape(shape), low, high)
     levels = optimal_levels(values, np.broadcast_to(scale ** 2, table.shape), count, low, high)
