@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from ..errors import LowbitError
 from ..graph.query import constant_array
+from ..pipeline.engine import Request
 from ..pipeline.state import QuantState
 from ..quantizers.levels import AUTO, PACKED_TAG, channel_shape, fixed_count, packed_bytes, table_levels
 from ..quantizers.weight_bits import level_bound
@@ -29,6 +30,7 @@ from ..recovery.gptq import (
     compensate_rounding,
     plan_rounding,
 )
+from ..recovery.layers import LayerJob, by_tensor, in_stages
 from .layer_inputs import LayerInputsPass
 
 
@@ -56,25 +58,38 @@ class RoundWeights(LayerInputsPass):
                        "grid, so the levels are rounded by GPTQ alone")
         layers = _full_quant_layers(state) if state.config.quant_type == "FULL_QUANT" else _weight_only_layers(state)
         self.job = plan_rounding([layer for layer in layers if compensable(layer.node)])
+        self.stages = in_stages(self.job, state.model.graph) if _staged(self.job, config, state) else [self.job]
         return bool(self.job.layers)
+
+    def requests(self, state: QuantState) -> list[Request]:
+        return [Request(observers) for observers in by_tensor(self.stages[0].observers)]
 
     def run(self, state: QuantState) -> RoundingReport:
         config = state.config
         self.stored = "packed" if config.pack_weight_levels else "once packed (stored as integers)"
         if config.weight_levels == AUTO:  # search_levels rounds each layer on 16 to 128 levels from these moments
             state.level_job = self.job
-        report = compensate_rounding(self.job, self.samples_seen, self.started,
+        report = compensate_rounding(self.stages, self.samples_seen, self.started,
                                      refine=config.weight_rounding == "ADAROUND",
                                      levels=fixed_levels(self.job, config),
-                                     compensate=config.weight_rounding != "NEAREST")
+                                     compensate=config.weight_rounding != "NEAREST",
+                                     measure=lambda stage: self._measure(state, stage))
         if config.quant_type == "WEIGHT_QUANT":
             report.levels += _table_levels(state)
         return report
 
+    def _measure(self, state: QuantState, stage: LayerJob) -> None:
+        """Fill a later stage's observers on the model as the stages before it left it."""
+        number = self.stages.index(stage) + 1
+        state.engine.run(self.measured_model(state), [Request(o) for o in by_tensor(stage.observers)],
+                         what=f"{self.name} (stage {number} of {len(self.stages)})", model_label="quantized model",
+                         limit=self.samples(state).limit)
+
     def describe(self, report: RoundingReport) -> list[str]:
+        stages = f" in {len(self.stages)} stages" if len(self.stages) > 1 else ""
         lines = [] if not report.layers else [
-            f"  weight rounding: {report.method} on {report.layers} layers from {report.samples} samples, mean layer "
-            f"output error {report.error_nearest:.3g} (nearest) -> {report.error_compensated:.3g}, "
+            f"  weight rounding: {report.method} on {report.layers} layers{stages} from {report.samples} samples, "
+            f"mean layer output error {report.error_nearest:.3g} (nearest) -> {report.error_compensated:.3g}, "
             f"{report.seconds:.1f} s"]
         lines += [f"    fallback: {fallback}" for fallback in report.fallbacks]
         if report.levels:
@@ -89,6 +104,18 @@ class RoundWeights(LayerInputsPass):
                          f"mean layer output error {error_uniform:.3g} (uniform) -> {error_levels:.3g}; per layer: "
                          "result.weight_rounding.levels")
         return lines
+
+
+def _staged(job, config, state: QuantState) -> bool:
+    """Whether each stage of layers is measured after the stages before it are re-rounded: with GPTQ below
+    8 bits (or on fewer levels). Measured on EfficientNet-Lite0 (300 held-out crops): W4A8 top-1 agreement
+    0.547 -> 0.653, 4-bit weight-only 0.580 -> 0.633; at 8 bits 0.970 either way (1 - cosine 0.00185 in one
+    run, 0.00192 in 50 stages), so int8 weights keep the one run (the stages cost a run over 64 samples each).
+    """
+    if config.weight_rounding == "NEAREST" or not state.data.rereadable:
+        return False
+    narrow = any(layer.qmax - layer.qmin < 254 for layer, _ in job.layers)
+    return narrow or bool(fixed_levels(job, config)) or config.weight_levels == AUTO
 
 
 def _table_levels(state: QuantState) -> list[LevelsRow]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,9 +153,13 @@ def plan_rounding(layers: list[RoundingLayer]) -> LayerJob:
     return plan_layer_inputs(layers, order=2)
 
 
-def compensate_rounding(job: LayerJob, samples: int, start: float, refine: bool = False,
-                        levels: dict[str, int] | None = None, compensate: bool = True) -> RoundingReport:
-    """Re-round each layer's integer weight in place, from the second moments ``job``'s observers hold.
+def compensate_rounding(stages: list[LayerJob], samples: int, start: float, refine: bool = False,
+                        levels: dict[str, int] | None = None, compensate: bool = True,
+                        measure: Callable[[LayerJob], None] | None = None) -> RoundingReport:
+    """Re-round each layer's integer weight in place, from the second moments the stages' observers hold.
+
+    The first stage's observers are filled; ``measure`` fills each later stage's, on the model
+    as the stages before it left it (:func:`~lowbit.recovery.layers.in_stages`).
 
     A second moment that GPTQ cannot invert (a singular or ill-conditioned one, from huge
     or degenerate activations) gets more damping, then round to nearest for that layer;
@@ -163,53 +168,69 @@ def compensate_rounding(job: LayerJob, samples: int, start: float, refine: bool 
     the integer tensor then tagged for packing; ``compensate=False`` rounds to the nearest level
     without GPTQ (``weight_rounding=NEAREST``).
     """
-    before, after, fallbacks, rows_report, done = [], [], [], [], 0
-    for layer, key in job.layers:
-        dq = integer_weight(layer.node)
-        covariance = job.observers[key].covariance()
-        rows = as_rows(layer.node, layer.float_weight)
-        scale, zero_point = _grid(dq, rows.shape[:2])
-        stored = constant_array(dq.inputs[0])
-        nearest = as_rows(layer.node, stored.astype(np.int64))
-        chosen, count = None, (levels or {}).get(layer.node.name)
-        if count is not None and count < layer.qmax - layer.qmin + 1 and np.all(np.isfinite(covariance)):
-            chosen = choose_layer_levels(rows, covariance, scale, zero_point, layer, count)
-            uniform_error = _layer_error(rows, nearest, scale, zero_point, covariance)
-            nearest = nearest_level(np.clip(rows / scale[..., None] + zero_point[..., None], layer.qmin,
-                                            layer.qmax), chosen).astype(np.int64)
-        q, damping = (nearest, DAMPING) if not compensate else \
-            _round_with_fallback(rows, covariance, scale, zero_point, layer, chosen)
-        if damping != DAMPING:
-            fallbacks.append(f"{layer.node.name}: " + (f"damping raised to {damping:g}" if q is not None
-                                                       else "second moments not invertible, kept round to nearest"))
-        q = nearest if q is None and chosen is not None else q
-        if q is None:
-            continue
-        if refine and chosen is None:  # AdaRound from GPTQ's choices; kept where it lowers the layer's output error
-            refined = adaround(rows, covariance, scale, zero_point, layer.qmin, layer.qmax, start=q)
-            if _layer_error(rows, refined, scale, zero_point, covariance) < _layer_error(rows, q, scale,
-                                                                                        zero_point, covariance):
-                q = refined
-        before.append(_layer_error(rows, nearest, scale, zero_point, covariance))
-        after.append(_layer_error(rows, q, scale, zero_point, covariance))
-        if after[-1] >= before[-1]:  # GPTQ's greedy order can lose on a tiny layer: keep the better
-            after[-1], q = before[-1], nearest
-            if chosen is None:
-                continue
-        new = from_rows(layer.node, q, stored.shape).astype(stored.dtype)
-        dq.inputs[0].const_value = ir.tensor(new, name=dq.inputs[0].name)
-        if chosen is not None:
-            dq.metadata_props[PACKED_TAG] = str(count)
-            dequantized = (q - zero_point[..., None]) * scale[..., None]
-            rows_report.append(LevelsRow(layer.node.name, count, [int(v) for v in chosen],
-                                         float(np.sum((dequantized - rows) ** 2) / max(np.sum(rows ** 2), 1e-30)),
-                                         after[-1], uniform_error, stored.size * stored.itemsize,
-                                         packed_bytes(stored.size, count)))
-        done += 1
-    method = "nearest level" if not compensate else "GPTQ + AdaRound" if refine and not levels else "GPTQ"
-    return RoundingReport(done, samples, time.perf_counter() - start,
-                          float(np.mean(before)) if before else 0.0, float(np.mean(after)) if after else 0.0,
-                          fallbacks, method, rows_report)
+    report = RoundingReport(0, samples, 0.0, 0.0, 0.0, method="nearest level" if not compensate else
+                            "GPTQ + AdaRound" if refine and not levels else "GPTQ")
+    before, after = [], []
+    for index, stage in enumerate(stages):
+        if index and measure is not None:
+            measure(stage)
+        for layer, key in stage.layers:
+            errors = _round_layer(layer, stage.observers[key].covariance(), (levels or {}).get(layer.node.name),
+                                  refine, compensate, report)
+            if errors is not None:
+                before.append(errors[0])
+                after.append(errors[1])
+    report.seconds = time.perf_counter() - start
+    report.error_nearest = float(np.mean(before)) if before else 0.0
+    report.error_compensated = float(np.mean(after)) if after else 0.0
+    return report
+
+
+def _round_layer(layer: RoundingLayer, covariance: np.ndarray, count: int | None, refine: bool, compensate: bool,
+                 report: RoundingReport) -> tuple[float, float] | None:
+    """Re-round one layer in place (on ``count`` levels when given); its output error (nearest, chosen),
+    None when GPTQ could not round it. Adds to ``report``'s layers, fallbacks and levels."""
+    dq = integer_weight(layer.node)
+    rows = as_rows(layer.node, layer.float_weight)
+    scale, zero_point = _grid(dq, rows.shape[:2])
+    stored = constant_array(dq.inputs[0])
+    nearest = as_rows(layer.node, stored.astype(np.int64))
+    chosen = None
+    if count is not None and count < layer.qmax - layer.qmin + 1 and np.all(np.isfinite(covariance)):
+        chosen = choose_layer_levels(rows, covariance, scale, zero_point, layer, count)
+        uniform_error = _layer_error(rows, nearest, scale, zero_point, covariance)
+        nearest = nearest_level(np.clip(rows / scale[..., None] + zero_point[..., None], layer.qmin,
+                                        layer.qmax), chosen).astype(np.int64)
+    q, damping = (nearest, DAMPING) if not compensate else \
+        _round_with_fallback(rows, covariance, scale, zero_point, layer, chosen)
+    if damping != DAMPING:
+        report.fallbacks.append(f"{layer.node.name}: " + (f"damping raised to {damping:g}" if q is not None
+                                                          else "second moments not invertible, kept round to nearest"))
+    q = nearest if q is None and chosen is not None else q
+    if q is None:
+        return None
+    if refine and chosen is None:  # AdaRound from GPTQ's choices; kept where it lowers the layer's output error
+        refined = adaround(rows, covariance, scale, zero_point, layer.qmin, layer.qmax, start=q)
+        if _layer_error(rows, refined, scale, zero_point, covariance) < _layer_error(rows, q, scale,
+                                                                                    zero_point, covariance):
+            q = refined
+    error_nearest = _layer_error(rows, nearest, scale, zero_point, covariance)
+    error = _layer_error(rows, q, scale, zero_point, covariance)
+    if error >= error_nearest:  # GPTQ's greedy order can lose on a tiny layer: keep the better
+        error, q = error_nearest, nearest
+        if chosen is None:
+            return error_nearest, error
+    new = from_rows(layer.node, q, stored.shape).astype(stored.dtype)
+    dq.inputs[0].const_value = ir.tensor(new, name=dq.inputs[0].name)
+    if chosen is not None:
+        dq.metadata_props[PACKED_TAG] = str(count)
+        dequantized = (q - zero_point[..., None]) * scale[..., None]
+        report.levels.append(LevelsRow(layer.node.name, count, [int(v) for v in chosen],
+                                       float(np.sum((dequantized - rows) ** 2) / max(np.sum(rows ** 2), 1e-30)),
+                                       error, uniform_error, stored.size * stored.itemsize,
+                                       packed_bytes(stored.size, count)))
+    report.layers += 1
+    return error_nearest, error
 
 
 def level_options(job: LayerJob, counts: tuple[int, ...], compensate: bool,

@@ -124,6 +124,35 @@ def plan_layer_inputs(layers: list, order: int) -> LayerJob:
     return job
 
 
+def in_stages(job: LayerJob, graph: ir.Graph) -> list[LayerJob]:
+    """``job`` split into stages, in graph order: a layer's stage is one more than the latest stage of the job's
+    layers upstream of it (0 when none is).
+
+    Measuring stage k's inputs after stages 0..k-1 are re-rounded gives each layer the inputs
+    the finished model will feed it, not those of upstream weights rounded to nearest: layer
+    after layer on the inputs of the already-quantized layers, as AdaRound (Nagel et al., 2020)
+    reconstructs. Layers that share an observer read the same tensor, so they share a stage.
+    The graph's nodes are in topological order (ONNX requires it).
+    """
+    stage_of_node = {id(layer.node): 0 for layer, _ in job.layers}
+    depth: dict[int, int] = {}  # id of a value -> how many of the job's layers lie on the longest path to it
+    for node in graph:
+        reach = max((depth.get(id(value), 0) for value in node.inputs if value is not None), default=0)
+        if id(node) in stage_of_node:
+            stage_of_node[id(node)] = reach
+            reach += 1
+        for value in node.outputs:
+            depth[id(value)] = reach
+    stages: list[LayerJob] = []
+    for layer, key in job.layers:
+        index = stage_of_node[id(layer.node)]
+        while len(stages) <= index:
+            stages.append(LayerJob([], {}))
+        stages[index].layers.append((layer, key))
+        stages[index].observers[key] = job.observers[key]
+    return [stage for stage in stages if stage.layers]
+
+
 def by_tensor(observers: dict[InputKey, LayerInputObserver]) -> list[dict[str, LayerInputObserver]]:
     """The observers as dicts keyed by tensor name (what a run's request takes): one dict per window of a tensor."""
     requests: list[dict[str, LayerInputObserver]] = []

@@ -38,10 +38,24 @@ def format_summary(result: QuantizeResult) -> str:
             lines.append(f"  calibration: {result.calibration_samples} samples, {len(result.tensors)} tensors, "
                          f"{result.timings.get('calibrate', 0):.1f} s")
         lines.append(f"  data: {len(runs)} run{'s' if len(runs) > 1 else ''} over the calibration data: "
-                     + ", ".join(f"{p.what} ({p.model}, {p.samples} samples)" for p in runs))
+                     + ", ".join(_grouped(runs)))
         lines.append(f"  total {total:.1f} s")
     elif not result.weights:
         lines.append(f"  no calibration (activation scales are computed at run time); total {total:.1f} s")
     else:
         lines.append(f"  total {total:.1f} s")
     return "\n".join(lines)
+
+
+def _grouped(runs) -> list[str]:
+    """Each run as "what (model, N samples)"; a pass's runs in stages (GPTQ below 8 bits) as one entry."""
+    entries: list[tuple[str, str, int, int]] = []  # (what, model, samples, runs)
+    for run in runs:
+        what = run.what.split(" (stage ")[0]
+        if entries and entries[-1][:3] == (what, run.model, run.samples) and run.what != what:
+            entries[-1] = (*entries[-1][:3], entries[-1][3] + 1)
+        else:
+            entries.append((what, run.model, run.samples, 1))
+    return [f"{what} ({model}, {samples} samples{f', {count} stages' if count > 1 else ''})"
+            for what, model, samples, count in entries]
+
