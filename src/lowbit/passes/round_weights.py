@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ..config.model import QuantConfig
 from ..errors import LowbitError
 from ..graph.query import constant_array
 from ..pipeline.engine import Request
@@ -73,16 +74,15 @@ class RoundWeights(LayerInputsPass):
                                      refine=config.weight_rounding == "ADAROUND",
                                      levels=fixed_levels(self.job, config),
                                      compensate=config.weight_rounding != "NEAREST",
-                                     measure=lambda stage: self._measure(state, stage))
+                                     measure=lambda index, stage: self._measure(state, index, stage))
         if config.quant_type == "WEIGHT_QUANT":
             report.levels += _table_levels(state)
         return report
 
-    def _measure(self, state: QuantState, stage: LayerJob) -> None:
-        """Fill a later stage's observers on the model as the stages before it left it."""
-        number = self.stages.index(stage) + 1
+    def _measure(self, state: QuantState, index: int, stage: LayerJob) -> None:
+        """Fill stage ``index``'s observers on the model as the stages before it left it."""
         state.engine.run(self.measured_model(state), [Request(o) for o in by_tensor(stage.observers)],
-                         what=f"{self.name} (stage {number} of {len(self.stages)})", model_label="quantized model",
+                         what=f"{self.name} (stage {index + 1} of {len(self.stages)})", model_label="quantized model",
                          limit=self.samples(state).limit)
 
     def describe(self, report: RoundingReport) -> list[str]:
@@ -106,7 +106,7 @@ class RoundWeights(LayerInputsPass):
         return lines
 
 
-def _staged(job, config, state: QuantState) -> bool:
+def _staged(job: LayerJob, config: QuantConfig, state: QuantState) -> bool:
     """Whether each stage of layers is measured after the stages before it are re-rounded: with GPTQ on a grid
     narrower than int8 (W4A8, weight-only below 8 bits).
 

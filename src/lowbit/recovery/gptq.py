@@ -155,11 +155,11 @@ def plan_rounding(layers: list[RoundingLayer]) -> LayerJob:
 
 def compensate_rounding(stages: list[LayerJob], samples: int, start: float, refine: bool = False,
                         levels: dict[str, int] | None = None, compensate: bool = True,
-                        measure: Callable[[LayerJob], None] | None = None) -> RoundingReport:
+                        measure: Callable[[int, LayerJob], None] | None = None) -> RoundingReport:
     """Re-round each layer's integer weight in place, from the second moments the stages' observers hold.
 
-    The first stage's observers are filled; ``measure`` fills each later stage's, on the model
-    as the stages before it left it (:func:`~lowbit.recovery.layers.in_stages`).
+    The first stage's observers are filled; ``measure(index, stage)`` fills each later stage's, on
+    the model as the stages before it left it (:func:`~lowbit.recovery.layers.in_stages`).
 
     A second moment that GPTQ cannot invert (a singular or ill-conditioned one, from huge
     or degenerate activations) gets more damping, then round to nearest for that layer;
@@ -173,7 +173,7 @@ def compensate_rounding(stages: list[LayerJob], samples: int, start: float, refi
     before, after = [], []
     for index, stage in enumerate(stages):
         if index and measure is not None:
-            measure(stage)
+            measure(index, stage)
         for layer, key in stage.layers:
             errors = _round_layer(layer, stage.observers[key].covariance(), (levels or {}).get(layer.node.name),
                                   refine, compensate, report)
