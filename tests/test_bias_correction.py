@@ -48,9 +48,11 @@ def test_shift_is_removed_and_bias_added_where_missing(tmp_path):
         assert bias_dq.op_type == "DequantizeLinear" and inits[bias_dq.input[0]].dtype == np.int32
 
 
-def test_dsp_and_iterators_skip_it(tmp_path):
+def test_dsp_corrects_too_unless_told_not_and_iterators_skip_it(tmp_path):
     src = save(shifted_model(True), tmp_path / "m.onnx")
-    assert lowbit.quantize(src, tmp_path / "d.onnx", data=feeds(4, 0), target_device="DSP",
+    dsp = lowbit.quantize(src, tmp_path / "d.onnx", data=feeds(4, 0), target_device="DSP", progress=False)
+    assert dsp.bias_correction is not None and dsp.bias_correction.layers == 1
+    assert lowbit.quantize(src, tmp_path / "n.onnx", data=feeds(4, 0), target_device="DSP", bias_correction=False,
                            progress=False).bias_correction is None
     import pytest
 

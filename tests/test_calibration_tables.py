@@ -34,8 +34,8 @@ def test_a_table_read_back_gives_the_same_model(tmp_path, table_format, target):
                             target_device=target, progress=False)
     _same_model(tmp_path / "a.onnx", tmp_path / "b.onnx")
     runs = [p.what for p in again.data_passes if p.over_calibration_data]
-    # no calibration run: the ranges came from the file (DSP corrects no biases by default)
-    assert runs == ["round_weights"] + (["correct_biases"] if target != "DSP" else [])
+    # no calibration run: the ranges came from the file
+    assert runs == ["round_weights", "correct_biases"]
 
 
 def test_the_three_formats_by_hand(tmp_path):

@@ -51,7 +51,8 @@ def test_defaults_follow_mindspore_and_target():
     assert config.bias_correction is True  # MindSpore's default
     dsp = load_config(overrides={"target_device": "DSP"})
     assert dsp.per_channel == (False,) and dsp.source("per_channel") == "default for target_device=DSP"
-    assert dsp.bias_correction is False and dsp.source("bias_correction") == "default for target_device=DSP"
+    # per-tensor weights round with larger errors, whose mean shifts the correction takes out: on by default too
+    assert dsp.bias_correction is True and dsp.source("bias_correction") == "default"
 
 
 def test_overrides_win_over_the_file(tmp_path):

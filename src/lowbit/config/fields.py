@@ -215,7 +215,7 @@ FIELDS: tuple[Field, ...] = (
           choices=("cosine-similarity", "mse", "mae", "mre", "sqnr", "chebyshev"), extension=True),
     Field(FULL, "bias_correction", Kind.BOOL, True,
           "fold the per-channel output shift that weight rounding causes into each quantized Conv/Gemm bias, "
-          "measured on the calibration data (FULL_QUANT; WEIGHT_QUANT when data is given; DSP defaults to false)"),
+          "measured on the calibration data (FULL_QUANT; WEIGHT_QUANT when data is given)"),
     Field(FULL, "bias_correction_samples", Kind.INT, 64,
           "bias_correction: calibration samples whose layer-input means it measures (Horizon's num_sample)",
           low=1, high=100000, extension=True),

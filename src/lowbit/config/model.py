@@ -243,11 +243,8 @@ def _apply_dependent_defaults(settings: dict[str, Setting]) -> None:
     quant_type = settings["quant_type"].value
     if quant_type != "WEIGHT_QUANT" and settings["min_quant_weight_channel"].source == DEFAULT:
         settings["min_quant_weight_channel"] = Setting(0, f"{DEFAULT} for {quant_type}")
-    if settings["target_device"].value == "DSP":
-        if settings["per_channel"].source == DEFAULT:
-            settings["per_channel"] = Setting((False,), f"{DEFAULT} for target_device=DSP")
-        if settings["bias_correction"].source == DEFAULT:
-            settings["bias_correction"] = Setting(False, f"{DEFAULT} for target_device=DSP")
+    if settings["target_device"].value == "DSP" and settings["per_channel"].source == DEFAULT:
+        settings["per_channel"] = Setting((False,), f"{DEFAULT} for target_device=DSP")
     if quant_type == "DYNAMIC_QUANT" and settings["bias_correction"].source == DEFAULT:
         settings["bias_correction"] = Setting(False, f"{DEFAULT} for {quant_type}")
     if quant_type != "FULL_QUANT" and settings["weight_rounding"].source == DEFAULT:
