@@ -81,6 +81,21 @@ def test_behind_a_clip_the_bounds_weigh_on_the_first_side_by_hand():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_clip_to_zero_falls_back_to_the_weights():
+    # Clip(0, 0) writes zeros: no bound to weigh (the geometric mean would divide by a zero bound)
+    w1 = np.array([[4.0, 1.0], [-2.0, 0.5]], np.float32)
+    w2 = np.array([[1.0, -0.5], [4.0, 2.0]], np.float32)
+    model = _model([helper.make_node("MatMul", ["x", "w1"], ["h"]),
+                    helper.make_node("Clip", ["h", "lo", "lo"], ["r"], name="zero"),
+                    helper.make_node("MatMul", ["r", "w2"], ["y"])],
+                   [("w1", w1), ("w2", w2), ("lo", np.array(0.0, np.float32))],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2])],
+                   helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2]))
+    equalized, _ = _equalized(model)
+    weights = {t.name: numpy_helper.to_array(t) for t in equalized.graph.initializer}
+    np.testing.assert_allclose(weights["w1"], [[2.0, 2.0], [-1.0, 1.0]], rtol=1e-6)  # s = 2, 0.5 as without a Clip
+
+
 def _block_model(rng) -> onnx.ModelProto:
     """A MobileNet-like chain with channels of very different ranges: 1x1 conv -> ReLU6 -> depthwise 3x3 ->
     PRelu -> grouped 1x1 (2 groups) -> LeakyRelu -> 1x1 conv -> Clip(0, 4) -> global pool -> Gemm."""

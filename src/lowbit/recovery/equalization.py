@@ -249,7 +249,7 @@ def _first_side_ranges(pair: Pair, r1: np.ndarray, usable: np.ndarray) -> np.nda
     """The ranges a scale divides on the first side: the first layer's output channels, and behind a
     Clip(0, hi) also the channels' bounds hi / s_i, as the geometric mean of the two relative ranges."""
     high = _clip_high(pair.activation)
-    if high is None or not usable.any():
+    if high is None or high <= 0 or not usable.any():  # Clip(0, 0) writes zeros: no grid to spread
         return r1
     bounds = high / pair.scale
     return r1.max() * np.sqrt(r1 / r1.max() * bounds / bounds[usable].max())
