@@ -54,6 +54,20 @@ def test_two_matmuls_through_relu_by_hand():
                                rtol=1e-6, atol=1e-6)
 
 
+W1 = np.array([[4.0, 1.0], [-2.0, 0.5]], np.float32)  # output channel ranges 4 and 1
+W2 = np.array([[1.0, -0.5], [4.0, 2.0]], np.float32)  # input channel ranges 1 and 4
+
+
+def _matmuls_through_clip(high: float) -> onnx.ModelProto:
+    """x @ W1 -> Clip(0, high) -> @ W2, the Clip named "relu6"."""
+    return _model([helper.make_node("MatMul", ["x", "w1"], ["h"]),
+                   helper.make_node("Clip", ["h", "lo", "hi"], ["r"], name="relu6"),
+                   helper.make_node("MatMul", ["r", "w2"], ["y"])],
+                  [("w1", W1), ("w2", W2), ("lo", np.array(0.0, np.float32)), ("hi", np.array(high, np.float32))],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2])],
+                  helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2]))
+
+
 def test_behind_a_clip_the_bounds_weigh_on_the_first_side_by_hand():
     # the same ranges as above (r1 = 4, 1; r2 = 1, 4), through Clip(0, 6): the first layer's channel i and its
     # bound 6 / S_i both shrink with the scale S_i, so the first side's range is their geometric mean, each
@@ -61,19 +75,12 @@ def test_behind_a_clip_the_bounds_weigh_on_the_first_side_by_hand():
     #   channel 0: a   = (4 / a) sqrt(1 * (6 / a) / (6 / b))       -> a^5 = 16 b
     #   channel 1: 4 b = (4 / a) sqrt(((1 / b) / (4 / a)) * 1)     -> a b^3 = 1 / 4
     # so a^16 = 1024: a = 2^0.625, b = a^5 / 16 = 2^-0.875 (weights alone would give 2 and 0.5)
-    w1 = np.array([[4.0, 1.0], [-2.0, 0.5]], np.float32)
-    w2 = np.array([[1.0, -0.5], [4.0, 2.0]], np.float32)
-    model = _model([helper.make_node("MatMul", ["x", "w1"], ["h"]),
-                    helper.make_node("Clip", ["h", "lo", "hi"], ["r"], name="relu6"),
-                    helper.make_node("MatMul", ["r", "w2"], ["y"])],
-                   [("w1", w1), ("w2", w2), ("lo", np.array(0.0, np.float32)), ("hi", np.array(6.0, np.float32))],
-                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2])],
-                   helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2]))
+    model = _matmuls_through_clip(6.0)
     equalized, report = _equalized(model)
     weights = {t.name: numpy_helper.to_array(t) for t in equalized.graph.initializer}
     scale = np.array([2 ** 0.625, 2 ** -0.875])
-    np.testing.assert_allclose(weights["w1"], w1 / scale, rtol=1e-3)
-    np.testing.assert_allclose(weights["w2"], w2 * scale[:, None], rtol=1e-3)
+    np.testing.assert_allclose(weights["w1"], W1 / scale, rtol=1e-3)
+    np.testing.assert_allclose(weights["w2"], W2 * scale[:, None], rtol=1e-3)
     np.testing.assert_allclose(weights["relu6_bound"], 6.0 / scale, rtol=1e-3)  # Clip -> Relu + Min(6 / S_i)
     assert report.clips_rewritten == 1
     x = np.random.default_rng(0).normal(size=(3, 2)).astype(np.float32) * 4  # some outputs above 6
@@ -83,15 +90,7 @@ def test_behind_a_clip_the_bounds_weigh_on_the_first_side_by_hand():
 
 def test_a_clip_to_zero_falls_back_to_the_weights():
     # Clip(0, 0) writes zeros: no bound to weigh (the geometric mean would divide by a zero bound)
-    w1 = np.array([[4.0, 1.0], [-2.0, 0.5]], np.float32)
-    w2 = np.array([[1.0, -0.5], [4.0, 2.0]], np.float32)
-    model = _model([helper.make_node("MatMul", ["x", "w1"], ["h"]),
-                    helper.make_node("Clip", ["h", "lo", "lo"], ["r"], name="zero"),
-                    helper.make_node("MatMul", ["r", "w2"], ["y"])],
-                   [("w1", w1), ("w2", w2), ("lo", np.array(0.0, np.float32))],
-                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2])],
-                   helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2]))
-    equalized, _ = _equalized(model)
+    equalized, _ = _equalized(_matmuls_through_clip(0.0))
     weights = {t.name: numpy_helper.to_array(t) for t in equalized.graph.initializer}
     np.testing.assert_allclose(weights["w1"], [[2.0, 2.0], [-1.0, 1.0]], rtol=1e-6)  # s = 2, 0.5 as without a Clip
 
