@@ -30,6 +30,7 @@ from ..recovery.gptq import (
     compensable,
     compensate_rounding,
     plan_rounding,
+    relative_squared_error,
 )
 from ..recovery.layers import LayerJob, by_tensor, in_stages
 from .layer_inputs import LayerInputsPass
@@ -149,8 +150,7 @@ def _table_levels(state: QuantState) -> list[LevelsRow]:
 
 def _relative_error(table, integers, scale, zero, axis) -> float:
     shape = channel_shape(table.ndim, axis)
-    dequantized = (integers - np.reshape(zero, shape)) * np.reshape(scale, shape)
-    return float(np.sum((dequantized - table) ** 2) / max(float(np.sum(table ** 2)), 1e-30))
+    return relative_squared_error((integers - np.reshape(zero, shape)) * np.reshape(scale, shape), table)
 
 
 def _fixed_count(node, config) -> int | None:

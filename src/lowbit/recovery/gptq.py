@@ -134,6 +134,11 @@ def _on_grid(values: np.ndarray, qmin: int, qmax: int, levels: np.ndarray | None
     return nearest_level(np.clip(values, qmin, qmax), levels)
 
 
+def relative_squared_error(approximation: np.ndarray, reference: np.ndarray) -> float:
+    """``sum (a - r)^2 / sum r^2``: a weight's error relative to the weight (LevelsRow.weight_error)."""
+    return float(np.sum((approximation - reference) ** 2) / max(float(np.sum(reference ** 2)), 1e-30))
+
+
 def output_error(weights: np.ndarray, rounded: np.ndarray, covariance: np.ndarray) -> float:
     """``sum e^T H e / sum w^T H w``: the layer's output error energy relative to its output's."""
     def energy(x: np.ndarray) -> float:
@@ -209,13 +214,13 @@ def _round_layer(layer: RoundingLayer, covariance: np.ndarray, count: int | None
     q = nearest if q is None and chosen is not None else q
     if q is None:
         return None
-    if refine and chosen is None:  # AdaRound from GPTQ's choices; kept where it lowers the layer's output error
-        refined = adaround(rows, covariance, scale, zero_point, layer.qmin, layer.qmax, start=q)
-        if _layer_error(rows, refined, scale, zero_point, covariance) < _layer_error(rows, q, scale,
-                                                                                    zero_point, covariance):
-            q = refined
     error_nearest = _layer_error(rows, nearest, scale, zero_point, covariance)
     error = _layer_error(rows, q, scale, zero_point, covariance)
+    if refine and chosen is None:  # AdaRound from GPTQ's choices; kept where it lowers the layer's output error
+        refined = adaround(rows, covariance, scale, zero_point, layer.qmin, layer.qmax, start=q)
+        refined_error = _layer_error(rows, refined, scale, zero_point, covariance)
+        if refined_error < error:
+            q, error = refined, refined_error
     if error >= error_nearest:  # GPTQ's greedy order can lose on a tiny layer: keep the better
         error, q = error_nearest, nearest
         if chosen is None:
@@ -226,9 +231,8 @@ def _round_layer(layer: RoundingLayer, covariance: np.ndarray, count: int | None
         dq.metadata_props[PACKED_TAG] = str(count)
         dequantized = (q - zero_point[..., None]) * scale[..., None]
         report.levels.append(LevelsRow(layer.node.name, count, [int(v) for v in chosen],
-                                       float(np.sum((dequantized - rows) ** 2) / max(np.sum(rows ** 2), 1e-30)),
-                                       error, uniform_error, stored.size * stored.itemsize,
-                                       packed_bytes(stored.size, count)))
+                                       relative_squared_error(dequantized, rows), error, uniform_error,
+                                       stored.size * stored.itemsize, packed_bytes(stored.size, count)))
     report.layers += 1
     return error_nearest, error
 
