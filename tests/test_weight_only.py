@@ -11,7 +11,8 @@ import lowbit
 from bench import zoo
 from lowbit.cli import main
 from lowbit.quantizers.weight_bits import quantize_weight, relative_error
-from lowbit.search.mixed_bits import allocate
+from lowbit.quantizers.weight_only import WeightOnlyOptions, plan_weight_only
+from lowbit.search.mixed_bits import WeightRounding, allocate
 
 
 def conv_matmul_model(seed: int = 0) -> onnx.ModelProto:
@@ -187,6 +188,66 @@ def test_mixed_bit_with_data_and_auto_tune(tmp_path):
     assert {layer.bits for layer in report.layers} <= {4, 8, 16}
     assert set(report.bits) == {"w", "m"}
     assert "mixed bit: auto_tune chose init_scale=" in tuned.summary()
+
+
+def test_mixed_bit_measures_a_width_as_gptq_rounds_it():
+    """With second moments, a weight's 4 bits are GPTQ's integers (an explicit OBQ reference per output column,
+    on the grid quantize_weight gives) and leave less output error than nearest rounding; without, nearest."""
+    import onnx_ir as ir
+    from test_gptq import reference_gptq
+
+    rng = np.random.default_rng(3)
+    m = rng.normal(size=(6, 5)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["input", "m"], ["output"], name="matmul")],
+                       [float_input("input", ["N", 6])], [float_input("output", ["N", 5])], [("m", m)])
+    plan = plan_weight_only(ir.serde.deserialize_model(model), WeightOnlyOptions())
+    mixing = rng.normal(size=(6, 6)) + 2.0  # correlated inputs: GPTQ has something to compensate
+    second_moment = mixing @ mixing.T / 6
+    quantized = quantize_weight(m, 4, plan.tensors["m"].axis)
+    scale = quantized.scale.astype(np.float64)  # one per output column
+    expected = np.stack([reference_gptq(m[:, j], second_moment, scale[j], -7, 7) * scale[j] for j in range(5)], 1)
+
+    got = WeightRounding(plan, {"m": second_moment[None]})("m", 4)  # (groups, D, D), as the observers give
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+    def output_error(w):
+        e = (w - m).astype(np.float64)
+        return np.trace(e.T @ second_moment @ e)
+
+    nearest = WeightRounding(plan)("m", 4)
+    np.testing.assert_array_equal(nearest, quantized.dequantize())
+    assert output_error(got) < 0.8 * output_error(nearest)
+
+
+def test_mixed_bit_search_reads_gptq_errors_when_the_model_is_rounded_by_gptq(tmp_path):
+    """The digit CNN: with weight_rounding=GPTQ the search measures each width as GPTQ rounds it (lower 4-bit
+    errors than nearest rounding's), so the same init_scale narrows more weights; the file is still checked."""
+    cells, _ = zoo.opencv_digits()
+    order = np.random.default_rng(0).permutation(len(cells))
+    calib = [{"input": zoo.digit_input(cells[i])} for i in order[:64]]
+    src = zoo.digit_cnn("torchscript")
+    settings = dict(quant_type="WEIGHT_QUANT", bit_num=0, init_scale=0.01, progress=False)
+    nearest = lowbit.quantize(src, tmp_path / "n.onnx", data=calib, **settings).mixed_bits
+    result = lowbit.quantize(src, tmp_path / "g.onnx", data=calib, weight_rounding="GPTQ", **settings)
+    gptq = result.mixed_bits
+    assert nearest.measured_on == "model outputs on 16 calibration samples"
+    assert gptq.measured_on == "model outputs on 16 calibration samples, 4 weights rounded by GPTQ"
+    before = {layer.name: layer.errors[4] for layer in nearest.layers}
+    after = {layer.name: layer.errors[4] for layer in gptq.layers}
+    assert sum(after.values()) < 0.8 * sum(before.values())
+    assert gptq.average_bits <= nearest.average_bits
+    assert "4 weights rounded by GPTQ" in result.summary()
+    onnx.checker.check_model(str(tmp_path / "g.onnx"), full_check=True)
+    assert result.output_cosine > 0.99
+
+    # auto_tune: the allocation it keeps is built and scored, and that score is the written model's
+    tuned = lowbit.quantize(src, tmp_path / "t.onnx", data=calib, weight_rounding="GPTQ", auto_tune=True,
+                            **{k: v for k, v in settings.items() if k != "init_scale"})
+    report = tuned.mixed_bits
+    assert report.checked and report.checked[-1] == (report.init_scale, report.cosine)
+    assert report.cosine >= 0.995 or len(report.checked) == 4
+    assert abs(tuned.output_cosine - report.cosine) < 1e-6
+    assert "auto_tune's allocation built and scored" in tuned.summary()
 
 
 def test_weight_only_errors(tmp_path, capsys):

@@ -1,9 +1,10 @@
 """Keep a few calibration samples and the float model's outputs on them, for weight-only quantization.
 
 Reads: the plan. Needs (float model, first 16 samples): the samples themselves, the
-float outputs, and, for the mixed-bit search with bias correction, the per-channel means
-of the inputs of correctable layers. Sets: the probe, which the mixed-bit search and the
-final output check compare quantized models against.
+float outputs, and, for the mixed-bit search, the per-channel means of the inputs of
+correctable layers (with bias correction) and the second moments of the inputs of the
+layers GPTQ will round (with weight_rounding=GPTQ or ADAROUND). Sets: the probe, which the
+mixed-bit search and the final output check compare quantized models against.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from ..calibration.observers import MeanObserver, OutputsObserver
 from ..pipeline.engine import Request
 from ..pipeline.passes import FLOAT, Pass, Samples
 from ..pipeline.state import QuantState
-from ..search.mixed_bits import bias_inputs
+from ..recovery.layers import by_tensor, input_observer
+from ..search.mixed_bits import bias_inputs, compensable_weights
 
 SAMPLES = 16  # calibration samples the weight-only mode measures output errors and cosine on
 
@@ -28,6 +30,7 @@ class Probe:
     outputs: list[str]
     references: list[list[np.ndarray]]  # per sample, the float outputs in the order of ``outputs``
     input_means: dict[str, np.ndarray] | None  # None: the search does not model bias correction
+    second_moments: dict[str, np.ndarray] | None = None  # by weight name, its layer's input: the search rounds by GPTQ
 
 
 class KeepProbe(Pass):
@@ -51,11 +54,18 @@ class KeepProbe(Pass):
         mixed_with_correction = state.config.bit_num == 0 and state.config.bias_correction
         self.means = {name: MeanObserver(axis=1) for name in bias_inputs(state.plan)} if mixed_with_correction \
             else None  # NCHW channels, or Gemm's K
-        return [Request(self.inputs), Request(self.outputs), *([Request(self.means)] if self.means else [])]
+        self.moments, self.moment_keys = {}, {}
+        if state.config.bit_num == 0 and state.config.weight_rounding in ("GPTQ", "ADAROUND"):
+            for name, node in compensable_weights(state.plan).items():
+                shape = state.plan.tensors[name].array.shape
+                self.moment_keys[name] = input_observer(node, shape, self.moments, order=2)
+        return [Request(self.inputs), Request(self.outputs), *([Request(self.means)] if self.means else []),
+                *(Request(observers) for observers in by_tensor(self.moments))]
 
     def run(self, state: QuantState) -> None:
         count = len(next(iter(self.inputs.values())).arrays)
         samples = [{name: observer.arrays[i] for name, observer in self.inputs.items()} for i in range(count)]
         references = [[observer.arrays[i] for observer in self.outputs.values()] for i in range(count)]
         means = None if self.means is None else {name: obs.mean() for name, obs in self.means.items()}
-        state.probe = Probe(samples, list(self.outputs), references, means)
+        moments = {name: self.moments[key].covariance() for name, key in self.moment_keys.items()} or None
+        state.probe = Probe(samples, list(self.outputs), references, means, moments)

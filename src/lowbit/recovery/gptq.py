@@ -237,6 +237,20 @@ def _round_layer(layer: RoundingLayer, covariance: np.ndarray, count: int | None
     return error_nearest, error
 
 
+def compensated_rows(layer: RoundingLayer, covariance: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The layer's integers as rows on a symmetric grid of ``scale`` (groups, outputs), without touching the
+    model: GPTQ's, or round to nearest where GPTQ fails or leaves the larger output error (as a written
+    layer keeps). What the mixed-bit search measures a width with when the model will be rounded by GPTQ."""
+    rows = as_rows(layer.node, layer.float_weight).astype(np.float64)
+    zero_point = np.zeros_like(scale)
+    nearest = np.clip(np.rint(rows / scale[..., None]), layer.qmin, layer.qmax)
+    q = _round_with_fallback(rows, covariance, scale, zero_point, layer)[0]
+    if q is None or _layer_error(rows, q, scale, zero_point, covariance) >= \
+            _layer_error(rows, nearest, scale, zero_point, covariance):
+        return nearest
+    return q
+
+
 def level_options(job: LayerJob, counts: tuple[int, ...], compensate: bool,
                   skip: set[str] = frozenset()) -> dict[str, list[LevelOption]]:
     """For each layer of ``job`` (its weight as stored now) but those named in ``skip``, its integers on each of

@@ -10,7 +10,10 @@ A weight's error at a width (the widest width counts as exact):
 * with calibration data: the relative error of the model's outputs when that weight
   alone is quantized, ``||y_q - y|| / ||y||`` on a few calibration samples. This is what
   gives sensitive layers (a stem convolution, a first depthwise convolution) more bits:
-  their weight errors alone do not show it.
+  their weight errors alone do not show it. When the model will be rounded by GPTQ
+  (``weight_rounding=GPTQ`` or ``ADAROUND``), the weight is measured as GPTQ rounds it
+  (:class:`WeightRounding`): at 4 bits GPTQ leaves a fraction of round-to-nearest's error,
+  so measuring nearest rounding would keep layers wider than the written model needs.
 
 The budget: errors of different weights add roughly in squares, so the search bounds
 their root mean square, ``sqrt(sum(error^2) / weights) <= init_scale``. Starting from
@@ -38,9 +41,11 @@ import onnx_ir as ir
 
 from ..graph.query import attribute, constant_array
 from ..graph.runtime import make_session
-from ..quantizers.weight_bits import quantize_weight, relative_error
+from ..quantizers.weight_bits import level_bound, quantize_weight, relative_error
 from ..quantizers.weight_only import WeightOnlyPlan
 from ..recovery.bias_correction import correctable
+from ..recovery.gptq import RoundingLayer, compensable, compensated_rows
+from ..recovery.layers import as_rows, from_rows
 from .metrics import METRICS, PairStats
 
 AUTO_TUNE_COSINE = 0.995
@@ -63,8 +68,9 @@ class MixedBitReport:
     measured_on: str  # "weights", or "model outputs on N calibration samples"
     layers: list[LayerBits]
     auto_tuned: bool = False
-    cosine: float | None = None  # output cosine of the allocation on the samples (before bias correction)
+    cosine: float | None = None  # output cosine of the allocation on the samples (estimated; the built one if checked)
     tries: list[tuple[float, float, float]] = field(default_factory=list)  # auto_tune: (init_scale, bits, cosine)
+    checked: list[tuple[float, float]] = field(default_factory=list)  # auto_tune, GPTQ: (init_scale, built cosine)
     searched: Any = None  # with an evaluator: the search's report (passes.choose_widths.WidthSearchReport)
 
     @property
@@ -126,6 +132,48 @@ def weight_errors(plan: WeightOnlyPlan, choices: Sequence[int]) -> dict[str, dic
 
 # Compares the outputs of a session (run with some inputs overridden) with the float references.
 Score = Callable[[Any, dict[str, np.ndarray]], PairStats]
+
+
+def compensable_weights(plan: WeightOnlyPlan) -> dict[str, ir.Node]:
+    """The weights GPTQ re-rounds in weight-only quantization, with their layer: read by one Conv, Gemm or
+    MatMul, as its input 1 (a weight shared by several layers keeps round to nearest)."""
+    found = {}
+    for name, tensor in plan.tensors.items():
+        if len(tensor.readers) == 1 and tensor.readers[0][1] == 1 and compensable(tensor.readers[0][0]):
+            found[name] = tensor.readers[0][0]
+    return found
+
+
+class WeightRounding:
+    """A weight's dequantized values at a width, as the written model will have them: rounded to nearest,
+    or, for the weights with an input second moment in ``second_moments`` (by weight name, of the float
+    model's layer input, (groups, D, D) as the layer-input observers give it), by GPTQ on the same grid
+    (:func:`lowbit.recovery.gptq.compensated_rows`)."""
+
+    def __init__(self, plan: WeightOnlyPlan, second_moments: dict[str, np.ndarray] | None = None):
+        self.plan = plan
+        self.second_moments = second_moments or {}
+        self.layers = compensable_weights(plan) if second_moments else {}
+
+    @property
+    def compensates(self) -> bool:
+        return bool(self.second_moments)
+
+    def __call__(self, name: str, bits: int) -> np.ndarray:
+        tensor = self.plan.tensors[name]
+        quantized = quantize_weight(tensor.array, bits, tensor.axis)
+        node, covariance = self.layers.get(name), self.second_moments.get(name)
+        if node is None or covariance is None or bits < 2 or not np.all(np.isfinite(covariance)):
+            return quantized.dequantize()
+        weight = tensor.array.astype(np.float64)
+        groups, outputs = as_rows(node, weight).shape[:2]
+        if quantized.scale.size not in (1, groups * outputs):  # scales not one per output channel: as written
+            return quantized.dequantize()
+        scale = np.broadcast_to(quantized.scale.astype(np.float64).reshape(-1), (groups * outputs,))
+        scale = scale.reshape(groups, outputs)
+        layer = RoundingLayer(node, weight, -level_bound(bits), level_bound(bits))
+        rows = compensated_rows(layer, covariance, scale) * scale[..., None]
+        return from_rows(node, rows, weight.shape).astype(np.float32)
 
 
 class OutputProbe:
@@ -218,32 +266,34 @@ def relative_output_error(stats: PairStats) -> float:
 
 
 def output_errors(plan: WeightOnlyPlan, probe: OutputProbe, choices: Sequence[int],
-                  step: Callable[[], None] = lambda: None) -> dict[str, dict[int, float]]:
+                  step: Callable[[], None] = lambda: None, rounded: WeightRounding | None = None
+                  ) -> dict[str, dict[int, float]]:
     """Errors with data: the model's relative output error with one weight quantized at a time."""
+    rounded = rounded or WeightRounding(plan)
     errors: dict[str, dict[int, float]] = {}
-    for name, tensor in plan.tensors.items():
+    for name in plan.tensors:
         errors[name] = {}
         for bits in choices[:-1]:
-            dequantized = quantize_weight(tensor.array, bits, tensor.axis).dequantize()
-            errors[name][bits] = relative_output_error(probe.compare({name: dequantized}))
+            errors[name][bits] = relative_output_error(probe.compare({name: rounded(name, bits)}))
             step()
     return errors
 
 
 def allocation_cosine(plan: WeightOnlyPlan, probe: OutputProbe, bits: dict[str, int],
-                      cache: dict[tuple[str, int], np.ndarray]) -> float:
+                      cache: dict[tuple[str, int], np.ndarray], rounded: WeightRounding | None = None) -> float:
     """Output cosine similarity of the model with every weight at its allocated width."""
+    rounded = rounded or WeightRounding(plan)
     weights = {}
     for name, width in bits.items():
         if (name, width) not in cache:
-            tensor = plan.tensors[name]
-            cache[(name, width)] = quantize_weight(tensor.array, width, tensor.axis).dequantize()
+            cache[(name, width)] = rounded(name, width)
         weights[name] = cache[(name, width)]
     return METRICS["cosine-similarity"].value(probe.compare(weights))
 
 
 def tune_init_scale(plan: WeightOnlyPlan, probe: OutputProbe, errors: dict[str, dict[int, float]],
-                    choices: Sequence[int], target: float = AUTO_TUNE_COSINE, steps: int = 14
+                    choices: Sequence[int], target: float = AUTO_TUNE_COSINE, steps: int = 14,
+                    rounded: WeightRounding | None = None
                     ) -> tuple[float, dict[str, int], float, list[tuple[float, float, float]]]:
     """The largest init_scale (within a factor 10^(5 / 2^steps)) whose allocation keeps the output cosine >= target.
 
@@ -256,12 +306,12 @@ def tune_init_scale(plan: WeightOnlyPlan, probe: OutputProbe, errors: dict[str, 
 
     def evaluate(init_scale: float) -> tuple[dict[str, int], float]:
         bits = allocate(errors, shares, init_scale, choices)
-        cosine = allocation_cosine(plan, probe, bits, cache)
+        cosine = allocation_cosine(plan, probe, bits, cache, rounded)
         tries.append((init_scale, sum(bits[n] * shares[n] for n in bits), cosine))
         return bits, cosine
 
     widest = {name: choices[-1] for name in errors}
-    best = (0.0, widest, allocation_cosine(plan, probe, widest, cache))
+    best = (0.0, widest, allocation_cosine(plan, probe, widest, cache, rounded))
     low, high = -5.0, 0.0  # log10(init_scale)
     for _ in range(steps):
         middle = (low + high) / 2
