@@ -74,16 +74,25 @@ def auto_summary(result) -> dict:
             "layers": counts, "stopped": search.search.stopped}
 
 
-def minilm(work: Path) -> dict:
-    import lowbit
+def minilm_case():
+    """MiniLM, its calibration sentences, and an evaluator of embedding cosine on the held-out ones (its float
+    metric taken)."""
     from bench import minilm as text
     from bench.accuracy import EmbeddingCosine
 
-    work.mkdir(parents=True, exist_ok=True)
     model = zoo.minilm_encoder("torchscript")
     calib, batches = text.sentence_data()
     cosine = EmbeddingCosine(batches, 0.999)
     cosine.eval_model(str(model), None)
+    return model, calib, cosine
+
+
+def minilm(work: Path) -> dict:
+    import lowbit
+    from bench.accuracy import EmbeddingCosine
+
+    work.mkdir(parents=True, exist_ok=True)
+    model, calib, cosine = minilm_case()
     rows = {}
     for count in (None, 64, 32):
         label = "uniform (256)" if count is None else f"{count} levels"
@@ -102,7 +111,7 @@ def minilm(work: Path) -> dict:
     rows["AUTO, cosine >= 0.998"] = {"cosine": cosine.eval_model(str(out), None), "bytes": run.model_bytes(out),
                                      "seconds": time.perf_counter() - start, "auto": auto_summary(result)}
     print(f"  AUTO: {rows['AUTO, cosine >= 0.998']}", flush=True)
-    return {"case": "MiniLM weight-only, 8 bits, GPTQ", "inputs": sum(len(b["input_ids"]) for b in batches),
+    return {"case": "MiniLM weight-only, 8 bits, GPTQ", "inputs": sum(len(b["input_ids"]) for b in cosine.batches),
             "rows": rows}
 
 

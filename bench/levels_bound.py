@@ -22,13 +22,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import recovery, run, zoo
+from bench import levels, recovery, run, zoo
 
 HERE = Path(__file__).resolve().parent
 COUNT = 32
@@ -85,51 +85,46 @@ def levels_per_channel():
         gptq._round_layer, gptq._on_grid, round_weights._table_levels = original, original_on_grid, original_tables
 
 
+VARIANTS = (("uniform (256)", None, False), (f"{COUNT} levels per layer", COUNT, False),
+            (f"{COUNT} levels per output channel (floor)", COUNT, True))
+
+
+def measured(work: Path, quantize, measure) -> dict:
+    """Each of VARIANTS quantized by ``quantize(out, count)`` and scored by ``measure(out)``."""
+    rows = {}
+    for label, count, per_channel in VARIANTS:
+        out = work / f"bound-{label.split(' (')[0].replace(' ', '-')}.onnx"
+        start = time.perf_counter()
+        with levels_per_channel() if per_channel else nullcontext():
+            quantize(out, count)
+        rows[label] = {**measure(out), "seconds": time.perf_counter() - start}
+        print(f"  {label}: {rows[label]}", flush=True)
+    return rows
+
+
 def image_model(case: run.Case, work: Path) -> dict:
     import lowbit
 
     work.mkdir(parents=True, exist_ok=True)
     calib = run.write_calibration(case, work)
     reference = run.outputs(case.model, case)
-    rows = {}
-    for label, count, per_channel in (("uniform (256)", None, False), (f"{COUNT} levels per layer", COUNT, False),
-                                      (f"{COUNT} levels per output channel (floor)", COUNT, True)):
-        out = work / f"bound-{label.split(' (')[0].replace(' ', '-')}.onnx"
-        start = time.perf_counter()
-        with levels_per_channel() if per_channel else _nothing():
-            lowbit.quantize(case.model, out, data=calib, progress=False, weight_levels=count)
-        rows[label] = {**recovery.measure(case, out, reference), "seconds": time.perf_counter() - start}
-        print(f"  {label}: {rows[label]}", flush=True)
+    rows = measured(work, lambda out, count: lowbit.quantize(case.model, out, data=calib, progress=False,
+                                                             weight_levels=count),
+                    lambda out: recovery.measure(case, out, reference))
     return {"case": case.name, "inputs": len(case.evaluation), "rows": rows}
 
 
 def minilm(work: Path) -> dict:
     import lowbit
-    from bench import minilm as text
-    from bench.accuracy import EmbeddingCosine
 
     work.mkdir(parents=True, exist_ok=True)
-    model = zoo.minilm_encoder("torchscript")
-    calib, batches = text.sentence_data()
-    cosine = EmbeddingCosine(batches, 0.999)
-    cosine.eval_model(str(model), None)
-    rows = {}
-    for label, count, per_channel in (("uniform (256)", None, False), (f"{COUNT} levels per layer", COUNT, False),
-                                      (f"{COUNT} levels per output channel (floor)", COUNT, True)):
-        out = work / f"bound-{label.split(' (')[0].replace(' ', '-')}.onnx"
-        start = time.perf_counter()
-        with levels_per_channel() if per_channel else _nothing():
-            lowbit.quantize(model, out, data=calib, progress=False, quant_type="WEIGHT_QUANT", bit_num=8,
-                            weight_rounding="GPTQ", weight_levels=count)
-        rows[label] = {"cosine": cosine.eval_model(str(out), None), "seconds": time.perf_counter() - start}
-        print(f"  {label}: {rows[label]}", flush=True)
-    return {"case": "MiniLM weight-only, 8 bits, GPTQ", "inputs": sum(len(b["input_ids"]) for b in batches),
+    model, calib, cosine = levels.minilm_case()
+    rows = measured(work, lambda out, count: lowbit.quantize(model, out, data=calib, progress=False,
+                                                             quant_type="WEIGHT_QUANT", bit_num=8,
+                                                             weight_rounding="GPTQ", weight_levels=count),
+                    lambda out: {"cosine": cosine.eval_model(str(out), None)})
+    return {"case": "MiniLM weight-only, 8 bits, GPTQ", "inputs": sum(len(b["input_ids"]) for b in cosine.batches),
             "rows": rows}
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def markdown(models: list[dict]) -> str:
