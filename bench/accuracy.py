@@ -153,7 +153,9 @@ def ppocr_rec(work: Path) -> dict:
                        accuracy_target="cosine>=0.995", eval_data=str(eval_file))
 
 
-def minilm_widths(work: Path) -> dict:
+def minilm_widths(work: Path, rounding: str = "NEAREST") -> dict:
+    """The mixed-bit search with an evaluator; with weight_rounding=GPTQ the 8-bit file and every candidate
+    are GPTQ-rounded, and the search measures each width as GPTQ rounds it."""
     import lowbit
     from bench import minilm as text
 
@@ -162,11 +164,13 @@ def minilm_widths(work: Path) -> dict:
     calib, batches = text.sentence_data()
     evaluator = EmbeddingCosine(batches, 0.998)
     eight = work / "minilm-8bit.onnx"
-    lowbit.quantize(model, eight, data=calib, progress=False, quant_type="WEIGHT_QUANT", bit_num=8)
+    settings = dict(quant_type="WEIGHT_QUANT", weight_rounding=rounding)
+    lowbit.quantize(model, eight, data=calib, progress=False, bit_num=8, **settings)
     start = time.perf_counter()
     result = lowbit.quantize(model, work / "minilm-mixed.onnx", data=calib, progress=False, evaluator=evaluator,
-                             quant_type="WEIGHT_QUANT", bit_num=0)
-    row = search_row("MiniLM weight-only mixed bit, embedding cosine >= 0.998 on 256 sentences", result,
+                             bit_num=0, **settings)
+    how = "" if rounding == "NEAREST" else f", weight_rounding={rounding}"
+    row = search_row(f"MiniLM weight-only mixed bit{how}, embedding cosine >= 0.998 on 256 sentences", result,
                      time.perf_counter() - start)
     row["bytes"] = run.model_bytes(work / "minilm-mixed.onnx")
     row["bytes_8bit"] = run.model_bytes(eight)
@@ -212,7 +216,8 @@ def main() -> None:
     work = zoo.cache_dir("bench", "accuracy")
     only = set(sys.argv[1:])
     cases = {"efficientnet": efficientnet, "efficientnet-target": efficientnet_target, "digits": digits,
-             "ppocr": ppocr_rec, "minilm": minilm_widths}
+             "ppocr": ppocr_rec, "minilm": minilm_widths,
+             "minilm-gptq": lambda work: minilm_widths(work, "GPTQ")}
     kept = json.loads((HERE / "accuracy.json").read_text()) if only and (HERE / "accuracy.json").exists() else []
     rows = []
     for name, case in cases.items():
