@@ -250,6 +250,24 @@ def test_mixed_bit_search_reads_gptq_errors_when_the_model_is_rounded_by_gptq(tm
     assert "auto_tune's allocation built and scored" in tuned.summary()
 
 
+def test_auto_tune_halves_init_scale_while_the_built_model_misses(tmp_path, monkeypatch):
+    """A check target no build reaches: four builds, init_scale halved before each one after the first, and the
+    allocation kept is the one built last (the written model scores what the last build scored)."""
+    from lowbit.passes import choose_widths
+
+    monkeypatch.setattr(choose_widths, "AUTO_TUNE_COSINE", 1.01)
+    cells, _ = zoo.opencv_digits()
+    order = np.random.default_rng(0).permutation(len(cells))
+    calib = [{"input": zoo.digit_input(cells[i])} for i in order[:32]]
+    result = lowbit.quantize(zoo.digit_cnn("torchscript"), tmp_path / "t.onnx", data=calib, quant_type="WEIGHT_QUANT",
+                             bit_num=0, weight_rounding="GPTQ", auto_tune=True, progress=False)
+    checked = result.mixed_bits.checked
+    assert len(checked) == choose_widths.CHECKED_BUILDS
+    assert all(later[0] == earlier[0] / 2 for earlier, later in zip(checked, checked[1:]))
+    assert (result.mixed_bits.init_scale, result.mixed_bits.cosine) == checked[-1]
+    assert abs(result.output_cosine - checked[-1][1]) < 1e-6
+
+
 def test_weight_only_errors(tmp_path, capsys):
     src = save(conv_matmul_model(), tmp_path / "float.onnx")
     out = str(tmp_path / "q.onnx")

@@ -120,15 +120,16 @@ class ChooseWidths(Pass):
         """auto_tune's allocation, built and scored on the probe; init_scale halved while it misses the target.
         Returns (init_scale, bits, the written model's cosine, [(init_scale, cosine) per build])."""
         probe, shares, checked = state.probe, shares_of(state.plan), []
-        for _ in range(CHECKED_BUILDS):
+        for build in range(CHECKED_BUILDS):
+            if build:  # the last one missed the target
+                init_scale /= 2
+                bits = allocate(errors, shares, init_scale, choices)
             fork = self._build(state, bits)
             stats = state.engine.score(fork.model, probe.samples, probe.outputs, probe.references)
             cosine = METRICS["cosine-similarity"].value(stats)
             checked.append((init_scale, cosine))
             if cosine >= AUTO_TUNE_COSINE or init_scale == 0.0:
                 break
-            init_scale /= 2
-            bits = allocate(errors, shares, init_scale, choices)
         return init_scale, bits, cosine, checked
 
     def _search(self, state: QuantState, errors, choices, where: str) -> MixedBitReport:
