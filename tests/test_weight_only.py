@@ -219,12 +219,19 @@ def test_mixed_bit_measures_a_width_as_gptq_rounds_it():
     assert output_error(got) < 0.8 * output_error(nearest)
 
 
+def digit_samples(count: int) -> list[dict[str, np.ndarray]]:
+    """``count`` of the opencv digits, in a fixed shuffled order, as feeds of the digit CNN."""
+    cells, _ = zoo.opencv_digits()
+    order = np.random.default_rng(0).permutation(len(cells))
+    return [{"input": zoo.digit_input(cells[i])} for i in order[:count]]
+
+
 def test_mixed_bit_search_reads_gptq_errors_when_the_model_is_rounded_by_gptq(tmp_path):
     """The digit CNN: with weight_rounding=GPTQ the search measures each width as GPTQ rounds it (lower 4-bit
     errors than nearest rounding's), so the same init_scale narrows more weights; the file is still checked."""
-    cells, _ = zoo.opencv_digits()
-    order = np.random.default_rng(0).permutation(len(cells))
-    calib = [{"input": zoo.digit_input(cells[i])} for i in order[:64]]
+    from lowbit.passes.choose_widths import CHECKED_BUILDS
+
+    calib = digit_samples(64)
     src = zoo.digit_cnn("torchscript")
     settings = dict(quant_type="WEIGHT_QUANT", bit_num=0, init_scale=0.01, progress=False)
     nearest = lowbit.quantize(src, tmp_path / "n.onnx", data=calib, **settings).mixed_bits
@@ -245,7 +252,7 @@ def test_mixed_bit_search_reads_gptq_errors_when_the_model_is_rounded_by_gptq(tm
                             **{k: v for k, v in settings.items() if k != "init_scale"})
     report = tuned.mixed_bits
     assert report.checked and report.checked[-1] == (report.init_scale, report.cosine)
-    assert report.cosine >= 0.995 or len(report.checked) == 4
+    assert report.cosine >= 0.995 or len(report.checked) == CHECKED_BUILDS
     assert abs(tuned.output_cosine - report.cosine) < 1e-6
     assert "auto_tune's allocation built and scored" in tuned.summary()
 
@@ -256,11 +263,9 @@ def test_auto_tune_halves_init_scale_while_the_built_model_misses(tmp_path, monk
     from lowbit.passes import choose_widths
 
     monkeypatch.setattr(choose_widths, "AUTO_TUNE_COSINE", 1.01)
-    cells, _ = zoo.opencv_digits()
-    order = np.random.default_rng(0).permutation(len(cells))
-    calib = [{"input": zoo.digit_input(cells[i])} for i in order[:32]]
-    result = lowbit.quantize(zoo.digit_cnn("torchscript"), tmp_path / "t.onnx", data=calib, quant_type="WEIGHT_QUANT",
-                             bit_num=0, weight_rounding="GPTQ", auto_tune=True, progress=False)
+    result = lowbit.quantize(zoo.digit_cnn("torchscript"), tmp_path / "t.onnx", data=digit_samples(32),
+                             quant_type="WEIGHT_QUANT", bit_num=0, weight_rounding="GPTQ", auto_tune=True,
+                             progress=False)
     checked = result.mixed_bits.checked
     assert len(checked) == choose_widths.CHECKED_BUILDS
     assert all(later[0] == earlier[0] / 2 for earlier, later in zip(checked, checked[1:]))
