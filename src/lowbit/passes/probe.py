@@ -18,8 +18,9 @@ from ..calibration.observers import MeanObserver, OutputsObserver
 from ..pipeline.engine import Request
 from ..pipeline.passes import FLOAT, Pass, Samples
 from ..pipeline.state import QuantState
+from ..recovery.gptq import weight_only_layers
 from ..recovery.layers import by_tensor, input_observer
-from ..search.mixed_bits import bias_inputs, compensable_weights
+from ..search.mixed_bits import bias_inputs
 
 SAMPLES = 16  # calibration samples the weight-only mode measures output errors and cosine on
 
@@ -56,7 +57,7 @@ class KeepProbe(Pass):
             else None  # NCHW channels, or Gemm's K
         self.moments, self.moment_keys = {}, {}
         if state.config.bit_num == 0 and state.config.weight_rounding in ("GPTQ", "ADAROUND"):
-            for name, node in compensable_weights(state.plan).items():
+            for name, node in weight_only_layers(state.plan).items():
                 shape = state.plan.tensors[name].array.shape
                 self.moment_keys[name] = input_observer(node, shape, self.moments, order=2)
         return [Request(self.inputs), Request(self.outputs), *([Request(self.means)] if self.means else []),

@@ -31,6 +31,7 @@ from ..recovery.gptq import (
     compensate_rounding,
     plan_rounding,
     relative_squared_error,
+    weight_only_layers,
 )
 from ..recovery.layers import LayerJob, by_tensor, in_stages
 from .layer_inputs import LayerInputsPass
@@ -183,14 +184,9 @@ def _full_quant_layers(state: QuantState) -> list[RoundingLayer]:
 
 
 def _weight_only_layers(state: QuantState) -> list[RoundingLayer]:
-    """Weights read by one layer, as its input 1, at 2 bits or more (1 bit has no zero level to round to)."""
-    layers = []
-    for name, tensor in state.plan.tensors.items():
-        bits = state.bits[name]
-        if bits < 2 or len(tensor.readers) != 1:
-            continue
-        node, index = tensor.readers[0]
-        if index == 1 and node.name in state.float_layers:
-            layers.append(RoundingLayer(node, state.float_layers[node.name].float_weight, -level_bound(bits),
-                                        level_bound(bits)))
-    return layers
+    """The weights GPTQ re-rounds (:func:`~lowbit.recovery.gptq.weight_only_layers`) at 2 bits or more (1 bit
+    has no zero level to round to)."""
+    return [RoundingLayer(node, state.float_layers[node.name].float_weight, -level_bound(state.bits[name]),
+                          level_bound(state.bits[name]))
+            for name, node in weight_only_layers(state.plan).items()
+            if state.bits[name] >= 2 and node.name in state.float_layers]

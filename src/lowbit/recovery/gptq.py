@@ -33,12 +33,14 @@ import onnx_ir as ir
 
 from ..graph.query import constant_array
 from ..quantizers.levels import PACKED_TAG, nearest_level, optimal_levels, packed_bytes
+from ..quantizers.weight_only import WeightOnlyPlan
 from .adaround import adaround
 from .layers import (
     LayerJob,
     as_rows,
     from_rows,
     integer_weight,
+    per_row,
     plan_layer_inputs,
     reads_rows,
 )
@@ -153,6 +155,17 @@ def compensable(node: ir.Node) -> bool:
     return node.op_type in ("Conv", "Gemm", "MatMul") and reads_rows(node)
 
 
+def weight_only_layers(plan: WeightOnlyPlan) -> dict[str, ir.Node]:
+    """The weights GPTQ re-rounds in weight-only quantization, with their layer: read by one compensable
+    layer, as its input 1 (a weight shared by several layers keeps round to nearest: one rounding cannot
+    suit every reader's inputs)."""
+    found = {}
+    for name, tensor in plan.tensors.items():
+        if len(tensor.readers) == 1 and tensor.readers[0][1] == 1 and compensable(tensor.readers[0][0]):
+            found[name] = tensor.readers[0][0]
+    return found
+
+
 def plan_rounding(layers: list[RoundingLayer]) -> LayerJob:
     """The layers whose weight is stored as integers, with an input second-moment observer each."""
     return plan_layer_inputs(layers, order=2)
@@ -244,7 +257,13 @@ def compensated_rows(layer: RoundingLayer, covariance: np.ndarray, scale: np.nda
     rows = as_rows(layer.node, layer.float_weight).astype(np.float64)
     zero_point = np.zeros_like(scale)
     nearest = np.clip(np.rint(rows / scale[..., None]), layer.qmin, layer.qmax)
-    q = _round_with_fallback(rows, covariance, scale, zero_point, layer)[0]
+    return _gptq_or_nearest(layer, rows, covariance, scale, zero_point, nearest)
+
+
+def _gptq_or_nearest(layer: RoundingLayer, rows, covariance, scale, zero_point, nearest: np.ndarray,
+                     levels: np.ndarray | None = None) -> np.ndarray:
+    """GPTQ's integers (onto ``levels`` when given), or ``nearest`` where GPTQ fails or leaves no less error."""
+    q = _round_with_fallback(rows, covariance, scale, zero_point, layer, levels)[0]
     if q is None or _layer_error(rows, q, scale, zero_point, covariance) >= \
             _layer_error(rows, nearest, scale, zero_point, covariance):
         return nearest
@@ -276,10 +295,7 @@ def _level_option(layer: RoundingLayer, rows, covariance, scale, zero_point, cou
     chosen = choose_layer_levels(rows, covariance, scale, zero_point, layer, count)
     nearest = nearest_level(np.clip(rows / scale[..., None] + zero_point[..., None], layer.qmin, layer.qmax),
                             chosen).astype(np.int64)
-    q = _round_with_fallback(rows, covariance, scale, zero_point, layer, chosen)[0] if compensate else None
-    if q is None or _layer_error(rows, q, scale, zero_point, covariance) >= \
-            _layer_error(rows, nearest, scale, zero_point, covariance):
-        q = nearest
+    q = _gptq_or_nearest(layer, rows, covariance, scale, zero_point, nearest, chosen) if compensate else nearest
     return LevelOption(count, from_rows(layer.node, q, stored.shape).astype(stored.dtype),
                        _layer_error(rows, q, scale, zero_point, covariance), packed_bytes(stored.size, count))
 
@@ -317,8 +333,5 @@ def _round_with_fallback(rows, covariance, scale, zero_point, layer: RoundingLay
 
 def _grid(dq: ir.Node, rows_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point per output channel, shaped (groups, outputs per group)."""
-    outputs = rows_shape[0] * rows_shape[1]
-    scale = np.broadcast_to(constant_array(dq.inputs[1]).astype(np.float64).reshape(-1), (outputs,))
     zero = constant_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
-    zero = np.zeros(outputs) if zero is None else np.broadcast_to(zero.astype(np.float64).reshape(-1), (outputs,))
-    return scale.reshape(rows_shape), zero.reshape(rows_shape)
+    return per_row(constant_array(dq.inputs[1]), rows_shape), per_row(0.0 if zero is None else zero, rows_shape)

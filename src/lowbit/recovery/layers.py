@@ -174,6 +174,12 @@ def as_rows(node: ir.Node, weight: np.ndarray) -> np.ndarray:
     return weight.T[np.newaxis]  # MatMul and Gemm: (K, N) -> N rows of K
 
 
+def per_row(values, rows_shape: tuple[int, int]) -> np.ndarray:
+    """One value per output channel (or one for all), as float64 shaped like the rows' first two axes."""
+    flat = np.asarray(values, np.float64).reshape(-1)
+    return np.broadcast_to(flat, (rows_shape[0] * rows_shape[1],)).reshape(rows_shape)
+
+
 def from_rows(node: ir.Node, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if node.op_type == "Conv" or (node.op_type == "Gemm" and attribute(node, "transB", 0)):
         return rows.reshape(shape)

@@ -44,8 +44,8 @@ from ..graph.runtime import make_session
 from ..quantizers.weight_bits import level_bound, quantize_weight, relative_error
 from ..quantizers.weight_only import WeightOnlyPlan
 from ..recovery.bias_correction import correctable
-from ..recovery.gptq import RoundingLayer, compensable, compensated_rows
-from ..recovery.layers import as_rows, from_rows
+from ..recovery.gptq import RoundingLayer, compensated_rows, weight_only_layers
+from ..recovery.layers import as_rows, from_rows, per_row
 from .metrics import METRICS, PairStats
 
 AUTO_TUNE_COSINE = 0.995
@@ -134,16 +134,6 @@ def weight_errors(plan: WeightOnlyPlan, choices: Sequence[int]) -> dict[str, dic
 Score = Callable[[Any, dict[str, np.ndarray]], PairStats]
 
 
-def compensable_weights(plan: WeightOnlyPlan) -> dict[str, ir.Node]:
-    """The weights GPTQ re-rounds in weight-only quantization, with their layer: read by one Conv, Gemm or
-    MatMul, as its input 1 (a weight shared by several layers keeps round to nearest)."""
-    found = {}
-    for name, tensor in plan.tensors.items():
-        if len(tensor.readers) == 1 and tensor.readers[0][1] == 1 and compensable(tensor.readers[0][0]):
-            found[name] = tensor.readers[0][0]
-    return found
-
-
 class WeightRounding:
     """A weight's dequantized values at a width, as the written model will have them: rounded to nearest,
     or, for the weights with an input second moment in ``second_moments`` (by weight name, of the float
@@ -153,7 +143,7 @@ class WeightRounding:
     def __init__(self, plan: WeightOnlyPlan, second_moments: dict[str, np.ndarray] | None = None):
         self.plan = plan
         self.second_moments = second_moments or {}
-        self.layers = compensable_weights(plan) if second_moments else {}
+        self.layers = weight_only_layers(plan) if second_moments else {}
 
     @property
     def compensates(self) -> bool:
@@ -166,11 +156,10 @@ class WeightRounding:
         if node is None or covariance is None or bits < 2 or not np.all(np.isfinite(covariance)):
             return quantized.dequantize()
         weight = tensor.array.astype(np.float64)
-        groups, outputs = as_rows(node, weight).shape[:2]
-        if quantized.scale.size not in (1, groups * outputs):  # scales not one per output channel: as written
+        rows_shape = as_rows(node, weight).shape[:2]
+        if quantized.scale.size not in (1, rows_shape[0] * rows_shape[1]):  # not one per output channel: as written
             return quantized.dequantize()
-        scale = np.broadcast_to(quantized.scale.astype(np.float64).reshape(-1), (groups * outputs,))
-        scale = scale.reshape(groups, outputs)
+        scale = per_row(quantized.scale, rows_shape)
         layer = RoundingLayer(node, weight, -level_bound(bits), level_bound(bits))
         rows = compensated_rows(layer, covariance, scale) * scale[..., None]
         return from_rows(node, rows, weight.shape).astype(np.float32)
