@@ -234,6 +234,15 @@ FIELDS: tuple[Field, ...] = (
           "FULL_QUANT's default, and WEIGHT_QUANT's with data when set) or ADAROUND (GPTQ, then AdaRound's "
           "learned up/down choices from there, where they lower the layer's output error)",
           choices=("NEAREST", "GPTQ", "ADAROUND"), extension=True),
+    Field(FULL, "block_reconstruction", Kind.BOOL, False,
+          "after weight rounding, learn the integers of each block of layers together (AdaRound per block, as "
+          "in BRECQ) against the float block's output on calibration data, in torch (pip install "
+          "'lowbit[reconstruction]'); minutes: for 4-bit weights (W4A8, weight-only bit_num<8)", extension=True),
+    Field(FULL, "block_reconstruction_iterations", Kind.INT, 300,
+          "block_reconstruction: Adam steps per block (16 samples a step)", low=1, high=100000, extension=True),
+    Field(FULL, "block_reconstruction_samples", Kind.INT, 128,
+          "block_reconstruction: calibration samples it learns on (held in memory with each block's input)",
+          low=2, high=100000, extension=True),
     Field(FULL, "weight_bit_num", Kind.INT, 8,
           "bits of the weights of full quantization: 8, or 4 (int4 weights behind DequantizeLinear, opset 21, "
           "with 8-bit activations: W4A8; each channel's scale clips by the least squared error; CPU target)",

@@ -301,6 +301,9 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
         raise LowbitError(f"{where('weight_rounding')}: weight_rounding={settings['weight_rounding'].value} "
                           "measures layer inputs on calibration data, which DYNAMIC_QUANT has none of; "
                           "it rounds to nearest")
+    if quant_type == "DYNAMIC_QUANT" and settings["block_reconstruction"].value:
+        raise LowbitError(f"{where('block_reconstruction')}: block_reconstruction learns on calibration data, "
+                          "which DYNAMIC_QUANT has none of")
     _check_weight_only(settings, where)
     _check_accuracy(settings, where)
     _check_levels(settings, where)

@@ -70,6 +70,9 @@ class CheckSettings(Pass):
             return
         if not state.data.given:
             yield from _unused(config, ("workers", "ray_address"), "no calibration data is given")
+        if not config.block_reconstruction:
+            yield from _unused(config, ("block_reconstruction_iterations", "block_reconstruction_samples"),
+                               "block_reconstruction=false")
         kinds = state.data.file_kinds() if state.data.given else set()
         where = "no calibration data is given" if not state.data.given else \
             "the calibration samples are arrays given in memory" if kinds is None else \

@@ -59,7 +59,7 @@ class RoundWeights(LayerInputsPass):
         if asks_levels(config) and config.weight_rounding == "ADAROUND":
             state.note("weight_rounding=ADAROUND with weight_levels: AdaRound chooses up or down on the uniform "
                        "grid, so the levels are rounded by GPTQ alone")
-        layers = _full_quant_layers(state) if state.config.quant_type == "FULL_QUANT" else _weight_only_layers(state)
+        layers = rounding_layers(state)
         self.job = plan_rounding([layer for layer in layers if compensable(layer.node)])
         self.stages = in_stages(self.job, state.model.graph) if _staged(self.job, config, state) else [self.job]
         return bool(self.job.layers)
@@ -175,6 +175,11 @@ def fixed_levels(job, config) -> dict[str, int]:
         if count is not None:
             chosen[layer.node.name] = count
     return chosen
+
+
+def rounding_layers(state: QuantState) -> list[RoundingLayer]:
+    """The layers whose integers are chosen on data, with their float weights and integer ranges."""
+    return _full_quant_layers(state) if state.config.quant_type == "FULL_QUANT" else _weight_only_layers(state)
 
 
 def _full_quant_layers(state: QuantState) -> list[RoundingLayer]:

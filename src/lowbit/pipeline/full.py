@@ -15,6 +15,7 @@ from ..passes.evaluate import CheckGoal, LoadEvaluator
 from ..passes.plan import PlanFull
 from ..passes.prepare import Prepare
 from ..passes.quant_config_out import WriteQuantConfig
+from ..passes.reconstruct_blocks import ReconstructBlocks
 from ..passes.rewrite import RewriteQDQ
 from ..passes.round_weights import RoundWeights
 from ..passes.save import Save
@@ -23,11 +24,13 @@ from ..passes.search_precisions import SearchPrecisions
 from .passes import Pass
 
 
-def build_passes() -> list[Pass]:
-    """From ranges and a plan to the quantized graph: what the accuracy search repeats for each candidate."""
+def build_passes(final: bool = False) -> list[Pass]:
+    """From ranges and a plan to the quantized graph: what the accuracy search repeats for each candidate
+    (``final``: the kept model, which also gets block reconstruction, too slow to repeat per candidate)."""
     return [
         RewriteQDQ(),  # Q/DQ pairs, integer weights, int32 biases
         RoundWeights(),  # quantized model, 64 samples (D patches each): GPTQ's second moments; weights re-rounded
+        *([ReconstructBlocks()] if final else []),  # block_reconstruction: 128 samples, block by block, in torch
         CorrectBiases(),  # quantized model, 64 samples: each layer's input mean; biases corrected
     ]
 
@@ -45,7 +48,7 @@ def full_quant() -> list[Pass]:
         Calibrate(),  # float model, all samples: a histogram (or min/max) per activation
         ChooseRanges(),  # float model, held-back samples: the search's references; ranges chosen
         SearchPrecisions(build_passes),  # evaluator: candidates built and evaluated; the plan of the one kept
-        *build_passes(),
+        *build_passes(final=True),
         SearchLevels(),  # weight_levels=AUTO: the fewest levels per layer the evaluator accepts
         CheckGoal(),  # evaluator, nothing to search (no node quantized): the model evaluated
         Save(),  # checked, then moved into place

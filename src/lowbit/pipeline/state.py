@@ -72,6 +72,7 @@ class QuantState:
     ranges: dict[str, tuple[float, float]] | None = None
     qparams: dict[str, Any] | None = None
     float_layers: dict[str, np.ndarray] | None = None  # float weights (and biases) as they were before the rewrite
+    reconstructed: set[str] = field(default_factory=set)  # layers whose integers block reconstruction learned
     level_job: Any = None  # weight_levels=AUTO: GPTQ's layers and input moments (recovery.layers.LayerJob)
 
     # weight-only quantization

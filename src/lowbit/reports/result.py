@@ -76,6 +76,11 @@ class QuantizeResult:
         return self.report("round_weights")
 
     @property
+    def block_reconstruction(self):
+        """block_reconstruction's report: per block, its output error before and after; None when it did not run."""
+        return self.report("reconstruct_blocks")
+
+    @property
     def search(self):
         return self.report("choose_ranges")
 
