@@ -2,19 +2,23 @@
 
     python bench/recovery.py            # writes bench/RECOVERY.md and bench/recovery.json (about 10 minutes here)
     python bench/recovery.py --markdown # the tables again from recovery.json
+    python bench/recovery.py --rows "W4A8, GPTQ + block reconstruction" [--models EfficientNet-Lite0]
+                                        # only these rows (and models), merged into recovery.json
 
 Models: EfficientNet-Lite0 and EfficientNet-Lite1 (300 held-out crops of natural photos each,
 calibrated on 256 crops of other images) and the digit CNN (1000 held-out opencv digits,
 256 for calibration). For each, in one run on the same data: onnxruntime.quantization's
 MinMax (QDQ, per channel, U8S8, its recommended preprocessing), lowbit's default W8A8,
 per-tensor weights (target_device=DSP) without and with cross-layer equalization, W4A8
-(weight_bit_num=4, GPTQ), and 4-bit weight-only with GPTQ on the calibration data. Figures:
+(weight_bit_num=4, GPTQ), and 4-bit weight-only with GPTQ on the calibration data, each of the last two
+also with block reconstruction (about 10 minutes a model each). Figures:
 top-1 agreement with the float model, 1 - cosine of the outputs (mean over inputs), the
 digits' accuracy against their labels, and the time to quantize.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -32,7 +36,10 @@ SETTINGS = {
     "per tensor (DSP)": {"target_device": "DSP"},
     "per tensor (DSP) + cross-layer equalization": {"target_device": "DSP", "cross_layer_equalization": True},
     "W4A8, GPTQ": {"weight_bit_num": 4},
+    "W4A8, GPTQ + block reconstruction": {"weight_bit_num": 4, "block_reconstruction": True},
     "4-bit weight-only, GPTQ": {"quant_type": "WEIGHT_QUANT", "bit_num": 4, "weight_rounding": "GPTQ"},
+    "4-bit weight-only, GPTQ + block reconstruction": {"quant_type": "WEIGHT_QUANT", "bit_num": 4,
+                                                       "weight_rounding": "GPTQ", "block_reconstruction": True},
 }
 
 
@@ -56,18 +63,20 @@ def measure(case: run.Case, path: Path, reference: np.ndarray) -> dict:
     return row
 
 
-def bench_model(case: run.Case, work: Path) -> dict:
+def bench_model(case: run.Case, work: Path, labels: list[str]) -> dict:
     import lowbit
 
     work.mkdir(parents=True, exist_ok=True)
     calib = run.write_calibration(case, work)
     reference = run.outputs(case.model, case)
     rows = {}
-    start = time.perf_counter()
-    run_onnxruntime("minmax", case.model, calib, work / "ort-minmax.onnx", None)
-    rows["onnxruntime MinMax"] = {**measure(case, work / "ort-minmax.onnx", reference),
-                                  "seconds": time.perf_counter() - start}
-    for label, settings in SETTINGS.items():
+    if "onnxruntime MinMax" in labels:
+        start = time.perf_counter()
+        run_onnxruntime("minmax", case.model, calib, work / "ort-minmax.onnx", None)
+        rows["onnxruntime MinMax"] = {**measure(case, work / "ort-minmax.onnx", reference),
+                                      "seconds": time.perf_counter() - start}
+    for label in labels[1:] if labels[0] == "onnxruntime MinMax" else labels:
+        settings = SETTINGS[label]
         out = work / (label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + ".onnx")
         start = time.perf_counter()
         lowbit.quantize(case.model, out, data=calib, progress=False, **settings)
@@ -109,11 +118,25 @@ def main() -> None:
     if sys.argv[1:] == ["--markdown"]:
         (HERE / "RECOVERY.md").write_text(markdown(json.loads((HERE / "recovery.json").read_text())))
         return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", choices=["onnxruntime MinMax", *SETTINGS],
+                        help="run only these rows, merged into recovery.json")
+    parser.add_argument("--models", nargs="+", help="run only these models (case names)")
+    args = parser.parse_args()
+    labels = args.rows or ["onnxruntime MinMax", *SETTINGS]
+    earlier = {m["case"]: m for m in json.loads((HERE / "recovery.json").read_text())} if args.rows else {}
     work = zoo.cache_dir("bench", "recovery")
     models = []
     for name, case in cases().items():
+        if args.models and name not in args.models:
+            models += [earlier[name]] if name in earlier else []
+            continue
         print(f"== {name}", flush=True)
-        models.append(bench_model(case, work / name.split(" ")[0].lower()))
+        model = bench_model(case, work / name.split(" ")[0].lower(), labels)
+        if name in earlier:  # the other rows as the earlier run measured them, in SETTINGS' order
+            merged = {**earlier[name]["rows"], **model["rows"]}
+            model["rows"] = {label: merged[label] for label in ["onnxruntime MinMax", *SETTINGS] if label in merged}
+        models.append(model)
     (HERE / "recovery.json").write_text(json.dumps(models, indent=1) + "\n")
     (HERE / "RECOVERY.md").write_text(markdown(models))
 
