@@ -133,3 +133,13 @@ def test_dynamic_refuses_it_and_the_cli_takes_it(tmp_path, capsys):
     code = main(["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--data", str(tmp_path), "-q",
                  "--debug-info-save-path", str(tmp_path / "y")])
     assert code == 0 and (tmp_path / "y" / "round_1.csv").exists()
+
+
+def test_a_debug_folder_that_is_a_file_fails_before_any_output(tmp_path, tiny_model, tiny_calib):
+    from lowbit.cli import main
+
+    (tmp_path / "taken").write_text("")
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(tiny_model), "-o", str(out), "--data", str(tiny_calib), "--quiet",
+                 f"--debug-info-save-path={tmp_path / 'taken'}"]) == 2
+    assert not out.exists()

@@ -47,6 +47,10 @@ class CheckSettings(Pass):
                 and config.accuracy_target is None:
             raise LowbitError(f"weight_levels=AUTO ({config.source('weight_levels')}) searches the levels per layer "
                               "for an evaluator or accuracy_target; give one, or a fixed weight_levels")
+        debug = config.debug_info_save_path
+        if debug is not None and Path(debug).exists() and not Path(debug).is_dir():
+            # checked before any work: the reports are written after the model, which must not be left behind
+            raise LowbitError(f"debug_info_save_path={debug}: cannot create the folder (a file of that name exists)")
         for message in [*self._names(state), *self._data(state), *self._ranges(state)]:
             state.note(message)
 
