@@ -146,7 +146,7 @@ class Rounding:
     """One layer's weight as ``scale * (clip(floor(w / scale) + h(V), qmin, qmax) - zero)``."""
 
     def __init__(self, torch, layer: RoundingLayer, dq: ir.Node):
-        self.torch, self.dq = torch, dq
+        self.torch, self.dq, self.node_name = torch, dq, layer.node.name
         stored = constant_array(dq.inputs[0])
         scale = constant_array(dq.inputs[1]).astype(np.float32)
         zero = constant_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
@@ -212,7 +212,7 @@ class GraphRunner:
         if name not in self.constants:
             producer = self.producer.get(name)
             if value.const_value is not None:
-                self.constants[name] = self._tensor(value.const_value.numpy())
+                self.constants[name] = self.tensor(value.const_value.numpy())
             elif producer is not None and producer.op_type == "DequantizeLinear" \
                     and constant_array(producer.inputs[0]) is not None:
                 self.constants[name] = self.torch.tensor(dequantized_weight(producer).astype(np.float32))
@@ -223,7 +223,8 @@ class GraphRunner:
                 raise LowbitError(f"block_reconstruction: value {name!r} is neither computed nor given")
         return self.constants[name]
 
-    def _tensor(self, array: np.ndarray):
+    def tensor(self, array: np.ndarray):
+        """float32 for floats, int64 for integers (indices, shapes)."""
         if array.dtype.kind == "f":
             return self.torch.tensor(array.astype(np.float32))
         return self.torch.tensor(array.astype(np.int64))
@@ -412,11 +413,9 @@ def reconstruct(model: ir.Model, layers: list[RoundingLayer], samples: list[dict
             float_values[bias.name] = float_biases[layer.node.name]
     runner = GraphRunner(torch, graph, roundings, float_values)
     names = [value.name for value in graph.inputs]
-    data = {name: torch.tensor(np.concatenate([s[name] for s in samples]).astype(np.float32)
-                               if samples[0][name].dtype.kind == "f" else
-                               np.concatenate([s[name] for s in samples]).astype(np.int64)) for name in names}
+    data = {name: runner.tensor(np.concatenate([s[name] for s in samples])) for name in names}
     runner.record_shapes({n: t[:1] for n, t in data.items()}, {n: t[:2] for n, t in data.items()})
-    learned = {layer.node.name for layer in layers if integer_weight(layer.node) is not None}
+    learned = {rounding.node_name for rounding in roundings.values()}
     report = ReconstructionReport(iterations, len(samples))
     start = time.perf_counter()
     float_in = quant_in = data[names[0]]
