@@ -98,7 +98,7 @@ def blocks(graph: ir.Graph, learned: set[str]) -> list[Block]:
         for value in node.inputs:
             if value is not None:
                 last_use[value.name] = index
-    static = _static_values(nodes)
+    static = _static_values(nodes, {value.name for value in graph.inputs[1:]})
     cuts, live = [], set()
     for index, node in enumerate(nodes):
         live |= {v.name for v in node.outputs if v.name not in static and (v.name in last_use or v.name in outputs)}
@@ -130,14 +130,15 @@ def _block(nodes: list[ir.Node], first: int, last: int, source: str, learned: se
     return Block(part, source, nodes[last].outputs[0].name, [n.name for n in part if n.name in learned])
 
 
-def _static_values(nodes: list[ir.Node]) -> set[str]:
-    """Values computed from shapes and constants only: dequantized weights and biases, and shape computations
-    (Shape -> Gather -> Concat -> Reshape's shape)."""
-    static: set[str] = set()
+def _static_values(nodes: list[ir.Node], side_inputs: set[str]) -> set[str]:
+    """Values any block computes for itself: from shapes, constants and the side inputs (graph inputs after the
+    first: an attention mask, token types) only. Dequantized weights and biases, shape computations (Shape ->
+    Gather -> Concat -> Reshape's shape), a mask turned into an attention bias: they do not carry one block's
+    result to the next, so they do not stop a cut."""
+    static: set[str] = set(side_inputs)
     for node in nodes:
-        if node.op_type == "Shape" or (node.op_type != "QuantizeLinear" and node.inputs
-                                       and all(v is None or v.name in static or v.const_value is not None
-                                               for v in node.inputs)):
+        if node.op_type == "Shape" or (node.inputs and all(v is None or v.name in static or v.const_value is not None
+                                                           for v in node.inputs)):
             static.update(v.name for v in node.outputs)
     return static
 
@@ -236,7 +237,8 @@ class GraphRunner:
             if node.op_type == "DequantizeLinear" and constant_array(node.inputs[0]) is not None:
                 continue  # weights and biases: read where they are used
             if node.op_type == "Shape":
-                env[node.outputs[0].name] = self._shape(node.inputs[0].name, env)
+                shape = self._shape(node.inputs[0].name, env)
+                env[node.outputs[0].name] = shape[attribute(node, "start", 0):attribute(node, "end", None)]
                 continue
             rule = OPS.get(node.op_type)
             if rule is None:
@@ -248,7 +250,10 @@ class GraphRunner:
             elif node.op_type == "DequantizeLinear":
                 env[node.outputs[0].name] = args[0]
                 continue
-            env[node.outputs[0].name] = rule(self.torch, node, *args)
+            result = rule(self.torch, node, *args)
+            for value, tensor in zip(node.outputs, result if isinstance(result, tuple) else (result,)):
+                if value is not None:
+                    env[value.name] = tensor
         return env
 
     def _q_range(self, dq: ir.Node) -> tuple[float, float]:
@@ -275,7 +280,8 @@ class GraphRunner:
             env = dict(feeds)
             for node in self.graph:
                 if node.op_type == "Shape":
-                    env[node.outputs[0].name] = self.torch.tensor(env[node.inputs[0].name].shape)
+                    shape = self.torch.tensor(env[node.inputs[0].name].shape)
+                    env[node.outputs[0].name] = shape[attribute(node, "start", 0):attribute(node, "end", None)]
                 else:
                     self.run([node], env, quantized=False)
             shapes.append({name: np.array(env[name].shape) for name in wanted})
@@ -342,6 +348,111 @@ def _pool(kind: str) -> Callable:
     return pool
 
 
+def _conv_transpose(torch, node, x, w, b=None):
+    if attribute(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID") or attribute(node, "output_shape", None):
+        raise LowbitError(f"block_reconstruction: ConvTranspose {node.name!r} uses auto_pad or output_shape, "
+                          "which it does not run")
+    spatial = w.ndim - 2
+    pads = list(attribute(node, "pads", [0] * 2 * spatial))
+    function = {1: torch.nn.functional.conv_transpose1d, 2: torch.nn.functional.conv_transpose2d,
+                3: torch.nn.functional.conv_transpose3d}[spatial]
+    out = function(x, w, b, list(attribute(node, "strides", [1] * spatial)), 0,
+                   list(attribute(node, "output_padding", [0] * spatial)), attribute(node, "group", 1),
+                   list(attribute(node, "dilations", [1] * spatial)))
+    crop = tuple(slice(None, None) for _ in range(2)) + tuple(
+        slice(pads[i], out.shape[2 + i] - pads[i + spatial]) for i in range(spatial))
+    return out[crop]
+
+
+def _batch_normalization(torch, node, x, scale, bias, mean, var):
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    inverse = scale / torch.sqrt(var + attribute(node, "epsilon", 1e-5))
+    return (x - mean.reshape(shape)) * inverse.reshape(shape) + bias.reshape(shape)
+
+
+def _layer_normalization(torch, node, x, scale, bias=None):
+    dims = tuple(range(attribute(node, "axis", -1) % x.ndim, x.ndim))
+    mean = x.mean(dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dims, keepdim=True)
+    out = (x - mean) / torch.sqrt(var + attribute(node, "epsilon", 1e-5)) * scale
+    return out if bias is None else out + bias
+
+
+def _resize(torch, node, x, roi=None, scales=None, sizes=None):
+    """Nearest (asymmetric, floor: what torch's "nearest" computes) and linear (half-pixel or align-corners)."""
+    mode = attribute(node, "mode", "nearest")
+    transform = attribute(node, "coordinate_transformation_mode", "half_pixel")
+    if sizes is not None and sizes.numel():
+        size = [int(v) for v in sizes.tolist()[2:]]
+    else:
+        size = [int(np.floor(d * float(f))) for d, f in zip(x.shape[2:], scales.tolist()[2:])]
+    if mode == "nearest" and transform == "asymmetric" and attribute(node, "nearest_mode", "round_prefer_floor") \
+            == "floor":
+        return torch.nn.functional.interpolate(x, size=size, mode="nearest")
+    if mode == "linear" and transform in ("half_pixel", "pytorch_half_pixel", "align_corners") and x.ndim == 4:
+        return torch.nn.functional.interpolate(x, size=size, mode="bilinear",
+                                               align_corners=transform == "align_corners")
+    raise LowbitError(f"block_reconstruction: Resize {node.name!r} (mode {mode}, {transform}) is not one it runs "
+                      "(nearest asymmetric floor; bilinear half_pixel or align_corners)")
+
+
+def _slice(torch, node, x, starts=None, ends=None, axes=None, steps=None):
+    starts = starts.tolist() if starts is not None else list(attribute(node, "starts"))
+    ends = ends.tolist() if ends is not None else list(attribute(node, "ends"))
+    axes = axes.tolist() if axes is not None else list(attribute(node, "axes", range(len(starts))))
+    steps = steps.tolist() if steps is not None else [1] * len(starts)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        size = x.shape[axis]
+        start = max(-size - 1, min(int(start), size)) if step < 0 else max(-size, min(int(start), size))
+        end = max(-size - 1, min(int(end), size))
+        picked = list(range(*slice(start, end if end >= -size else None, int(step)).indices(size)))
+        x = torch.index_select(x, axis, torch.tensor(picked, dtype=torch.long))
+    return x
+
+
+def _split(torch, node, x, split=None):
+    axis = attribute(node, "axis", 0)
+    sizes = split.tolist() if split is not None else attribute(node, "split", None)
+    if sizes is None:
+        parts = len(node.outputs)
+        size = x.shape[axis]
+        sizes = [-(-size // parts)] * (parts - 1) + [size - -(-size // parts) * (parts - 1)]
+    return tuple(torch.split(x, [int(v) for v in sizes], axis))
+
+
+def _reduce(kind: str) -> Callable:
+    def reduce(torch, node, x, axes=None):
+        found = _axes(node, axes) if (axes is not None or attribute(node, "axes", None) is not None) else []
+        keep = bool(attribute(node, "keepdims", 1))
+        if not found:
+            if attribute(node, "noop_with_empty_axes", 0):
+                return x
+            found = list(range(x.ndim))
+        if kind == "max":
+            return x.amax(tuple(found), keepdim=keep)
+        if kind == "min":
+            return x.amin(tuple(found), keepdim=keep)
+        return getattr(x, kind)(tuple(found), keepdim=keep)
+    return reduce
+
+
+def _cast(torch, node, x):
+    """Floats compute in float32 and integers in int64 (as the runner's tensors do), booleans stay booleans."""
+    target = ir.DataType(attribute(node, "to"))
+    if target == ir.DataType.BOOL:
+        return x != 0
+    return x.float() if target.is_floating_point() else x.long()
+
+
+def _range(torch, node, start, limit, delta):
+    values = torch.arange(start.item(), limit.item(), delta.item())
+    return values.float() if start.is_floating_point() else values.long()
+
+
+def _where(torch, node, condition, x, y):
+    return torch.where(condition.bool(), x, y)
+
+
 def _axes(node, axes) -> list[int]:
     found = attribute(node, "axes", None) if axes is None else axes.tolist()
     return [int(a) for a in found]
@@ -382,9 +493,46 @@ OPS: dict[str, Callable] = {
         axes is not None or attribute(node, "axes", None)) else x.squeeze(),
     "ReduceMean": lambda torch, node, x, axes=None: x.mean(tuple(_axes(node, axes)),
                                                            keepdim=bool(attribute(node, "keepdims", 1))),
+    "ReduceMax": _reduce("max"),
+    "ReduceMin": _reduce("min"),
+    "ReduceSum": _reduce("sum"),
+    "ConvTranspose": _conv_transpose,
+    "BatchNormalization": _batch_normalization,
+    "LayerNormalization": _layer_normalization,
+    "Resize": _resize,
+    "Slice": _slice,
+    "Split": _split,
+    "Cast": _cast,
+    "Range": _range,
+    "Where": _where,
+    "Expand": lambda torch, node, x, shape: x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(shape.tolist()))),
+    "Equal": lambda torch, node, a, b: a == b,
+    "Less": lambda torch, node, a, b: a < b,
+    "Greater": lambda torch, node, a, b: a > b,
+    "Not": lambda torch, node, x: ~x.bool(),
+    "Max": lambda torch, node, *xs: _fold(torch.maximum, xs),
+    "Min": lambda torch, node, *xs: _fold(torch.minimum, xs),
+    "Sum": lambda torch, node, *xs: _fold(torch.add, xs),
+    "Neg": lambda torch, node, x: -x,
+    "Abs": lambda torch, node, x: torch.abs(x),
+    "Exp": lambda torch, node, x: torch.exp(x),
+    "Log": lambda torch, node, x: torch.log(x),
+    "Reciprocal": lambda torch, node, x: 1.0 / x,
+    "Gelu": lambda torch, node, x: torch.nn.functional.gelu(x, approximate=attribute(node, "approximate", "none")),
+    "PRelu": lambda torch, node, x, slope: torch.where(x >= 0, x, x * slope),
+    "Elu": lambda torch, node, x: torch.nn.functional.elu(x, attribute(node, "alpha", 1.0)),
+    "Softplus": lambda torch, node, x: torch.nn.functional.softplus(x),
+    "GlobalMaxPool": lambda torch, node, x: x.amax(tuple(range(2, x.ndim)), keepdim=True),
     "QuantizeLinear": lambda torch, node, x, *rest: x,  # its DequantizeLinear does the fake quantization
     "DequantizeLinear": _fake_quantize,
 }
+
+
+def _fold(function: Callable, xs):
+    result = xs[0]
+    for x in xs[1:]:
+        result = function(result, x)
+    return result
 
 
 def _unsqueeze(x, axes: list[int]):
