@@ -279,3 +279,20 @@ def test_real_models_run_in_torch_as_in_onnxruntime(model_feeds):
         got = env[value.name].numpy()
         assert got.shape == reference.shape
         assert np.abs(got - reference).max() <= 1e-4 * max(1.0, np.abs(reference).max())
+
+
+def test_a_model_converted_to_opset_21_keeps_named_initializers(tmp_path):
+    """W4A8 converts an opset-17 model to 21, where ReduceMean's axes become an operand: the converter's Constant
+    node becomes a named initializer, and block reconstruction runs the model."""
+    model = residual_model()
+    model.graph.node.append(helper.make_node("ReduceMean", ["output"], ["pooled"], name="pool", axes=[2, 3]))
+    model.graph.output[0].CopyFrom(float_input("pooled", ["N", 4, 1, 1]))
+    src = save(model, tmp_path / "m.onnx")
+    out = tmp_path / "q.onnx"
+    result = lowbit.quantize(src, out, data=random_feeds(8), weight_bit_num=4, block_reconstruction=True,
+                             block_reconstruction_iterations=2, progress=False)
+    written = onnx.load(out)
+    onnx.checker.check_model(written)
+    assert written.opset_import[0].version == 21
+    assert all(node.name and node.op_type != "Constant" for node in written.graph.node)
+    assert result.block_reconstruction is not None and result.block_reconstruction.rows

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 from google.protobuf.message import DecodeError
 
 from ..errors import LowbitError
@@ -138,4 +139,9 @@ def with_opset(model: ir.Model, version: int) -> ir.Model | None:
     except Exception:  # the converter raises bare RuntimeErrors from C++
         return None
     converted.ir_version = max(converted.ir_version, 10)  # opset 21 needs IR version 10
-    return ir.serde.deserialize_model(converted)
+    result = ir.serde.deserialize_model(converted)
+    # the converter writes new operands (Reduce*'s axes, Split's sizes) as unnamed Constant nodes: initializers
+    # and named nodes, as the prepared graph has them
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(result)
+    common_passes.NameFixPass()(result)
+    return result

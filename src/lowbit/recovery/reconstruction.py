@@ -137,8 +137,8 @@ def _static_values(nodes: list[ir.Node], side_inputs: set[str]) -> set[str]:
     result to the next, so they do not stop a cut."""
     static: set[str] = set(side_inputs)
     for node in nodes:
-        if node.op_type == "Shape" or (node.inputs and all(v is None or v.name in static or v.const_value is not None
-                                                           for v in node.inputs)):
+        if node.op_type in ("Shape", "Constant") or (
+                node.inputs and all(v is None or v.name in static or v.const_value is not None for v in node.inputs)):
             static.update(v.name for v in node.outputs)
     return static
 
@@ -449,6 +449,13 @@ def _range(torch, node, start, limit, delta):
     return values.float() if start.is_floating_point() else values.long()
 
 
+def _constant(torch, node):
+    for name, attr in node.attributes.items():
+        value = attr.value.numpy() if name == "value" else np.asarray(attr.value)
+        return torch.tensor(value.astype(np.float32 if value.dtype.kind == "f" else np.int64))
+    raise LowbitError(f"block_reconstruction: Constant {node.name!r} has no value")
+
+
 def _where(torch, node, condition, x, y):
     return torch.where(condition.bool(), x, y)
 
@@ -505,6 +512,7 @@ OPS: dict[str, Callable] = {
     "Cast": _cast,
     "Range": _range,
     "Where": _where,
+    "Constant": _constant,
     "Expand": lambda torch, node, x, shape: x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(shape.tolist()))),
     "Equal": lambda torch, node, a, b: a == b,
     "Less": lambda torch, node, a, b: a < b,
