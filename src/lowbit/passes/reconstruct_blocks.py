@@ -58,7 +58,9 @@ class ReconstructBlocks(Pass):
         before = sum(row.error_before for row in rows) / len(rows)
         after = sum(min(row.error_after, row.error_before) for row in rows) / len(rows)
         layers = sum(len(row.names) for row in rows)
+        judged = f"on {report.judged} held-back samples " if report.judged else ""
         return [f"  block reconstruction: {layers} layers in {len(rows)} blocks, {report.iterations} iterations "
-                f"each on {report.samples} samples; mean block output error {before:.3g} -> {after:.3g} "
+                f"each on {report.samples - report.judged} samples; mean block output error "
+                f"{judged}{before:.3g} -> {after:.3g} "
                 f"({report.improved} of {len(rows)} blocks improved, the others keep their integers), "
                 f"{report.seconds:.0f} s; per block: result.reconstruct_blocks"]
