@@ -454,6 +454,15 @@ def _range(torch, node, start, limit, delta):
     return values.float() if start.is_floating_point() else values.long()
 
 
+def _softmax(torch, node, x):
+    """Over one axis from opset 13 on; before it, over all axes from ``axis`` (default 1) on, as one."""
+    opset = node.graph.opset_imports.get("", 13) if node.graph is not None else 13
+    if opset >= 13:
+        return torch.softmax(x, attribute(node, "axis", -1))
+    axis = attribute(node, "axis", 1) % x.ndim
+    return torch.softmax(x.reshape(*x.shape[:axis], -1), -1).reshape(x.shape)
+
+
 def _constant(torch, node):
     for name, attr in node.attributes.items():
         value = attr.value.numpy() if name == "value" else np.asarray(attr.value)
@@ -489,7 +498,7 @@ OPS: dict[str, Callable] = {
     "Erf": lambda torch, node, x: torch.erf(x),
     "Sqrt": lambda torch, node, x: torch.sqrt(x),
     "Pow": lambda torch, node, x, y: torch.pow(x, y),
-    "Softmax": lambda torch, node, x: torch.softmax(x, attribute(node, "axis", -1)),
+    "Softmax": _softmax,
     "GlobalAveragePool": lambda torch, node, x: x.mean(tuple(range(2, x.ndim)), keepdim=True),
     "MaxPool": _pool("max"),
     "AveragePool": _pool("avg"),
