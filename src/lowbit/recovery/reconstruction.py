@@ -10,13 +10,15 @@ How:
 
 * :func:`blocks`: the graph is cut where a single tensor carries everything later nodes read (a
   residual block's output, a chain's activation); consecutive pieces are joined until each holds at
-  least :data:`MIN_LAYERS` learned layers. Graph inputs (masks, token types) are read by any block.
+  least :data:`MIN_LAYERS` learned layers. Graph inputs after the first (masks, token types), and what is
+  computed from them alone, are read by any block.
 * :func:`reconstruct`: block after block, the float block's output from the float input is the target,
   and the quantized block reads what the quantized blocks before it gave. Each weight rounds down or up
   by a rectified sigmoid ``h(V)`` (Nagel et al. 2020), learned with Adam on the squared output error plus
   AdaRound's regulariser, whose exponent anneals from 20 to 2 after a warm-up. Activations keep their
   calibrated Q/DQ (fake quantization with a straight-through gradient). A block whose learned integers
-  leave more error than the ones it started from (GPTQ's, or nearest) keeps those.
+  leave more error than the ones it started from (GPTQ's, or nearest) on samples held back from learning
+  keeps those.
 * Only the integers change: scales, zero points, file size and graph are as before.
 
 :class:`GraphRunner` evaluates the ONNX nodes with torch functions (the ops of :data:`OPS`); an op
