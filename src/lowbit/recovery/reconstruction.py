@@ -232,10 +232,7 @@ class GraphRunner:
         return self.constants[name]
 
     def tensor(self, array: np.ndarray):
-        """float32 for floats, int64 for integers (indices, shapes)."""
-        if array.dtype.kind == "f":
-            return self.torch.tensor(array.astype(np.float32))
-        return self.torch.tensor(array.astype(np.int64))
+        return _as_tensor(self.torch, array)
 
     def run(self, nodes: list[ir.Node], env: dict, quantized: bool) -> dict:
         for node in nodes:
@@ -244,8 +241,7 @@ class GraphRunner:
             if node.op_type == "DequantizeLinear" and constant_array(node.inputs[0]) is not None:
                 continue  # weights and biases: read where they are used
             if node.op_type == "Shape":
-                shape = self._shape(node.inputs[0].name, env)
-                env[node.outputs[0].name] = shape[attribute(node, "start", 0):attribute(node, "end", None)]
+                env[node.outputs[0].name] = _shape_part(node, self._shape(node.inputs[0].name, env))
                 continue
             rule = OPS.get(node.op_type)
             if rule is None:
@@ -287,8 +283,7 @@ class GraphRunner:
             env = dict(feeds)
             for node in self.graph:
                 if node.op_type == "Shape":
-                    shape = self.torch.tensor(env[node.inputs[0].name].shape)
-                    env[node.outputs[0].name] = shape[attribute(node, "start", 0):attribute(node, "end", None)]
+                    env[node.outputs[0].name] = _shape_part(node, self.torch.tensor(env[node.inputs[0].name].shape))
                 else:
                     self.run([node], env, quantized=False)
             shapes.append({name: np.array(env[name].shape) for name in wanted})
@@ -296,6 +291,16 @@ class GraphRunner:
 
 
 # -- the ops -------------------------------------------------------------------------------------------------
+
+def _as_tensor(torch, array: np.ndarray):
+    """float32 for floats, int64 for integers (indices, shapes): the two types the runner computes in."""
+    return torch.tensor(array.astype(np.float32 if array.dtype.kind == "f" else np.int64))
+
+
+def _shape_part(node: ir.Node, shape):
+    """Shape's output: the dimensions from ``start`` to ``end`` (opset 15)."""
+    return shape[attribute(node, "start", 0):attribute(node, "end", None)]
+
 
 def _conv(torch, node, x, w, b=None):
     if attribute(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
@@ -409,10 +414,10 @@ def _slice(torch, node, x, starts=None, ends=None, axes=None, steps=None):
     axes = axes.tolist() if axes is not None else list(attribute(node, "axes", range(len(starts))))
     steps = steps.tolist() if steps is not None else [1] * len(starts)
     for start, end, axis, step in zip(starts, ends, axes, steps):
-        size = x.shape[axis]
-        start = max(-size - 1, min(int(start), size)) if step < 0 else max(-size, min(int(start), size))
-        end = max(-size - 1, min(int(end), size))
-        picked = list(range(*slice(start, end if end >= -size else None, int(step)).indices(size)))
+        size, end, step = x.shape[axis], int(end), int(step)
+        # Python's slice clamps as ONNX does, except that stepping down to an end before the first element is None
+        stop = None if step < 0 and end < -size else end
+        picked = list(range(*slice(int(start), stop, step).indices(size)))
         x = torch.index_select(x, axis, torch.tensor(picked, dtype=torch.long))
     return x
 
@@ -427,19 +432,15 @@ def _split(torch, node, x, split=None):
     return tuple(torch.split(x, [int(v) for v in sizes], axis))
 
 
-def _reduce(kind: str) -> Callable:
+def _reduce(method: str) -> Callable:
+    """ReduceX over ``axes`` (attribute or input); no axes: all of them, or none with noop_with_empty_axes."""
     def reduce(torch, node, x, axes=None):
-        found = _axes(node, axes) if (axes is not None or attribute(node, "axes", None) is not None) else []
-        keep = bool(attribute(node, "keepdims", 1))
+        found = _axes(node, axes)
         if not found:
             if attribute(node, "noop_with_empty_axes", 0):
                 return x
             found = list(range(x.ndim))
-        if kind == "max":
-            return x.amax(tuple(found), keepdim=keep)
-        if kind == "min":
-            return x.amin(tuple(found), keepdim=keep)
-        return getattr(x, kind)(tuple(found), keepdim=keep)
+        return getattr(x, method)(tuple(found), keepdim=bool(attribute(node, "keepdims", 1)))
     return reduce
 
 
@@ -467,8 +468,7 @@ def _softmax(torch, node, x):
 
 def _constant(torch, node):
     for name, attr in node.attributes.items():
-        value = attr.value.numpy() if name == "value" else np.asarray(attr.value)
-        return torch.tensor(value.astype(np.float32 if value.dtype.kind == "f" else np.int64))
+        return _as_tensor(torch, attr.value.numpy() if name == "value" else np.asarray(attr.value))
     raise LowbitError(f"block_reconstruction: Constant {node.name!r} has no value")
 
 
@@ -477,8 +477,9 @@ def _where(torch, node, condition, x, y):
 
 
 def _axes(node, axes) -> list[int]:
+    """The axes operand (opset 13 on) or attribute (before); empty when neither is given."""
     found = attribute(node, "axes", None) if axes is None else axes.tolist()
-    return [int(a) for a in found]
+    return [int(a) for a in found or []]
 
 
 OPS: dict[str, Callable] = {
@@ -512,12 +513,11 @@ OPS: dict[str, Callable] = {
     "Gather": lambda torch, node, x, i: torch.index_select(x, attribute(node, "axis", 0), i.reshape(-1)).reshape(
         x.shape[:attribute(node, "axis", 0)] + i.shape + x.shape[attribute(node, "axis", 0) + 1:]),
     "Unsqueeze": lambda torch, node, x, axes=None: _unsqueeze(x, _axes(node, axes)),
-    "Squeeze": lambda torch, node, x, axes=None: x.squeeze(tuple(_axes(node, axes))) if (
-        axes is not None or attribute(node, "axes", None)) else x.squeeze(),
-    "ReduceMean": lambda torch, node, x, axes=None: x.mean(tuple(_axes(node, axes)),
-                                                           keepdim=bool(attribute(node, "keepdims", 1))),
-    "ReduceMax": _reduce("max"),
-    "ReduceMin": _reduce("min"),
+    "Squeeze": lambda torch, node, x, axes=None: x.squeeze(tuple(_axes(node, axes))) if _axes(node, axes) else
+    x.squeeze(),
+    "ReduceMean": _reduce("mean"),
+    "ReduceMax": _reduce("amax"),
+    "ReduceMin": _reduce("amin"),
     "ReduceSum": _reduce("sum"),
     "ConvTranspose": _conv_transpose,
     "BatchNormalization": _batch_normalization,
