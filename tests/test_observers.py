@@ -64,9 +64,13 @@ def test_empty_observer_raises():
 
 def _observers():
     """(factory, batches) per kind of statistic lowbit collects."""
-    from lowbit.calibration.layer_inputs import ConvGeometry, LayerInputObserver
     from lowbit.calibration.histogram import HistogramObserver
-    from lowbit.calibration.observers import MeanObserver, OutputsObserver
+    from lowbit.calibration.layer_inputs import ConvGeometry, LayerInputObserver
+    from lowbit.calibration.observers import (
+        MeanObserver,
+        OutputsObserver,
+        ValueCountsObserver,
+    )
 
     rng = np.random.default_rng(7)
     images = [rng.normal(size=(1, 4, 6, 6)).astype(np.float32) for _ in range(6)]
@@ -82,15 +86,22 @@ def _observers():
                              images),
         "matrix input moments": (lambda: LayerInputObserver(), rows),
         "outputs": (lambda: OutputsObserver(), rows),
+        "value counts": (lambda: ValueCountsObserver(), [np.round(x * 4) / 4 for x in images]),
     }
 
 
 def _statistic(observer):
     """What each observer hands to the passes."""
-    from lowbit.calibration.layer_inputs import LayerInputObserver
     from lowbit.calibration.histogram import HistogramObserver
-    from lowbit.calibration.observers import MeanObserver, OutputsObserver
+    from lowbit.calibration.layer_inputs import LayerInputObserver
+    from lowbit.calibration.observers import (
+        MeanObserver,
+        OutputsObserver,
+        ValueCountsObserver,
+    )
 
+    if isinstance(observer, ValueCountsObserver):
+        return [observer.values, observer.counts]
     if isinstance(observer, HistogramObserver):
         return [observer.counts, np.array([observer.start, observer.exponent]), *observer.range()]
     if isinstance(observer, MeanObserver):
@@ -122,7 +133,7 @@ def test_shards_merged_in_any_order_equal_one_pass(kind, order, tmp_path):
     for other in loaded[1:]:
         merged.merge(other)
     assert merged.batches == whole.batches
-    exact = kind.startswith(("minmax", "histogram", "outputs"))
+    exact = kind.startswith(("minmax", "histogram", "outputs", "value counts"))
     for got, want in zip(_statistic(merged), _statistic(whole)):
         if exact:
             np.testing.assert_array_equal(got, want)
@@ -154,3 +165,20 @@ def test_an_observer_says_when_it_saw_a_non_finite_value():
         assert observer.finite()
         observer.update(np.array([1.0, np.inf], np.float32))
         assert not observer.finite()
+
+
+def test_value_counts_count_each_distinct_value_until_there_are_too_many():
+    from lowbit.calibration.observers import ValueCountsObserver
+
+    observer = ValueCountsObserver()
+    observer.update(np.array([[0.5, -1.0, 0.5]], np.float32))
+    observer.update(np.array([2.0, 0.5], np.float32))
+    assert observer.values.tolist() == [-1.0, 0.5, 2.0]
+    assert observer.counts.tolist() == [1, 3, 1]
+    observer.update(np.arange(ValueCountsObserver.MAX_DISTINCT, dtype=np.float32))  # now more than the limit
+    assert observer.overflowed and observer.values is None
+    observer.update(np.array([1.0], np.float32))  # stays given up
+    other = ValueCountsObserver()
+    other.update(np.array([3.0], np.float32))
+    other.merge(observer)
+    assert other.overflowed and other.values is None and other.batches == 5

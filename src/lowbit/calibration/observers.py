@@ -8,6 +8,9 @@ computed here but in :func:`lowbit.quantizers.qparams.compute_qparams`, whatever
 observer. Observers keep running aggregates only, so memory does not grow with the
 number of calibration samples.
 
+:class:`ValueCountsObserver` keeps the distinct values of a tensor while they are few (a graph input of 8-bit
+pixels), for :mod:`lowbit.quantizers.ties`.
+
 Range observers keep what the range methods need: :class:`MinMaxObserver` the exact
 extremes (enough for MAX_MIN), :class:`~lowbit.calibration.histogram.HistogramObserver`
 a histogram that every clipping method (KL, percentile, MSE, ACIQ) reads.
@@ -121,6 +124,61 @@ class MinMaxObserver(RangeObserver):
         for key in ("min", "max"):  # per-tensor extremes are 0-d arrays, as update() makes them
             if getattr(observer, key) is not None:
                 setattr(observer, key, np.asarray(getattr(observer, key), dtype=np.float64))
+        return observer
+
+
+class ValueCountsObserver(Observer):
+    """The distinct values of a tensor and how often each occurs, while there are at most :data:`MAX_DISTINCT`.
+
+    A graph input of 8-bit pixels, however normalised, takes at most 256 values per channel; whether
+    those sit on the rounding ties of a grid decides how they round (:mod:`lowbit.quantizers.ties`).
+    A tensor with more distinct values (any computed activation) is continuous for that purpose: the
+    observer drops what it kept and says so (``overflowed``), so its memory stays bounded.
+    """
+
+    MAX_DISTINCT = 4096
+    STATE = (*Observer.STATE, "values", "counts", "overflowed")
+
+    def __init__(self):
+        super().__init__()
+        self.values: np.ndarray | None = None  # sorted, float32
+        self.counts: np.ndarray | None = None  # int64, one per value
+        self.overflowed = False
+
+    def update(self, x: np.ndarray) -> None:
+        self.batches += 1
+        if not self.overflowed and x.size:
+            self._fold(*np.unique(np.asarray(x, dtype=np.float32), return_counts=True))
+
+    def merge(self, other: Observer) -> None:
+        if not isinstance(other, ValueCountsObserver):
+            raise TypeError(f"cannot merge {type(other).__name__} into ValueCountsObserver")
+        self.batches += other.batches
+        if other.overflowed:
+            self._overflow()
+        elif not self.overflowed and other.values is not None:
+            self._fold(np.asarray(other.values, np.float32), np.asarray(other.counts, np.int64))
+
+    def _fold(self, values: np.ndarray, counts: np.ndarray) -> None:
+        if self.values is not None:
+            values, inverse = np.unique(np.concatenate([self.values, values]), return_inverse=True)
+            counts = np.bincount(inverse, weights=np.concatenate([self.counts, counts]), minlength=len(values))
+        if len(values) > self.MAX_DISTINCT:
+            self._overflow()
+        else:
+            self.values, self.counts = values, np.asarray(counts, np.int64)
+
+    def _overflow(self) -> None:
+        self.values = self.counts = None
+        self.overflowed = True
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> Observer:
+        observer = super().from_state(state)
+        observer.overflowed = bool(observer.overflowed)
+        for key in ("values", "counts"):  # one distinct value comes back as a number
+            if getattr(observer, key) is not None:
+                setattr(observer, key, np.atleast_1d(getattr(observer, key)))
         return observer
 
 

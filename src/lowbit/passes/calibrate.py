@@ -4,13 +4,15 @@ Reads: the plan's activation tensors and the candidates. Needs: one observer per
 on the float model, a histogram when any candidate clips (KL, percentile, MSE, ACIQ,
 AUTO_TUNE), else min/max. The samples are split as the searches need (every 8th held back
 to compare candidates, or for accuracy_target to score; a few kept for per-op tuning).
-Sets: the observers, the number of samples they saw, the held-back and tuning samples.
+Sets: the observers, the number of samples they saw, the held-back and tuning samples, and
+the distinct values of the quantized graph inputs while they are few (8-bit pixels), which keep
+those inputs off the rounding ties of their grid (:mod:`lowbit.quantizers.ties`).
 """
 
 from __future__ import annotations
 
 from ..calibration.histogram import HistogramObserver
-from ..calibration.observers import MinMaxObserver
+from ..calibration.observers import MinMaxObserver, ValueCountsObserver
 from ..data.split import SampleSplit
 from ..pipeline.engine import Request, SplitSettings
 from ..pipeline.passes import FLOAT, Pass, Samples
@@ -42,7 +44,9 @@ class Calibrate(Pass):
         names = [*state.plan.activations, *sorted(tensors_to_observe(state))]  # the accuracy search's rungs too
         self.observers = {name: HistogramObserver(state.config.max_num_bin) if histograms else MinMaxObserver()
                           for name in names}
-        return [Request(self.observers)]
+        inputs = {value.name for value in state.model.graph.inputs}
+        self.value_counts = {name: ValueCountsObserver() for name in state.plan.activations if name in inputs}
+        return [Request(self.observers)] + ([Request(self.value_counts)] if self.value_counts else [])
 
     def samples(self, state: QuantState) -> Samples:
         config = state.config
@@ -60,5 +64,7 @@ class Calibrate(Pass):
 
     def run(self, state: QuantState) -> None:
         state.observers = self.observers
+        state.input_values = {name: (observer.values, observer.counts) for name, observer in self.value_counts.items()
+                              if observer.values is not None}
         if state.search_fallback:  # said once the data has proved readable, so that it never precedes an error
             state.note(state.search_fallback)

@@ -103,5 +103,5 @@ def _quantized_copy(state: QuantState, ranges: dict[str, Range], target: Target,
     """The model quantized with ``ranges``, as a new proto; the state's model is left float."""
     copy = copy_model(state.model)
     plan = plan_quantization(copy, target, options)
-    apply_plan(copy, plan, activation_qparams(plan, ranges))
+    apply_plan(copy, plan, activation_qparams(plan, ranges, state.input_values))
     return ir.serde.serialize_model(copy)

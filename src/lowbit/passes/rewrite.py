@@ -13,6 +13,7 @@ from ..graph.query import constant_array
 from ..pipeline.passes import Pass
 from ..pipeline.state import QuantState
 from ..quantizers.qdq import activation_qparams, apply_plan
+from ..quantizers.ties import tied_share
 from ..recovery.layers import Layer
 
 
@@ -23,7 +24,7 @@ class RewriteQDQ(Pass):
     changes_model = True
 
     def run(self, state: QuantState) -> None:
-        state.qparams = activation_qparams(state.plan, state.ranges or {})
+        state.qparams = activation_qparams(state.plan, state.ranges or {}, state.input_values)
         state.float_layers = {}
         compensated = {id(node) for node, _ in state.plan.compensated}
         for slot in state.plan.weights:
@@ -32,3 +33,20 @@ class RewriteQDQ(Pass):
                 bias = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
                 state.float_layers[node.name] = Layer(node, constant_array(node.inputs[1]), bias)
         apply_plan(state.model, state.plan, state.qparams)
+        return self._moved_off_ties(state)
+
+    def describe(self, report: list[str]) -> list[str]:
+        return [f"  {line}" for line in report]
+
+    @staticmethod
+    def _moved_off_ties(state: QuantState) -> list[str]:
+        """The inputs whose scale was widened off the rounding ties, and by how much."""
+        plain = activation_qparams(state.plan, state.ranges or {}) if state.input_values else {}
+        lines = []
+        for name, (values, counts) in state.input_values.items():
+            before, after = plain[name], state.qparams[name]
+            if after.scale != before.scale:
+                lines.append(f"{name}: {tied_share(before, values, counts):.0%} of its calibration values lie on "
+                             f"rounding ties of the grid; scale widened by {float(after.scale / before.scale) - 1:.2%}"
+                             " so that they all round one way")
+        return lines

@@ -64,6 +64,7 @@ class QuantState:
     candidates: list | None = None
     search_fallback: str = ""  # why the default search fell back to MAX_MIN, said once the data has been read
     observers: dict[str, Any] | None = None
+    input_values: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # distinct values, counts
     calibration_samples: int = 0
     held_back: list[dict[str, np.ndarray]] = field(default_factory=list)
     held_back_outputs: list[str] = field(default_factory=list)  # the float outputs compared on them ...

@@ -21,6 +21,7 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ from .constants import add_initializer, dequantize_node, weight_qparams
 from .float16 import compute_in_float16
 from .plan import WEIGHT_REQUANTIZED, BiasSlot, QuantPlan
 from .qparams import INT32, QParams, QuantScheme, compute_qparams
+from .ties import off_ties
 from .weight_bits import quantize_weight
 
 WIDE_HEADROOM = 2.0
@@ -169,12 +171,16 @@ def _fit_bias_in_int32(weight_qparams: QParams, bias: np.ndarray, input_qparams:
     return QParams(widened, weight_qparams.zero_point, weight_qparams.scheme)
 
 
-def activation_qparams(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> dict[str, QParams]:
+def activation_qparams(plan: QuantPlan, ranges: dict[str, tuple[float, float]],
+                       value_counts: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None
+                       ) -> dict[str, QParams]:
     """One set of parameters per scale-sharing group, from the union of its members' ranges.
 
     A group is 16-bit when any member is (an int16 reader widens the whole group). A 16-bit
     range reaches :data:`WIDE_HEADROOM` times beyond what calibration saw: one bit of 16 buys
     room for inputs larger than the calibration's, which an int8 grid cannot afford.
+    ``value_counts`` (the distinct calibration values of graph inputs, with their counts) keeps
+    those inputs off the grid's rounding ties (:func:`~lowbit.quantizers.ties.off_ties`).
     """
     qparams: dict[str, QParams] = {}
     for members in plan.groups().values():
@@ -182,6 +188,10 @@ def activation_qparams(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) 
         scheme = plan.activation_scheme(members[0])
         headroom = WIDE_HEADROOM if scheme.qtype.bits == 16 else 1.0
         shared = compute_qparams(headroom * min(lows), headroom * max(highs), scheme)
+        counted = [value_counts[name] for name in members if value_counts and name in value_counts]
+        if counted:
+            values, counts = (np.concatenate(parts) for parts in zip(*counted))
+            shared = off_ties(shared, values, counts)
         for name in members:
             qparams[name] = shared
     return qparams
