@@ -81,3 +81,15 @@ def test_onnx_runtime_rounds_as_tied_share_assumes():
         model.ir_version = 8
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         np.testing.assert_array_equal(session.run(None, {"x": NORMALISED})[0], qparams.quantize(NORMALISED))
+
+
+def test_the_accuracy_search_builds_candidates_that_read_the_input_in_float(tmp_path):
+    """Candidates of the precision search may leave the input's reader float: then the input has no grid."""
+    rng = np.random.default_rng(1)
+    feeds = [{"input": ((rng.integers(0, 256, size=(1, 3, 8, 8)) - 127.5) / 127.5).astype(np.float32)}
+             for _ in range(16)]
+    path = save(conv_relu_pool_model(), tmp_path / "float.onnx")
+    result = lowbit.quantize(path, tmp_path / "int8.onnx", data=feeds, progress=False,
+                             accuracy_target="cosine>=0.999999", max_evaluations=4)
+    assert result.accuracy.evaluations >= 2
+    onnx.checker.check_model(str(tmp_path / "int8.onnx"), full_check=True)

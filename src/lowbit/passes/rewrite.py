@@ -44,6 +44,8 @@ class RewriteQDQ(Pass):
         plain = activation_qparams(state.plan, state.ranges or {}) if state.input_values else {}
         lines = []
         for name, (values, counts) in state.input_values.items():
+            if name not in state.qparams:  # a candidate of the accuracy search that reads this input in float
+                continue
             before, after = plain[name], state.qparams[name]
             if after.scale != before.scale:
                 lines.append(f"{name}: {tied_share(before, values, counts):.0%} of its calibration values lie on "
