@@ -1,10 +1,11 @@
 """Rewrite the float graph into the QDQ model that the plan and the ranges describe.
 
-Reads: the plan and the activation ranges (none when no activation is quantized). Sets:
-the scales and zero points of the activations, and the float weight and bias of every
-layer as they were before the rewrite (what weight rounding and bias correction start
-from). Changes the model: Q/DQ pairs on the planned activations, integer weights and
-int32 biases (:func:`lowbit.quantizers.qdq.apply_plan`).
+Reads: the plan, the activation ranges (none when no activation is quantized) and the
+distinct values of the graph inputs. Sets: the scales and zero points of the activations
+(graph inputs kept off the rounding ties of their grid, :mod:`lowbit.quantizers.ties`; the
+report names those moved), and the float weight and bias of every layer as they were before
+the rewrite (what weight rounding and bias correction start from). Changes the model: Q/DQ
+pairs on the planned activations, integer weights and int32 biases (:func:`lowbit.quantizers.qdq.apply_plan`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class RewriteQDQ(Pass):
     provides = ("qparams", "float_layers")
     changes_model = True
 
-    def run(self, state: QuantState) -> None:
+    def run(self, state: QuantState) -> list[str]:
         state.qparams = activation_qparams(state.plan, state.ranges or {}, state.input_values)
         state.float_layers = {}
         compensated = {id(node) for node, _ in state.plan.compensated}
