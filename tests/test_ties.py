@@ -2,7 +2,7 @@
 
 import numpy as np
 import onnx
-from conftest import conv_relu_pool_model, save
+from conftest import conv_relu_pool_model, float_input, make_model, run, save
 from onnx import helper, numpy_helper
 
 import lowbit
@@ -16,6 +16,13 @@ COUNTS = np.ones(256, np.int64)
 
 def uint8_qparams(scale: float, zero_point: int) -> QParams:
     return QParams(np.array(scale, np.float32), np.array(zero_point, np.uint8), QuantScheme(UINT8, symmetric=False))
+
+
+def pixel_feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Random 8-bit images normalised as (p - 127.5) / 127.5, for the 3-channel input of conv_relu_pool_model."""
+    rng = np.random.default_rng(seed)
+    return [{"input": ((rng.integers(0, 256, size=(1, 3, 8, 8)) - 127.5) / 127.5).astype(np.float32)}
+            for _ in range(count)]
 
 
 def test_normalised_pixels_sit_on_ties_of_the_minus_one_to_one_grid_and_a_wider_scale_rounds_them_toward_zero():
@@ -47,9 +54,7 @@ def test_values_off_ties_keep_their_scale():
 
 
 def test_a_quantized_image_input_is_kept_off_the_ties_and_the_summary_says_so(tmp_path):
-    rng = np.random.default_rng(0)
-    feeds = [{"input": ((rng.integers(0, 256, size=(1, 3, 8, 8)) - 127.5) / 127.5).astype(np.float32)}
-             for _ in range(8)]
+    feeds = pixel_feeds(8, seed=0)
     for feed in feeds:  # every sample reaches both ends, so MAX_MIN's range is [-1, 1]
         feed["input"][0, 0, 0, :2] = [-1.0, 1.0]
     path = save(conv_relu_pool_model(), tmp_path / "float.onnx")
@@ -67,27 +72,19 @@ def test_a_quantized_image_input_is_kept_off_the_ties_and_the_summary_says_so(tm
     assert computed and all(report.scale == np.float32((report.max - min(report.min, 0)) / 255) for report in computed)
 
 
-def test_onnx_runtime_rounds_as_tied_share_assumes():
+def test_onnx_runtime_rounds_as_tied_share_assumes(tmp_path):
     """The rule models QuantizeLinear as float32 x / scale rounded half to even; ONNX Runtime agrees."""
-    import onnxruntime as ort
-
     for qparams in (uint8_qparams(2 / 255, 128), off_ties(uint8_qparams(2 / 255, 128), NORMALISED, COUNTS)):
-        graph = helper.make_graph(
-            [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"])], "q",
-            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [256])],
-            [helper.make_tensor_value_info("q", onnx.TensorProto.UINT8, [256])],
-            [numpy_helper.from_array(qparams.scale, "s"), numpy_helper.from_array(qparams.zero_point, "z")])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 8
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        np.testing.assert_array_equal(session.run(None, {"x": NORMALISED})[0], qparams.quantize(NORMALISED))
+        model = make_model([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"])], [float_input("x", [256])],
+                           [helper.make_tensor_value_info("q", onnx.TensorProto.UINT8, [256])],
+                           [("s", qparams.scale), ("z", qparams.zero_point)])
+        got = run(save(model, tmp_path / "q.onnx"), {"x": NORMALISED})[0]
+        np.testing.assert_array_equal(got, qparams.quantize(NORMALISED))
 
 
 def test_the_accuracy_search_builds_candidates_that_read_the_input_in_float(tmp_path):
     """Candidates of the precision search may leave the input's reader float: then the input has no grid."""
-    rng = np.random.default_rng(1)
-    feeds = [{"input": ((rng.integers(0, 256, size=(1, 3, 8, 8)) - 127.5) / 127.5).astype(np.float32)}
-             for _ in range(16)]
+    feeds = pixel_feeds(16, seed=1)
     path = save(conv_relu_pool_model(), tmp_path / "float.onnx")
     result = lowbit.quantize(path, tmp_path / "int8.onnx", data=feeds, progress=False,
                              accuracy_target="cosine>=0.999999", max_evaluations=4)
