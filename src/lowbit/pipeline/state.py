@@ -74,6 +74,7 @@ class QuantState:
     qparams: dict[str, Any] | None = None
     float_layers: dict[str, np.ndarray] | None = None  # float weights (and biases) as they were before the rewrite
     reconstructed: set[str] = field(default_factory=set)  # layers whose integers block reconstruction learned
+    rounded_toward_float: set[str] = field(default_factory=set)  # layers GPTQ rounded toward the float model's output
     level_job: Any = None  # weight_levels=AUTO: GPTQ's layers and input moments (recovery.layers.LayerJob)
 
     # weight-only quantization

@@ -36,6 +36,7 @@ from ..quantizers.levels import PACKED_TAG, nearest_level, optimal_levels, packe
 from ..quantizers.weight_only import WeightOnlyPlan
 from .adaround import adaround
 from .layers import (
+    InputKey,
     LayerJob,
     as_rows,
     from_rows,
@@ -44,6 +45,7 @@ from .layers import (
     plan_layer_inputs,
     reads_rows,
 )
+from .paired import JOINED, toward_float_output
 
 DAMPING = 0.01  # of the mean diagonal of H: keeps H invertible where inputs are constant or collinear
 BLOCK = 128  # columns rounded between two updates of the columns after them
@@ -70,6 +72,7 @@ class RoundingReport:
     fallbacks: list[str] = field(default_factory=list)  # layers GPTQ could not round as usual, and what it did
     method: str = "GPTQ"  # or "GPTQ + AdaRound": AdaRound refining GPTQ's choices
     levels: list[LevelsRow] = field(default_factory=list)  # weight_levels: each layer's levels and errors
+    toward_float: set[str] = field(default_factory=set)  # layers rounded toward the float model's output
 
 
 @dataclass(frozen=True)
@@ -166,9 +169,10 @@ def weight_only_layers(plan: WeightOnlyPlan) -> dict[str, ir.Node]:
     return found
 
 
-def plan_rounding(layers: list[RoundingLayer]) -> LayerJob:
-    """The layers whose weight is stored as integers, with an input second-moment observer each."""
-    return plan_layer_inputs(layers, order=2)
+def plan_rounding(layers: list[RoundingLayer], joined: dict[str, str] | None = None) -> LayerJob:
+    """The layers whose weight is stored as integers, with an input second-moment observer each (of the joined
+    tensor ``joined`` names for a layer rounded toward the float model's output)."""
+    return plan_layer_inputs(layers, order=2, tensors=joined)
 
 
 def compensate_rounding(stages: list[LayerJob], samples: int, start: float, refine: bool = False,
@@ -181,10 +185,12 @@ def compensate_rounding(stages: list[LayerJob], samples: int, start: float, refi
 
     A second moment that GPTQ cannot invert (a singular or ill-conditioned one, from huge
     or degenerate activations) gets more damping, then round to nearest for that layer;
-    the report lists each such layer. ``levels``: per node name, how many of its integers the
-    layer's weights may take, chosen for the least output error (:func:`choose_layer_levels`),
-    the integer tensor then tagged for packing; ``compensate=False`` rounds to the nearest level
-    without GPTQ (``weight_rounding=NEAREST``).
+    the report lists each such layer. A layer whose observer reads a joined tensor
+    (:mod:`~lowbit.recovery.paired`) is rounded toward the float model's output instead of
+    its own float weight; the report names each. ``levels``: per node
+    name, how many of its integers the layer's weights may take, chosen for the least output
+    error (:func:`choose_layer_levels`), the integer tensor then tagged for packing;
+    ``compensate=False`` rounds to the nearest level without GPTQ (``weight_rounding=NEAREST``).
     """
     report = RoundingReport(0, samples, 0.0, 0.0, 0.0, method="nearest level" if not compensate else
                             "GPTQ + AdaRound" if refine and not levels else "GPTQ")
@@ -194,7 +200,7 @@ def compensate_rounding(stages: list[LayerJob], samples: int, start: float, refi
             measure(index, stage)
         for layer, key in stage.layers:
             errors = _round_layer(layer, stage.observers[key].covariance(), (levels or {}).get(layer.node.name),
-                                  refine, compensate, report)
+                                  refine, compensate, report, toward_float=joined(key))
             if errors is not None:
                 before.append(errors[0])
                 after.append(errors[1])
@@ -204,12 +210,22 @@ def compensate_rounding(stages: list[LayerJob], samples: int, start: float, refi
     return report
 
 
+def joined(key: InputKey) -> bool:
+    """Whether the observer of ``key`` reads a layer's input in both models (its second moment is joined)."""
+    return key[0].startswith(JOINED)
+
+
 def _round_layer(layer: RoundingLayer, covariance: np.ndarray, count: int | None, refine: bool, compensate: bool,
-                 report: RoundingReport) -> tuple[float, float] | None:
+                 report: RoundingReport, toward_float: bool = False) -> tuple[float, float] | None:
     """Re-round one layer in place (on ``count`` levels when given); its output error (nearest, chosen),
-    None when GPTQ could not round it. Adds to ``report``'s layers, fallbacks and levels."""
+    None when GPTQ could not round it. Adds to ``report``'s layers, fallbacks and levels.
+
+    ``toward_float``: ``covariance`` is a joined second moment, and the rows rounded (and
+    the errors measured) are the float-output target of :func:`toward_float_output`."""
     dq = integer_weight(layer.node)
     rows = as_rows(layer.node, layer.float_weight)
+    if toward_float:
+        covariance, rows = _float_target(layer, rows, covariance, report)
     scale, zero_point = _grid(dq, rows.shape[:2])
     stored = constant_array(dq.inputs[0])
     nearest = as_rows(layer.node, stored.astype(np.int64))
@@ -236,6 +252,7 @@ def _round_layer(layer: RoundingLayer, covariance: np.ndarray, count: int | None
             q, error = refined, refined_error
     if error >= error_nearest:  # GPTQ's greedy order can lose on a tiny layer: keep the better
         error, q = error_nearest, nearest
+        report.toward_float.discard(layer.node.name)  # its own weight's integers, as bias correction expects
         if chosen is None:
             return error_nearest, error
     new = from_rows(layer.node, q, stored.shape).astype(stored.dtype)
@@ -248,6 +265,24 @@ def _round_layer(layer: RoundingLayer, covariance: np.ndarray, count: int | None
                                        stored.size * stored.itemsize, packed_bytes(stored.size, count)))
     report.layers += 1
     return error_nearest, error
+
+
+def _float_target(layer: RoundingLayer, rows: np.ndarray, moments: np.ndarray,
+                  report: RoundingReport) -> tuple[np.ndarray, np.ndarray]:
+    """The quantized input's second moment and the rows to round toward; the layer's own rows (and a fallback
+    line) where the joined moments are not finite or not invertible."""
+    d = rows.shape[-1]
+    try:
+        with np.errstate(all="ignore"):
+            covariance, target = toward_float_output(rows.astype(np.float64), moments, DAMPING)
+    except np.linalg.LinAlgError:
+        target = None
+    if target is None or not np.all(np.isfinite(target)):
+        report.fallbacks.append(f"{layer.node.name}: its inputs' joint moments are not invertible; rounded toward "
+                                "its own float weight")
+        return moments[:, :d, :d], rows
+    report.toward_float.add(layer.node.name)
+    return covariance, target
 
 
 def compensated_rows(layer: RoundingLayer, covariance: np.ndarray, scale: np.ndarray) -> np.ndarray:

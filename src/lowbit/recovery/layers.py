@@ -95,14 +95,15 @@ InputKey = tuple[str, ConvGeometry | None]  # the input tensor's name, and the w
 
 
 def input_observer(node: ir.Node, weight_shape: tuple[int, ...], observers: dict[InputKey, LayerInputObserver],
-                   order: int) -> InputKey:
+                   order: int, tensor: str | None = None) -> InputKey:
     """The key of the observer of the node's input's ``order``-th moments in ``observers``, added there when new.
 
     Layers that read one tensor with the same window share an observer; two windows over
-    one tensor (a 1x1 and a 3x3 Conv on the same input) get one each.
+    one tensor (a 1x1 and a 3x3 Conv on the same input) get one each. ``tensor``: the
+    tensor to observe instead of the node's input (a joined one, :mod:`lowbit.recovery.paired`).
     """
     geometry = conv_geometry(node, weight_shape)
-    key = (node.inputs[0].name, geometry)
+    key = (tensor or node.inputs[0].name, geometry)
     observers.setdefault(key, LayerInputObserver(geometry, orders=(order,)))
     return key
 
@@ -115,12 +116,15 @@ class LayerJob:
     observers: dict[InputKey, LayerInputObserver]
 
 
-def plan_layer_inputs(layers: list, order: int) -> LayerJob:
-    """The layers whose weight is stored as integers, with an observer of the ``order``-th moments of each input."""
+def plan_layer_inputs(layers: list, order: int, tensors: dict[str, str] | None = None) -> LayerJob:
+    """The layers whose weight is stored as integers, with an observer of the ``order``-th moments of each input
+    (of the tensor ``tensors`` names for the layer's node, when it names one)."""
     job = LayerJob([], {})
     for layer in layers:
         if integer_weight(layer.node) is not None:
-            job.layers.append((layer, input_observer(layer.node, layer.float_weight.shape, job.observers, order)))
+            tensor = (tensors or {}).get(layer.node.name)
+            job.layers.append((layer, input_observer(layer.node, layer.float_weight.shape, job.observers, order,
+                                                     tensor)))
     return job
 
 
