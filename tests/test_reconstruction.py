@@ -96,7 +96,9 @@ def _int4_weights(path) -> dict[str, np.ndarray]:
 
 def test_two_bit_digit_cnn_keeps_its_answers(tmp_path):
     """The digit CNN, weights at 2 bits (weight-only, GPTQ): block reconstruction on 128 digits recovers most
-    of what GPTQ loses on 272 others (measured: agreement 0.901 -> 0.974, output error 19.3 -> 7.2)."""
+    of what GPTQ loses on 272 others (measured: agreement 0.960 -> 0.971, output error 9.9 -> 5.9; GPTQ
+    rounding each layer toward its own weight, before weight-only rounded toward the float output: 0.901 ->
+    0.974, 19.3 -> 7.2)."""
     from test_weight_only import digit_samples
 
     from bench import zoo
@@ -119,8 +121,8 @@ def test_two_bit_digit_cnn_keeps_its_answers(tmp_path):
         return np.mean((outputs - reference) ** 2), np.mean(outputs.argmax(1) == reference.argmax(1))
 
     (error_gptq, agreement_gptq), (error_learned, agreement_learned) = scores(gptq), scores(learned)
-    assert error_learned < 0.5 * error_gptq
-    assert agreement_learned >= 0.95 and agreement_learned > agreement_gptq + 0.04
+    assert error_learned < 0.7 * error_gptq
+    assert agreement_learned >= 0.95 and agreement_learned > agreement_gptq
 
 
 def test_an_op_it_cannot_run_is_named(tmp_path):
