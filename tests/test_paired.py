@@ -9,7 +9,8 @@ from conftest import ROOT, float_input, make_model, run, save
 from onnx import helper
 
 from lowbit.calibration.layer_inputs import ConvGeometry, LayerInputObserver
-from lowbit.recovery.paired import InputPair, paired_model, toward_float_output
+from lowbit.recovery.gptq import toward_float_output
+from lowbit.recovery.paired import InputPair, beside, paired_model
 
 
 def _one_op_model(op: str, shape) -> onnx.ModelProto:
@@ -22,7 +23,7 @@ def _one_op_model(op: str, shape) -> onnx.ModelProto:
 def test_the_joined_tensor_puts_each_group_of_both_inputs_side_by_side(tmp_path, groups, spatial, shape):
     quantized, reference = _one_op_model("Neg", shape), _one_op_model("Abs", shape)
     pair = InputPair("output", "output", groups, spatial)
-    model = paired_model(quantized, reference, [pair])
+    model = paired_model(quantized, beside(reference), [pair])
     model.graph.output.append(helper.make_value_info(pair.joined, onnx.TypeProto()))
     x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     joined = run(save(model, tmp_path / "paired.onnx"), {"input": x})[-1]

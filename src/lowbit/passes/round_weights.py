@@ -36,7 +36,7 @@ from ..recovery.gptq import (
     weight_only_layers,
 )
 from ..recovery.layers import LayerJob, by_tensor, in_stages, integer_weight
-from ..recovery.paired import InputPair, paired_model
+from ..recovery.paired import InputPair, beside, paired_model
 from .layer_inputs import LayerInputsPass
 
 
@@ -144,8 +144,8 @@ def _staged(layers: list[RoundingLayer], config: QuantConfig, state: QuantState)
 
 def _float_pairs(state: QuantState, layers: list[RoundingLayer]) -> tuple[onnx.ModelProto | None,
                                                                           dict[str, InputPair]]:
-    """The float model (at the quantized model's opset) and, per layer it has a node of the same name and op for,
-    the pair of inputs GPTQ reads to round that layer toward the float model's output.
+    """The float model (at the quantized model's opset, prefixed to sit beside it) and, per layer it has a node
+    of the same name and op for, the pair of inputs GPTQ reads to round that layer toward the float model's output.
 
     Weight-only below 8 bits only. There the layer inputs of the two models differ only by what
     the weights rounded upstream changed, the same way on every sample, and the correction
@@ -162,6 +162,8 @@ def _float_pairs(state: QuantState, layers: list[RoundingLayer]) -> tuple[onnx.M
     if reference.opset_imports.get("", 1) != opset:
         reference = with_opset(reference, opset)
         if reference is None:
+            state.note(f"weight rounding: onnx's converter could not take the float model to opset {opset}, where "
+                       "the quantized one is; each layer is rounded toward its own float weight")
             return None, {}
     nodes = {node.name: node for node in reference.graph}
     pairs = {}
@@ -172,7 +174,7 @@ def _float_pairs(state: QuantState, layers: list[RoundingLayer]) -> tuple[onnx.M
         spatial = layer.float_weight.ndim - 2 if layer.node.op_type == "Conv" else 0
         groups = int(attribute(layer.node, "group", 1)) if spatial else 1
         pairs[layer.node.name] = InputPair(layer.node.inputs[0].name, twin.inputs[0].name, groups, spatial)
-    return ir.serde.serialize_model(reference), pairs
+    return beside(ir.serde.serialize_model(reference)), pairs
 
 
 def _table_levels(state: QuantState) -> list[LevelsRow]:

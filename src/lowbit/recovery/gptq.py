@@ -45,7 +45,7 @@ from .layers import (
     plan_layer_inputs,
     reads_rows,
 )
-from .paired import JOINED, toward_float_output
+from .paired import JOINED
 
 DAMPING = 0.01  # of the mean diagonal of H: keeps H invertible where inputs are constant or collinear
 BLOCK = 128  # columns rounded between two updates of the columns after them
@@ -108,11 +108,7 @@ def gptq_round(weights: np.ndarray, covariance: np.ndarray, scale: np.ndarray, z
     weights, :mod:`lowbit.quantizers.levels`), each weight going to the nearest of them.
     """
     w = weights.astype(np.float64).copy()
-    h = covariance.astype(np.float64).copy()
-    diagonal = np.arange(h.shape[-1])
-    h_diag = h[:, diagonal, diagonal]
-    dead = h_diag <= 0  # an input that is always zero: its weights do not matter, round them alone
-    h[:, diagonal, diagonal] += damping * np.maximum(h_diag.mean(axis=1, keepdims=True), 1e-12) + dead
+    h = damped(covariance, damping)
     # upper Cholesky factor of H^-1: row i holds how rounding input i moves the inputs after it
     upper = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)
     if not np.all(np.isfinite(upper)):
@@ -131,6 +127,31 @@ def gptq_round(weights: np.ndarray, covariance: np.ndarray, scale: np.ndarray, z
             errors[:, :, i - begin] = error
         w[:, :, end:] -= np.matmul(errors, upper[:, begin:end, end:])
     return q
+
+
+def damped(covariance: np.ndarray, damping: float) -> np.ndarray:
+    """``H + damping * mean(diag H) I`` per group (float64, a copy), with 1 on the diagonal of an input that is
+    always zero: its weights do not matter, and GPTQ rounds them alone."""
+    h = covariance.astype(np.float64).copy()
+    diagonal = np.arange(h.shape[-1])
+    h_diag = h[:, diagonal, diagonal]
+    h[:, diagonal, diagonal] += damping * np.maximum(h_diag.mean(axis=1, keepdims=True), 1e-12) + (h_diag <= 0)
+    return h
+
+
+def toward_float_output(rows: np.ndarray, moments: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
+    """From a joined observer's second moment (groups, 2D, 2D; :mod:`~lowbit.recovery.paired`): the quantized
+    input's ``H`` and the weight rows to round toward, ``W + W (C - H) (H + damping)^-1`` with ``C = mean(p_f p~^T)``.
+
+    ``E||W p_f - Q p~||^2 = ||Q - W'||^2_H + const`` for that ``W'``, so GPTQ on ``W'`` against
+    ``H`` minimises the error to the float model's output. Written as a correction of ``W``, the
+    damping pulls toward the float weight (where ``p~ = p_f``, ``W' = W``), not toward zero.
+    """
+    d = rows.shape[-1]
+    h, cross = moments[:, :d, :d], moments[:, d:, :d]
+    drift = np.matmul(rows, cross - h)  # (groups, outputs, D)
+    correction = np.linalg.solve(damped(h, damping), drift.transpose(0, 2, 1)).transpose(0, 2, 1)
+    return h, rows + correction
 
 
 def _on_grid(values: np.ndarray, qmin: int, qmax: int, levels: np.ndarray | None) -> np.ndarray:

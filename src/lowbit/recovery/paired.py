@@ -14,7 +14,7 @@ model's input next to each other along the channel axis,
 group by group, so that one :class:`~lowbit.calibration.layer_inputs.LayerInputObserver`
 with the layer's own window sees, per group, a patch twice as long: the quantized
 patch's values, then the float one's. Its second moment holds ``mean(p~ p~^T)`` and
-``mean(p_f p~^T)`` as blocks.
+``mean(p_f p~^T)`` as blocks (:func:`lowbit.recovery.gptq.toward_float_output` reads them).
 """
 
 from __future__ import annotations
@@ -45,19 +45,26 @@ class InputPair:
         return f"{JOINED}{self.quantized}::{self.reference}::g{self.groups}"
 
 
-def paired_model(quantized: onnx.ModelProto, reference: onnx.ModelProto, pairs: list[InputPair]) -> onnx.ModelProto:
-    """``quantized`` with ``reference`` (same opset, same graph inputs) beside it and each pair's joined tensor."""
+def beside(reference: onnx.ModelProto) -> onnx.ModelProto:
+    """The float model as :func:`paired_model` adds it: every name under ``float::``, its graph inputs read
+    from the quantized model's (made once per job; each stage's paired model copies it)."""
+    float_model = onnx.compose.add_prefix(reference, PREFIX)
+    constants = {init.name for init in float_model.graph.initializer}
+    inputs = [helper.make_node("Identity", [value.name[len(PREFIX):]], [value.name], name=f"{value.name}/Identity")
+              for value in float_model.graph.input if value.name not in constants]
+    nodes = list(float_model.graph.node)
+    del float_model.graph.node[:]
+    float_model.graph.node.extend(inputs + nodes)
+    return float_model
+
+
+def paired_model(quantized: onnx.ModelProto, float_model: onnx.ModelProto, pairs: list[InputPair]) -> onnx.ModelProto:
+    """``quantized`` with ``float_model`` (:func:`beside`'s, same opset) beside it and each pair's joined tensor."""
     if not pairs:
         return quantized
-    float_model = onnx.compose.add_prefix(reference, PREFIX)
     model = onnx.ModelProto()
     model.CopyFrom(quantized)
     graph = model.graph
-    constants = {init.name for init in float_model.graph.initializer}
-    for value in float_model.graph.input:
-        if value.name not in constants:
-            graph.node.append(helper.make_node("Identity", [value.name[len(PREFIX):]], [value.name],
-                                               name=f"{value.name}/Identity"))
     graph.initializer.extend(float_model.graph.initializer)
     graph.node.extend(float_model.graph.node)
     have = {opset.domain for opset in model.opset_import}
@@ -65,7 +72,6 @@ def paired_model(quantized: onnx.ModelProto, reference: onnx.ModelProto, pairs: 
     for pair in dict.fromkeys(pairs):
         _join(graph, pair)
     return model
-
 
 def _join(graph: onnx.GraphProto, pair: InputPair) -> None:
     """Add the nodes that compute ``pair.joined``: per group, the quantized input's channels, then the float one's."""
@@ -93,21 +99,3 @@ def _join(graph: onnx.GraphProto, pair: InputPair) -> None:
         helper.make_node("Reshape", [f"{name}/joined", f"{name}/merged_shape"], [name], name=f"{name}/Reshape"),
     ])
 
-
-def toward_float_output(rows: np.ndarray, moments: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
-    """From a joined observer's second moment (groups, 2D, 2D): the quantized input's ``H`` and the weight rows to
-    round toward, ``W + W (C - H) (H + damping)^-1`` with ``C = mean(p_f p~^T)``.
-
-    ``E||W p_f - Q p~||^2 = ||Q - W'||^2_H + const`` for that ``W'``, so GPTQ on ``W'`` against
-    ``H`` minimises the error to the float model's output. Written as a correction of ``W``, the
-    damping pulls toward the float weight (where ``p~ = p_f``, ``W' = W``), not toward zero.
-    """
-    d = rows.shape[-1]
-    h, cross = moments[:, :d, :d], moments[:, d:, :d]
-    diagonal = np.arange(d)
-    h_diag = h[:, diagonal, diagonal]
-    damped = h.copy()
-    damped[:, diagonal, diagonal] += damping * np.maximum(h_diag.mean(axis=1, keepdims=True), 1e-12) + (h_diag <= 0)
-    drift = np.matmul(rows, cross - h)  # (groups, outputs, D)
-    correction = np.linalg.solve(damped, drift.transpose(0, 2, 1)).transpose(0, 2, 1)  # drift (H + damping)^-1
-    return h, rows + correction
