@@ -223,6 +223,11 @@ FIELDS: tuple[Field, ...] = (
           "bias_correction: keep the corrected biases only if they do not worsen the model's outputs by this "
           "metric on the calibration samples it read (Horizon's metric); unset = always keep",
           choices=("cosine-similarity", "mse", "mae", "mre", "sqnr", "chebyshev"), extension=True),
+    Field(FULL, "saturation_safe_weights", Kind.BOOL, True,
+          "keep every two int8 weights that ONNX Runtime's x86 int8 kernels add in one 16-bit lane within "
+          "|a| + |b| <= 128, so that CPUs without VNNI (AVX2, AVX-512 without VNNI) compute the model exactly "
+          "instead of saturating (FULL_QUANT and DYNAMIC_QUANT; false: for VNNI or ARM CPUs or TensorRT only)",
+          extension=True),
     Field(FULL, "cross_layer_equalization", Kind.BOOL, False,
           "before calibration, rescale the channels of consecutive Conv/Gemm/MatMul layers (through Relu, "
           "LeakyRelu, PRelu; Clip(0, hi) becomes Relu + a per-channel Min) so that per-tensor weight grids fit "

@@ -57,7 +57,8 @@ class PlanFull(Pass):
                 rules = rules.without_int16()
                 state.note(f"int16 Q/DQ needs opset {INT4_OPSET}, and onnx's converter could not take the model "
                            "there: what was asked as int16 is int8")
-        state.weight_options = PlanOptions(**WeightSelection.settings(config), precisions=rules)
+        state.weight_options = PlanOptions(**WeightSelection.settings(config), precisions=rules,
+                                           saturation_safe=config.saturation_safe_weights)
         state.plan = plan_quantization(state.model, state.target, state.weight_options)
         for message in state.plan.notes:
             state.note(message)
@@ -121,5 +122,6 @@ class PlanDynamic(Pass):
                            "take the model there: every activation gets one scale per tensor")
         state.weight_options = DynamicOptions(**WeightSelection.settings(config),
                                               activation_matmul=config.dynamic_quant_activation_matmul,
-                                              granularity=granularity)
+                                              granularity=granularity,
+                                              saturation_safe=config.saturation_safe_weights)
         state.plan = plan_dynamic(state.model, state.weight_options)

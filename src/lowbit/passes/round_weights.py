@@ -24,6 +24,7 @@ from ..graph.query import attribute, constant_array
 from ..pipeline.engine import Request
 from ..pipeline.state import QuantState
 from ..quantizers.levels import AUTO, PACKED_TAG, channel_shape, fixed_count, packed_bytes, table_levels
+from ..quantizers.saturation import guarded, kernel_pairs
 from ..quantizers.weight_bits import level_bound
 from ..recovery.gptq import (
     LevelsRow,
@@ -238,7 +239,9 @@ def rounding_layers(state: QuantState) -> list[RoundingLayer]:
 
 def _full_quant_layers(state: QuantState) -> list[RoundingLayer]:
     return [RoundingLayer(slot.node, state.float_layers[slot.node.name].float_weight, slot.scheme.qmin,
-                          slot.scheme.qmax)
+                          slot.scheme.qmax,
+                          kernel_pairs(slot.node, state.float_layers[slot.node.name].float_weight.shape)
+                          if guarded(slot.node, slot.scheme.qtype, state.plan.saturation_safe) else None)
             for slot in state.plan.weights if slot.index == 1 and slot.node.name in state.float_layers]
 
 

@@ -12,6 +12,7 @@ from ..passes.correct_biases import CorrectBiases
 from ..passes.debug_reports import WriteDebugReports
 from ..passes.equalize import EqualizeLayers
 from ..passes.evaluate import CheckGoal, LoadEvaluator
+from ..passes.guard_pairs import GuardWeightPairs
 from ..passes.plan import PlanFull
 from ..passes.prepare import Prepare
 from ..passes.quant_config_out import WriteQuantConfig
@@ -32,6 +33,7 @@ def build_passes(final: bool = False) -> list[Pass]:
         RoundWeights(),  # quantized model, 64 samples (D patches each): GPTQ's second moments; weights re-rounded
         *([ReconstructBlocks()] if final else []),  # block_reconstruction: 128 samples, block by block, in torch
         CorrectBiases(),  # quantized model, 64 samples: each layer's input mean; biases corrected
+        GuardWeightPairs(),  # saturation_safe_weights: int8 weight pairs within 128 (AVX2 without VNNI)
     ]
 
 

@@ -40,6 +40,7 @@ from ..graph.query import STANDARD_DOMAINS, attribute, constant_array, is_activa
 from .constants import add_initializer, dequantize_node
 from .plan import SKIPPED, Decisions, NodeDecision
 from .qparams import INT8, QuantScheme, compute_qparams
+from .saturation import fit_weight, widen_for_pairs
 from .selection import WeightSelection
 
 DYNAMIC_OPS = ("MatMul", "Gemm", "Gather")
@@ -49,6 +50,7 @@ DYNAMIC_OPS = ("MatMul", "Gemm", "Gather")
 class DynamicOptions(WeightSelection):
     granularity: str = "AUTO"  # activation scales per row (TOKEN), per tensor (TENSOR), or AUTO
     activation_matmul: bool = False
+    saturation_safe: bool = True  # int8 weight pairs within 128 (:mod:`~lowbit.quantizers.saturation`)
 
 
 def token_scales(weight_shape: tuple[int, int], granularity: str) -> bool:
@@ -189,7 +191,13 @@ def _quantize_matmul(graph: ir.Graph, node: ir.Node, options: DynamicOptions, op
         w_q, w_scale, w_zero = _dynamic_input(graph, node.inputs[1], f"{name}_b", new)
     else:
         qparams = _weight_qparams(np.ascontiguousarray(weight), 1 if options.per_channel else None)
-        w_q = add_initializer(graph, f"{name}_weight_quantized", qparams.quantize(weight))
+        if options.saturation_safe:  # MatMulInteger reads the [K, N] integers as a MatMul does
+            as_matmul = ir.node("MatMul", [])
+            qparams = widen_for_pairs(as_matmul, weight, qparams)
+            integers = fit_weight(as_matmul, qparams.quantize(weight))[0]
+        else:
+            integers = qparams.quantize(weight)
+        w_q = add_initializer(graph, f"{name}_weight_quantized", integers)
         w_scale = add_initializer(graph, f"{name}_weight_scale", qparams.scale)
         w_zero = add_initializer(graph, f"{name}_weight_zero_point", qparams.zero_point)
     integer = _new_node(graph, "MatMulInteger", [x_q, w_q, x_zero, w_zero], name=name)

@@ -29,7 +29,7 @@ from ..graph.query import STANDARD_DOMAINS, attribute, constant_array, is_activa
 from .float16 import has_float16_form
 from .precision import FLOATS, PrecisionRules, float16_kernels
 from .qparams import INT8 as INT8_TYPE
-from .qparams import QuantScheme
+from .qparams import QParams, QuantScheme
 from .selection import WeightSelection
 from .targets import FUSABLE_ACTIVATIONS, FUSION_PRODUCERS, SAME_SCALE_OPS, WEIGHTED_OPS, Target
 
@@ -107,6 +107,9 @@ class QuantPlan(Decisions):
     wide: set[str] = field(default_factory=set)  # activations at 16 bits (whole scale-sharing groups)
     compensated: list[tuple[ir.Node, int]] = field(default_factory=list)  # (node, input) with ec
     notes: list[str] = field(default_factory=list)  # precision requests the target or model changed
+    saturation_safe: bool = False  # int8 weights read with int8 activations: pairs within 128
+    # saturation_safe: each weight's widened grid, kept for the searches' candidates, which rewrite the same weights
+    widened_grids: dict[tuple, QParams] = field(default_factory=dict, repr=False, compare=False)
     _parent: dict[str, str] = field(default_factory=dict)
 
     def activation_scheme(self, name: str) -> QuantScheme:
@@ -140,6 +143,7 @@ class PlanOptions(WeightSelection):
     """Full quantization's options: the shared weight selection and the precisions asked for."""
 
     precisions: PrecisionRules = field(default_factory=PrecisionRules, hash=False)
+    saturation_safe: bool = True  # int8 weight pairs within 128 (:mod:`~lowbit.quantizers.saturation`)
 
 
 def plan_quantization(model: ir.Model, target: Target, options: PlanOptions) -> QuantPlan:
@@ -165,7 +169,7 @@ class _Planner:
         self.target = target
         self.options = options
         self.rules = options.precisions
-        self.plan = QuantPlan(target=target)
+        self.plan = QuantPlan(target=target, saturation_safe=options.saturation_safe)
         self.float16_ops = None if target.all_float16 else float16_kernels(graph.opset_imports.get("", 1))
         self.no_float16_kernel: Counter[str] = Counter()
 

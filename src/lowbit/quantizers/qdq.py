@@ -34,6 +34,7 @@ from .constants import add_initializer, dequantize_node, weight_qparams
 from .float16 import compute_in_float16
 from .plan import WEIGHT_REQUANTIZED, BiasSlot, QuantPlan
 from .qparams import INT32, QParams, QuantScheme, compute_qparams
+from .saturation import fit_weight, guarded, widen_for_pairs
 from .ties import off_ties
 from .weight_bits import quantize_weight
 
@@ -55,14 +56,20 @@ class _Rewriter:
 
     # -- constants -----------------------------------------------------------------
 
-    def dequantized_constant(self, value: ir.Value, qparams: QParams, tag: str) -> ir.Value:
-        """Integer initializer + DequantizeLinear for a constant; shared by readers with equal parameters."""
-        key = (value.name, tag, qparams.scale.tobytes(), qparams.zero_point.tobytes(), qparams.scheme.axis)
+    def dequantized_constant(self, value: ir.Value, qparams: QParams, tag: str,
+                             fitted_for: ir.Node | None = None) -> ir.Value:
+        """Integer initializer + DequantizeLinear for a constant; shared by readers with equal parameters.
+
+        ``fitted_for``: the integers are kept from saturating that node's kernel
+        (:func:`~lowbit.quantizers.saturation.fit_weight`)."""
+        key = (value.name, tag, qparams.scale.tobytes(), qparams.zero_point.tobytes(), qparams.scheme.axis,
+               fitted_for is not None)
         if key in self.dequantized:
             return self.dequantized[key]
-        array = constant_array(value)
-        q = add_initializer(self.graph, f"{value.name}_quantized", qparams.quantize(array),
-                            qparams.scheme.qtype.onnx_type)
+        integers = qparams.quantize(constant_array(value))
+        if fitted_for is not None:
+            integers = fit_weight(fitted_for, integers)[0]
+        q = add_initializer(self.graph, f"{value.name}_quantized", integers, qparams.scheme.qtype.onnx_type)
         scale = add_initializer(self.graph, f"{value.name}_scale", qparams.scale)
         # An int32 bias leaves out its zero point (0 by default, 4 bytes a channel saved).
         # Weights keep theirs even when 0: ONNX Runtime fuses DQ -> Gemm into QGemm only then.
@@ -132,13 +139,19 @@ class _Rewriter:
         if scheme.qtype.bits < 8:  # few levels: a scale that clips a few large weights costs less error
             grid = quantize_weight(array, scheme.qtype.bits, scheme.axis)
             qparams = QParams(grid.scale.astype(np.float32), qparams.zero_point, scheme)
+        fitted = index == 1 and guarded(node, scheme.qtype, self.plan.saturation_safe)
+        if fitted:  # a coarser grid for the channels where that costs less than cutting pairs down to the bound
+            key = (value.name, node.op_type, qparams.scale.tobytes())  # the same in every candidate of a search
+            if key not in self.plan.widened_grids:
+                self.plan.widened_grids[key] = widen_for_pairs(node, array, qparams)
+            qparams = self.plan.widened_grids[key]
         if bias is not None and not bias.own_scale and bias.input_value.name in self.activation_qparams:
             qparams = _fit_bias_in_int32(qparams, constant_array(node.inputs[bias.index]),
                                          self.activation_qparams[bias.input_value.name])
         if (id(node), index) in self.compensated:
             self.float_weights[(id(node), index)] = (array, qparams)
         self.weight_qparams[(id(node), index)] = qparams
-        node.replace_input_with(index, self.dequantized_constant(value, qparams, "weight"))
+        node.replace_input_with(index, self.dequantized_constant(value, qparams, "weight", node if fitted else None))
 
     def quantize_bias(self, slot: BiasSlot) -> None:
         node = slot.node

@@ -33,6 +33,7 @@ import onnx_ir as ir
 
 from ..graph.query import constant_array
 from ..quantizers.levels import PACKED_TAG, nearest_level, optimal_levels, packed_bytes
+from ..quantizers.saturation import PAIR_BOUND, KernelPairs, fit_pairs
 from ..quantizers.weight_only import WeightOnlyPlan
 from .adaround import adaround
 from .layers import (
@@ -59,6 +60,7 @@ class RoundingLayer:
     float_weight: np.ndarray
     qmin: int
     qmax: int
+    pairs: KernelPairs | None = None  # saturation_safe_weights: pairs kept within |a| + |b| <= 128
 
 
 @dataclass
@@ -100,12 +102,16 @@ class LevelsRow:
 
 
 def gptq_round(weights: np.ndarray, covariance: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
-               qmin: int, qmax: int, damping: float = DAMPING, levels: np.ndarray | None = None) -> np.ndarray:
+               qmin: int, qmax: int, damping: float = DAMPING, levels: np.ndarray | None = None,
+               pairs: KernelPairs | None = None) -> np.ndarray:
     """Integers for ``weights`` (groups, outputs, D) on the grid ``scale``/``zero_point`` (groups, outputs).
 
     ``covariance`` (groups, D, D) is the input second moment of each group. Returns int64
     integers of the weights' shape. ``levels``: the only integers allowed (non-uniform
     weights, :mod:`lowbit.quantizers.levels`), each weight going to the nearest of them.
+    ``pairs`` (:mod:`~lowbit.quantizers.saturation`): the second weight of each pair is
+    clipped to ``128 - |first|``, and the error that costs moves onto the weights after it,
+    as any rounding error does.
     """
     w = weights.astype(np.float64).copy()
     h = damped(covariance, damping)
@@ -116,12 +122,16 @@ def gptq_round(weights: np.ndarray, covariance: np.ndarray, scale: np.ndarray, z
     scale = scale.astype(np.float64)
     q = np.empty(w.shape, dtype=np.int64)
     width = w.shape[-1]
+    partners = pairs.partners(width) if pairs is not None else np.full(width, -1)
     for begin in range(0, width, BLOCK):  # GPTQ's lazy updates: the columns after a block move once per block
         end = min(begin + BLOCK, width)
         errors = np.empty(w.shape[:2] + (end - begin,))
         for i in range(begin, end):
             column = w[:, :, i]
             q[:, :, i] = _on_grid(column / scale + zero_point, qmin, qmax, levels)
+            if partners[i] >= 0:  # what the pair's first weight leaves of the bound
+                room = PAIR_BOUND - np.abs(q[:, :, partners[i]])
+                q[:, :, i] = np.clip(q[:, :, i], -room, room)
             error = (column - (q[:, :, i] - zero_point) * scale) / upper[:, i, i][:, None]
             w[:, :, i + 1:end] -= error[:, :, None] * upper[:, None, i, i + 1:end]
             errors[:, :, i - begin] = error
@@ -276,6 +286,8 @@ def _round_layer(layer: RoundingLayer, covariance: np.ndarray, count: int | None
         report.toward_float.discard(layer.node.name)  # its own weight's integers, as bias correction expects
         if chosen is None:
             return error_nearest, error
+    if layer.pairs is not None and chosen is None:  # AdaRound's choices know nothing of the pairs
+        q = fit_pairs(q, layer.pairs)[0]
     new = from_rows(layer.node, q, stored.shape).astype(stored.dtype)
     dq.inputs[0].const_value = ir.tensor(new, name=dq.inputs[0].name)
     if chosen is not None:
@@ -380,7 +392,8 @@ def _round_with_fallback(rows, covariance, scale, zero_point, layer: RoundingLay
     for damping in (DAMPING, 10 * DAMPING, 100 * DAMPING):
         try:
             with np.errstate(all="ignore"):
-                q = gptq_round(rows, covariance, scale, zero_point, layer.qmin, layer.qmax, damping, levels)
+                q = gptq_round(rows, covariance, scale, zero_point, layer.qmin, layer.qmax, damping, levels,
+                               None if levels is not None else layer.pairs)
         except np.linalg.LinAlgError:
             continue
         return q, damping

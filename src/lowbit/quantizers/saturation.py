@@ -1,0 +1,175 @@
+"""Int8 weights that ONNX Runtime's x86 kernels cannot saturate on CPUs without VNNI.
+
+On x86 CPUs with AVX2 (or AVX-512) but without VNNI, ONNX Runtime's int8 matrix kernels
+(QLinearConv, QGemm, QLinearMatMul, MatMulInteger: MLAS's u8 x s8 GEMM) multiply with
+VPMADDUBSW: the products of two neighbouring elements along the reduction axis are added
+into one signed 16-bit lane, which saturates at 32767. An activation byte reaches 255
+(uint8, or int8 shifted by 128), so a pair of weights ``(a, b)`` with ``|a| + |b| > 128``
+can overflow, and the layer's output is silently wrong (EfficientNet-Lite0 at int8:
+top-1 agreement with float 0.575 on such a CPU instead of 0.96). CPUs with VNNI and ARM
+CPUs add in 32 bits and are not affected; neither are depthwise convolutions (their own
+kernel) nor int4 / int16 weights.
+
+The pairs are elements ``2j`` and ``2j + 1`` of the reduction axis in the order the
+kernel reads it: a Gemm's or MatMul's K; for a Conv (ONNX Runtime runs QLinearConv in
+NHWC), each group's ``(kh, kw, c_in)`` (measured on this machine: a pattern of large weights
+on neighbours in that order overflows, the same weights one place further do not).
+Keeping ``|a| + |b| <= 128`` (255 x 128 = 32640) makes the model compute exactly on every
+CPU, whatever the input. Nearly every channel's largest weight has a neighbour that takes
+the pair over 128, so most channels get a somewhat coarser grid (:func:`widen_for_pairs`).
+
+``saturation_safe_weights=false`` turns this off for models that run only on VNNI or ARM
+CPUs or on TensorRT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from ..graph.query import attribute
+from .qparams import QParams, QuantType
+
+PAIR_BOUND = 128  # |a| + |b| <= 128: 255 * 128 = 32640 fits a signed 16-bit lane (32767)
+WIDENINGS = 9  # scales tried per channel by widen_for_pairs, from the channel's own to one with no pair over
+EIGHT_BIT = (ir.DataType.INT8, ir.DataType.UINT8)
+
+
+@dataclass(frozen=True)
+class KernelPairs:
+    """Which weights of a row (one output channel, the reduction axis flattened as ONNX stores it) the kernel
+    multiplies as a pair: ``first[j]`` with ``second[j]``."""
+
+    first: np.ndarray
+    second: np.ndarray
+
+    def partners(self, width: int) -> np.ndarray:
+        """For each position of a row, the position of its pair's other weight when that one comes earlier in
+        the row (GPTQ rounds it first), else -1."""
+        partner = np.full(width, -1, np.int64)
+        early, late = np.minimum(self.first, self.second), np.maximum(self.first, self.second)
+        partner[late] = early
+        return partner
+
+    def sums(self, q: np.ndarray) -> np.ndarray:
+        """Each pair's ``|a| + |b|`` (..., pairs)."""
+        return np.abs(q[..., self.first]) + np.abs(q[..., self.second])
+
+
+def kernel_pairs(node: ir.Node, weight_shape: tuple[int, ...]) -> KernelPairs | None:
+    """The pairs of a Conv, Gemm or MatMul weight whose kernel can saturate; None for any other node, a
+    depthwise convolution, or a weight that is not 2-D (MatMul, Gemm) or 3-D/4-D (Conv)."""
+    if node.op_type == "Conv" and len(weight_shape) in (3, 4):
+        channels, spatial = weight_shape[1], int(np.prod(weight_shape[2:]))
+        if channels == 1 and int(attribute(node, "group", 1)) > 1:
+            return None  # depthwise: ONNX Runtime's depthwise kernel accumulates in 32 bits
+        # row position c * spatial + s, read in the order s * channels + c
+        order = np.arange(channels * spatial).reshape(channels, spatial).T.reshape(-1)
+    elif node.op_type in ("Gemm", "MatMul") and len(weight_shape) == 2:
+        order = np.arange(weight_shape[1] if node.op_type == "Gemm" and attribute(node, "transB", 0)
+                          else weight_shape[0])
+    else:
+        return None
+    paired = len(order) // 2 * 2
+    return KernelPairs(order[0:paired:2], order[1:paired:2])
+
+
+def reads_eight_bit_activation(node: ir.Node) -> bool:
+    """Whether the node's data input (input 0) comes from a DequantizeLinear of 8-bit integers."""
+    source = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+    return (source is not None and source.op_type == "DequantizeLinear"
+            and source.inputs[0].dtype in EIGHT_BIT)
+
+
+def guarded(node: ir.Node, weight_type: QuantType, enabled: bool) -> bool:
+    """Whether ``node``'s integer weight is kept from saturating: ``enabled`` (saturation_safe_weights), an int8
+    weight, and an 8-bit activation read. uint8 weights (the DSP preset's) run the u8 x u8 kernel, which
+    widens to 16 bits before it multiplies; other widths run other kernels, or none."""
+    return enabled and weight_type.bits == 8 and weight_type.signed and reads_eight_bit_activation(node)
+
+
+def fit_pairs(rows: np.ndarray, pairs: KernelPairs) -> tuple[np.ndarray, int]:
+    """``rows`` (any leading axes, the row last) with every pair brought to ``|a| + |b| <= 128``; the number of
+    weights changed.
+
+    A pair over the bound loses the excess split as evenly as integers allow, the larger
+    half from the larger weight (the least squared change for a given sum), signs kept.
+    """
+    q = rows.astype(np.int64).copy()
+    a, b = q[..., pairs.first], q[..., pairs.second]
+    excess = np.abs(a) + np.abs(b) - PAIR_BOUND
+    over = excess > 0
+    if not over.any():
+        return rows, 0
+    larger = np.abs(a) >= np.abs(b)
+    big_cut, small_cut = (excess + 1) // 2, excess // 2
+    cut_a = np.where(over, np.where(larger, big_cut, small_cut), 0)
+    cut_b = np.where(over, np.where(larger, small_cut, big_cut), 0)
+    q[..., pairs.first] = np.sign(a) * (np.abs(a) - cut_a)
+    q[..., pairs.second] = np.sign(b) * (np.abs(b) - cut_b)
+    changed = int(np.count_nonzero(cut_a) + np.count_nonzero(cut_b))
+    return q.astype(rows.dtype), changed
+
+
+def fit_weight(node: ir.Node, integers: np.ndarray) -> tuple[np.ndarray, int]:
+    """A stored integer weight of ``node`` (ONNX layout) with its pairs fitted (:func:`fit_pairs`); the number
+    of weights changed. Unchanged for a node :func:`kernel_pairs` leaves out."""
+    pairs = kernel_pairs(node, integers.shape)
+    if pairs is None:
+        return integers, 0
+    fitted, changed = fit_pairs(_rows(node, integers), pairs)
+    if not changed:
+        return integers, 0
+    return _unrows(node, fitted, integers.shape), changed
+
+
+def widen_for_pairs(node: ir.Node, weight: np.ndarray, qparams: QParams) -> QParams:
+    """``qparams`` of a symmetric int8 weight with each channel's scale raised where that costs less squared
+    error than cutting its pairs down to the bound (:func:`fit_pairs`).
+
+    Cutting two of a channel's largest weights that sit side by side costs much (EfficientNet-Lite0
+    with cuts only: 1 - cosine 0.24), a coarser grid for that channel little; a pair slightly over
+    is cheaper to cut. Tried per channel (one choice for a per-tensor scale): WIDENINGS steps
+    from 1 to the factor that brings every pair within the bound. Asymmetric weights keep
+    their grid (cut only).
+    """
+    pairs = kernel_pairs(node, weight.shape)
+    if pairs is None or np.any(qparams.zero_point != 0):
+        return qparams
+    rows = _rows(node, weight).astype(np.float64)
+    scale = np.broadcast_to(qparams.scale.astype(np.float64).reshape(-1, 1), (rows.shape[0], 1))
+    q = np.clip(np.rint(rows / scale), qparams.scheme.qmin, qparams.scheme.qmax)
+    needed = np.max(pairs.sums(q), axis=-1, initial=0) / PAIR_BOUND
+    if qparams.scale.ndim == 0:
+        needed = np.full_like(needed, needed.max())
+    needed = np.maximum(needed, 1.0)[:, None]
+    best_error, best = None, None
+    for step in np.linspace(0.0, 1.0, WIDENINGS):
+        trial = scale * (1.0 + (needed - 1.0) * step)
+        q = fit_pairs(np.clip(np.rint(rows / trial), qparams.scheme.qmin, qparams.scheme.qmax), pairs)[0]
+        error = np.sum((q * trial - rows) ** 2, axis=1, keepdims=True)
+        if qparams.scale.ndim == 0:
+            error = np.full_like(error, error.sum())
+        if best is None:
+            best_error, best = error, trial
+        else:
+            better = error < best_error
+            best_error, best = np.where(better, error, best_error), np.where(better, trial, best)
+    widened = best[:, 0] if qparams.scale.ndim else best[0, 0]
+    return QParams(np.asarray(widened, np.float32).reshape(qparams.scale.shape), qparams.zero_point, qparams.scheme)
+
+
+def _along_rows(node: ir.Node) -> bool:
+    """Whether the weight's first axis is the output channel (Conv, Gemm with transB); else it is the last."""
+    return node.op_type == "Conv" or (node.op_type == "Gemm" and bool(attribute(node, "transB", 0)))
+
+
+def _rows(node: ir.Node, weight: np.ndarray) -> np.ndarray:
+    """The weight as (output channels, reduction axis as ONNX stores it)."""
+    return weight.reshape(weight.shape[0], -1) if _along_rows(node) else weight.T
+
+
+def _unrows(node: ir.Node, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return rows.reshape(shape) if _along_rows(node) else np.ascontiguousarray(rows.T)
