@@ -76,7 +76,8 @@ def test_a_model_from_onnxruntime_quantize_static(tmp_path):
         def get_next(self):
             return next(self.feeds, None)
 
-    quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    # reduce_range: 7-bit weights, which onnxruntime's int8 kernels cannot saturate on x86 CPUs without VNNI
+    quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True)
     assert "Relu" not in {n.op_type for n in onnx.load(str(out)).graph.node}
     float_model = prepare(load_model(src)[0])
     switched = switched_model(typed(load_model(out)[0]), float_model)

@@ -124,7 +124,10 @@ def test_ppocr_det(tmp_path):
     calib = [{"x": _ocr_det_input(c)} for image in calib_images for c in zoo.crops(image, 4, seed=0)]
     src = zoo.ppocr_models()["det"]
     out = tmp_path / "det_int8.onnx"
-    result = quantize_and_check(src, out, calib)
+    # KL: on this detector every other method wrecks the output (held-out cosine 0.02 to 0.43 for MAX_MIN,
+    # REMOVAL_OUTLIER, MSE; 0.93 for KL), and the default search compares them on the one sample that 12
+    # calibration crops hold back, which picks by chance (tests/test_search.py tests the search itself)
+    result = quantize_and_check(src, out, calib, activation_quant_method="KL")
     assert any(n.op_type == "ConvTranspose" for n in result.quantized_nodes)
     # held out: the text_defocus photo whole and a crop of it (the float model finds no text in the other
     # held-out photo at this size). Compared: the text-probability maps, and the text masks (p > 0.3)
