@@ -40,7 +40,8 @@ def run_lowbit(model: Path, calib: Path, output: Path, size: int | None, **setti
     lowbit.quantize(model, output, data=calib, calibrate_size=size, progress=False, **settings)
 
 
-def run_onnxruntime(method: str, model: Path, calib: Path, output: Path, size: int | None) -> None:
+def run_onnxruntime(method: str, model: Path, calib: Path, output: Path, size: int | None,
+                    reduce_range: bool = False) -> None:
     import onnxruntime as ort
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -74,7 +75,7 @@ def run_onnxruntime(method: str, model: Path, calib: Path, output: Path, size: i
             prepared = model
         quantize_static(str(prepared), str(output), NpyReader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method])
+                        calibrate_method=methods[method], reduce_range=reduce_range)
 
 
 def run_onnxruntime_dynamic(model: Path, output: Path, per_channel: bool) -> None:

@@ -2,10 +2,10 @@
 
 Reads: the plan, the float weights.
 Changes the model: after every pass that writes integers (the rewrite and GPTQ keep the
-pairs within the lane as they round; AdaRound's, block reconstruction's and bias
+pairs within the bound as they round; AdaRound's, block reconstruction's and bias
 correction's integers may not), each guarded weight's pairs are fitted once more. Reports
-how many pairs of the float weights rounded to nearest on their own grid would have
-overflowed, how many channels took a wider grid instead, and how many weights this last fit moved.
+how many pairs of the float weights rounded to nearest on their own grid were over the
+bound, how many channels took a wider grid, and how many weights this last fit moved.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ..recovery.layers import as_rows, integer_weight, per_row
 class PairsReport:
     layers: int = 0  # weights guarded
     pairs: int = 0  # pairs in those weights
-    over_at_nearest: int = 0  # pairs of the float weight rounded to nearest on its own grid that would overflow
+    over_at_nearest: int = 0  # pairs over the bound when the float weight is rounded to nearest on its own grid
     channels: int = 0  # output channels of those weights
     widened: int = 0  # channels whose grid is coarser than |w|max / 127
     moved: int = 0  # weights this pass changed
