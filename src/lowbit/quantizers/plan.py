@@ -29,7 +29,7 @@ from ..graph.query import STANDARD_DOMAINS, attribute, constant_array, is_activa
 from .float16 import has_float16_form
 from .precision import FLOATS, PrecisionRules, float16_kernels
 from .qparams import INT8 as INT8_TYPE
-from .qparams import QParams, QuantScheme
+from .qparams import QuantScheme
 from .selection import WeightSelection
 from .targets import FUSABLE_ACTIVATIONS, FUSION_PRODUCERS, SAME_SCALE_OPS, WEIGHTED_OPS, Target
 
@@ -108,8 +108,6 @@ class QuantPlan(Decisions):
     compensated: list[tuple[ir.Node, int]] = field(default_factory=list)  # (node, input) with ec
     notes: list[str] = field(default_factory=list)  # precision requests the target or model changed
     saturation_safe: bool = False  # int8 weights read with int8 activations: pairs within 128
-    # saturation_safe: each weight's widened grid, kept for the searches' candidates, which rewrite the same weights
-    widened_grids: dict[tuple, QParams] = field(default_factory=dict, repr=False, compare=False)
     _parent: dict[str, str] = field(default_factory=dict)
 
     def activation_scheme(self, name: str) -> QuantScheme:

@@ -141,10 +141,7 @@ class _Rewriter:
             qparams = QParams(grid.scale.astype(np.float32), qparams.zero_point, scheme)
         fitted = index == 1 and guarded(node, scheme.qtype, self.plan.saturation_safe)
         if fitted:  # a coarser grid for the channels where that costs less than cutting pairs down to the bound
-            key = (value.name, node.op_type, qparams.scale.tobytes())  # the same in every candidate of a search
-            if key not in self.plan.widened_grids:
-                self.plan.widened_grids[key] = widen_for_pairs(node, array, qparams)
-            qparams = self.plan.widened_grids[key]
+            qparams = widen_for_pairs(node, array, qparams)
         if bias is not None and not bias.own_scale and bias.input_value.name in self.activation_qparams:
             qparams = _fit_bias_in_int32(qparams, constant_array(node.inputs[bias.index]),
                                          self.activation_qparams[bias.input_value.name])
