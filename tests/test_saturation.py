@@ -3,6 +3,7 @@
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from conftest import float_input, make_model, save
 from onnx import helper, numpy_helper
@@ -13,8 +14,6 @@ from lowbit.quantizers.saturation import KernelPairs, fit_pairs, kernel_pairs, w
 
 
 def node(op, **attributes):
-    import onnx_ir as ir
-
     return ir.node(op, [], attributes)
 
 

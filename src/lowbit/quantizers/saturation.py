@@ -6,7 +6,7 @@ VPMADDUBSW: the products of two neighbouring elements along the reduction axis a
 into one signed 16-bit lane, which saturates at 32767. An activation byte reaches 255
 (uint8, or int8 shifted by 128), so a pair of weights ``(a, b)`` with ``|a| + |b| > 128``
 can overflow, and the layer's output is silently wrong (EfficientNet-Lite0 at int8:
-top-1 agreement with float 0.575 on such a CPU instead of 0.96). CPUs with VNNI and ARM
+top-1 agreement with float 0.575 on such a CPU instead of 0.97). CPUs with VNNI and ARM
 CPUs add in 32 bits and are not affected; neither are depthwise convolutions (their own
 kernel) nor int4 / int16 weights.
 
@@ -32,6 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..graph.query import attribute
+from ..recovery.layers import as_rows, from_rows
 from .qparams import QParams, QuantType
 
 PAIR_BOUND = 128  # |a| + |b| <= 128: 255 * 128 = 32640 fits a signed 16-bit lane (32767)
@@ -123,10 +124,10 @@ def fit_weight(node: ir.Node, integers: np.ndarray) -> tuple[np.ndarray, int]:
     pairs = kernel_pairs(node, integers.shape)
     if pairs is None:
         return integers, 0
-    fitted, changed = fit_pairs(_rows(node, integers), pairs)
+    fitted, changed = fit_pairs(as_rows(node, integers), pairs)
     if not changed:
         return integers, 0
-    return _unrows(node, fitted, integers.shape), changed
+    return from_rows(node, fitted, integers.shape).astype(integers.dtype), changed
 
 
 def widen_for_pairs(node: ir.Node, weight: np.ndarray, qparams: QParams) -> QParams:
@@ -162,7 +163,8 @@ def choose_widened_grid(node: ir.Node, weight: np.ndarray, qparams: QParams) -> 
     pairs = kernel_pairs(node, weight.shape)
     if pairs is None or np.any(qparams.zero_point != 0):
         return qparams
-    rows = _rows(node, weight).astype(np.float64)
+    grouped = as_rows(node, weight)  # (groups, outputs per group, D): one row per output channel, in order
+    rows = grouped.reshape(-1, grouped.shape[-1]).astype(np.float64)
     scale = np.broadcast_to(qparams.scale.astype(np.float64).reshape(-1, 1), (rows.shape[0], 1))
     q = np.clip(np.rint(rows / scale), qparams.scheme.qmin, qparams.scheme.qmax)
     needed = np.max(pairs.sums(q), axis=-1, initial=0) / PAIR_BOUND
@@ -183,17 +185,3 @@ def choose_widened_grid(node: ir.Node, weight: np.ndarray, qparams: QParams) -> 
             best_error, best = np.where(better, error, best_error), np.where(better, trial, best)
     widened = best[:, 0] if qparams.scale.ndim else best[0, 0]
     return QParams(np.asarray(widened, np.float32).reshape(qparams.scale.shape), qparams.zero_point, qparams.scheme)
-
-
-def _along_rows(node: ir.Node) -> bool:
-    """Whether the weight's first axis is the output channel (Conv, Gemm with transB); else it is the last."""
-    return node.op_type == "Conv" or (node.op_type == "Gemm" and bool(attribute(node, "transB", 0)))
-
-
-def _rows(node: ir.Node, weight: np.ndarray) -> np.ndarray:
-    """The weight as (output channels, reduction axis as ONNX stores it)."""
-    return weight.reshape(weight.shape[0], -1) if _along_rows(node) else weight.T
-
-
-def _unrows(node: ir.Node, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    return rows.reshape(shape) if _along_rows(node) else np.ascontiguousarray(rows.T)
