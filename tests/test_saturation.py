@@ -36,12 +36,12 @@ def test_matmul_and_gemm_pairs_run_along_k():
 
 
 def test_fit_cuts_the_excess_evenly_from_the_larger_first():
-    """(127, 127): excess 126 -> (64, 64); (0, 5): fine; (-100, 60): excess 32 -> (-84, 44); (-128, 1): excess 1
-    -> (-127, 1)."""
-    rows = np.array([[127, 127, 0, 5, -100, 60, -128, 1]], np.int8)
-    pairs = KernelPairs(np.array([0, 2, 4, 6]), np.array([1, 3, 5, 7]))
+    """(127, 127): excess 126 -> (64, 64); (0, 5): fine; (-100, -60): excess 32 -> (-84, -44); (-128, -1): excess
+    1 -> (-127, -1); (127, -128), (-128, 0): opposite signs or a zero, never over (255 * 128 at most)."""
+    rows = np.array([[127, 127, 0, 5, -100, -60, -128, -1, 127, -128, -128, 0]], np.int8)
+    pairs = KernelPairs(np.array([0, 2, 4, 6, 8, 10]), np.array([1, 3, 5, 7, 9, 11]))
     fitted, changed = fit_pairs(rows, pairs)
-    assert fitted.tolist() == [[64, 64, 0, 5, -84, 44, -127, 1]] and fitted.dtype == np.int8
+    assert fitted.tolist() == [[64, 64, 0, 5, -84, -44, -127, -1, 127, -128, -128, 0]] and fitted.dtype == np.int8
     assert changed == 5
     assert fit_pairs(fitted, pairs) == (fitted, 0)
 
@@ -68,8 +68,8 @@ def test_the_chosen_grid_costs_no_more_than_cutting_or_widening_fully():
         q = fit_pairs(qparams.quantize(weight), pairs)[0]
         return np.sum((qparams.dequantize(q) - weight) ** 2, axis=1)
 
-    q = np.abs(own.quantize(weight).astype(np.int64))
-    full = QParams(own.scale * np.maximum(1, np.max(q[:, 0::2] + q[:, 1::2], axis=1) / 128), own.zero_point,
+    q = own.quantize(weight).astype(np.int64)
+    full = QParams(own.scale * np.maximum(1, np.max(np.abs(q[:, 0::2] + q[:, 1::2]), axis=1) / 128), own.zero_point,
                    scheme)  # widened just enough that no pair is over 128
     chosen = widen_for_pairs(node("Gemm", transB=1), weight, own)
     assert np.all(error(chosen) <= np.minimum(error(own), error(full)) + 1e-12)
@@ -111,18 +111,37 @@ def test_written_weights_keep_every_pair_within_128_and_integer_kernels_compute_
     for rounding in ("NEAREST", "GPTQ", "ADAROUND"):
         out = tmp_path / f"{rounding}.onnx"
         result = lowbit.quantize(src, out, data=calib, weight_rounding=rounding, progress=False)
-        assert "2 int8 weights kept within |a| + |b| <= 128" in result.summary()
+        assert "2 int8 weights kept within |a + b| <= 128" in result.summary()
         model = onnx.load(str(out))
         inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         conv_w = inits["w_quantized"].reshape(8, 64).astype(np.int64)
         gemm_w = inits["g_quantized"].astype(np.int64)
         for rows in (conv_w, gemm_w):
-            assert np.max(np.abs(rows[:, 0::2]) + np.abs(rows[:, 1::2])) <= 128
+            assert np.max(np.abs(rows[:, 0::2] + rows[:, 1::2])) <= 128
         fused, simulated = outputs(out, held, True), outputs(out, held, False)
         output_step = np.abs(simulated).max() / 255
         assert np.max(np.abs(fused - simulated)) <= 1.01 * output_step
         reference = outputs(src, held, False)
         assert np.max(np.abs(simulated - reference)) / np.abs(reference).max() < 0.02
+
+
+def test_pairs_of_opposite_signs_keep_their_nearest_integers_and_compute_exactly(tmp_path):
+    """Each pair (+w, -w'): a lane holds at most 255 * 128, so the guard leaves every integer as round to nearest
+    gives it, and the integer kernels still compute what the Q/DQ nodes say."""
+    model = saturating_model()
+    w = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w[:, 1::2] *= -1
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
+    src = save(model, tmp_path / "m.onnx")
+    out = tmp_path / "q.onnx"
+    held = positive_feeds(8, 1)
+    lowbit.quantize(src, out, data=positive_feeds(16, 0), weight_rounding="NEAREST", progress=False)
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    rows = w.reshape(8, 64)
+    np.testing.assert_array_equal(inits["w_quantized"].reshape(8, 64),
+                                  np.rint(rows / (np.abs(rows).max(axis=1, keepdims=True) / 127)))
+    fused, simulated = outputs(out, held, True), outputs(out, held, False)
+    assert np.max(np.abs(fused - simulated)) <= 1.01 * np.abs(simulated).max() / 255
 
 
 def test_turned_off_the_weights_keep_their_nearest_integers(tmp_path):
@@ -147,7 +166,7 @@ def test_dynamic_matmul_weights_keep_their_pairs_within_128(tmp_path):
     lowbit.quantize(src, out, quant_type="DYNAMIC_QUANT", progress=False)
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
     q = inits["mm_weight_quantized"].astype(np.int64)
-    assert np.max(np.abs(q[0::2]) + np.abs(q[1::2])) <= 128
+    assert np.max(np.abs(q[0::2] + q[1::2])) <= 128
     x = {"input": rng.uniform(0, 1, size=(2, 32)).astype(np.float32)}
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, x)[0]
     np.testing.assert_allclose(got, x["input"] @ weight, rtol=0.02)

@@ -225,8 +225,9 @@ FIELDS: tuple[Field, ...] = (
           choices=("cosine-similarity", "mse", "mae", "mre", "sqnr", "chebyshev"), extension=True),
     Field(FULL, "saturation_safe_weights", Kind.BOOL, True,
           "keep every two int8 weights that ONNX Runtime's x86 int8 kernels add in one 16-bit lane within "
-          "|a| + |b| <= 128, so that CPUs without VNNI (AVX2, AVX-512 without VNNI) compute the model exactly "
-          "instead of saturating (FULL_QUANT and DYNAMIC_QUANT; false: for VNNI or ARM CPUs or TensorRT only)",
+          "|a + b| <= 128 (same-sign neighbours), so that CPUs without VNNI (AVX2, AVX-512 without VNNI) "
+          "compute the model exactly instead of saturating (FULL_QUANT and DYNAMIC_QUANT; false: for VNNI or ARM "
+          "CPUs or TensorRT only)",
           extension=True),
     Field(FULL, "cross_layer_equalization", Kind.BOOL, False,
           "before calibration, rescale the channels of consecutive Conv/Gemm/MatMul layers (through Relu, "

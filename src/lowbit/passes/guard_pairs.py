@@ -70,7 +70,7 @@ class GuardWeightPairs(Pass):
     def describe(self, report: PairsReport) -> list[str]:
         if not report.layers:
             return []
-        return [f"  {report.layers} int8 weights kept within |a| + |b| <= {PAIR_BOUND} for each pair that x86 CPUs "
+        return [f"  {report.layers} int8 weights kept within |a + b| <= {PAIR_BOUND} for each pair that x86 CPUs "
                 f"without VNNI add in 16 bits: {report.over_at_nearest} of {report.pairs} pairs were over at round to "
                 f"nearest; {report.widened} of {report.channels} channels on a wider grid"
                 + (f"; {report.moved} weights moved after rounding" if report.moved else "")]

@@ -3,20 +3,21 @@
 On x86 CPUs with AVX2 (or AVX-512) but without VNNI, ONNX Runtime's int8 matrix kernels
 (QLinearConv, QGemm, QLinearMatMul, MatMulInteger: MLAS's u8 x s8 GEMM) multiply with
 VPMADDUBSW: the products of two neighbouring elements along the reduction axis are added
-into one signed 16-bit lane, which saturates at 32767. An activation byte reaches 255
-(uint8, or int8 shifted by 128), so a pair of weights ``(a, b)`` with ``|a| + |b| > 128``
-can overflow, and the layer's output is silently wrong (EfficientNet-Lite0 at int8:
-top-1 agreement with float 0.575 on such a CPU instead of 0.97). CPUs with VNNI and ARM
-CPUs add in 32 bits and are not affected; neither are depthwise convolutions (their own
-kernel) nor int4 / int16 weights.
+into one signed 16-bit lane, which saturates at -32768 and 32767. The activation bytes
+are unsigned (uint8, or int8 shifted by 128), so a lane's worst value is
+``255 * max(|a|, |b|, |a + b|)``: a pair of weights ``(a, b)`` of the same sign with
+``|a + b| > 128`` can overflow (a pair of opposite signs never does), and the layer's
+output is silently wrong (EfficientNet-Lite0 at int8: top-1 agreement with float 0.575 on
+such a CPU instead of 0.97). CPUs with VNNI and ARM CPUs add in 32 bits and are not
+affected; neither are depthwise convolutions (their own kernel) nor int4 / int16 weights.
 
 The pairs are elements ``2j`` and ``2j + 1`` of the reduction axis in the order the
 kernel reads it: a Gemm's or MatMul's K; for a Conv (ONNX Runtime runs QLinearConv in
 NHWC), each group's ``(kh, kw, c_in)`` (measured on this machine: a pattern of large weights
 on neighbours in that order overflows, the same weights one place further do not).
-Keeping ``|a| + |b| <= 128`` (255 x 128 = 32640) makes the model compute exactly on every
-CPU, whatever the input. Nearly every channel's largest weight has a neighbour that takes
-the pair over 128, so most channels get a somewhat coarser grid (:func:`widen_for_pairs`).
+Keeping ``|a + b| <= 128`` (255 x 128 = 32640) makes the model compute exactly on every
+CPU, whatever the input. Most channels' largest weight has a neighbour of the same sign that
+takes the pair over 128, so those channels get a somewhat coarser grid (:func:`widen_for_pairs`).
 
 ``saturation_safe_weights=false`` turns this off for models that run only on VNNI or ARM
 CPUs or on TensorRT.
@@ -35,7 +36,7 @@ from ..graph.query import attribute
 from ..recovery.layers import as_rows, from_rows
 from .qparams import QParams, QuantType
 
-PAIR_BOUND = 128  # |a| + |b| <= 128: 255 * 128 = 32640 fits a signed 16-bit lane (32767)
+PAIR_BOUND = 128  # |a + b| <= 128: 255 * 128 = 32640 fits a signed 16-bit lane (32767)
 WIDENINGS = 9  # scales tried per channel by widen_for_pairs, from the channel's own to one with no pair over
 WIDENED_MEMO = 2048  # weights whose widened grid widen_for_pairs remembers
 EIGHT_BIT = (ir.DataType.INT8, ir.DataType.UINT8)
@@ -59,8 +60,9 @@ class KernelPairs:
         return partner
 
     def sums(self, q: np.ndarray) -> np.ndarray:
-        """Each pair's ``|a| + |b|`` (..., pairs)."""
-        return np.abs(q[..., self.first]) + np.abs(q[..., self.second])
+        """Each pair's ``|a + b|`` (..., pairs): what a lane holds, in units of the activation byte, when both
+        bytes are 255 (for a pair of opposite signs that is never the worst case, and never over the bound)."""
+        return np.abs(q[..., self.first].astype(np.int64) + q[..., self.second])
 
 
 def kernel_pairs(node: ir.Node, weight_shape: tuple[int, ...]) -> KernelPairs | None:
@@ -96,15 +98,16 @@ def guarded(node: ir.Node, weight_type: QuantType, enabled: bool) -> bool:
 
 
 def fit_pairs(rows: np.ndarray, pairs: KernelPairs) -> tuple[np.ndarray, int]:
-    """``rows`` (any leading axes, the row last) with every pair brought to ``|a| + |b| <= 128``; the number of
+    """``rows`` (any leading axes, the row last) with every pair brought to ``|a + b| <= 128``; the number of
     weights changed.
 
-    A pair over the bound loses the excess split as evenly as integers allow, the larger
-    half from the larger weight (the least squared change for a given sum), signs kept.
+    A pair over the bound (two weights of the same sign) loses the excess split as evenly as
+    integers allow, the larger half from the larger weight (the least squared change for a
+    given sum), signs kept.
     """
     q = rows.astype(np.int64).copy()
     a, b = q[..., pairs.first], q[..., pairs.second]
-    excess = np.abs(a) + np.abs(b) - PAIR_BOUND
+    excess = np.abs(a + b) - PAIR_BOUND
     over = excess > 0
     if not over.any():
         return rows, 0

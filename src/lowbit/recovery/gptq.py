@@ -60,7 +60,7 @@ class RoundingLayer:
     float_weight: np.ndarray
     qmin: int
     qmax: int
-    pairs: KernelPairs | None = None  # saturation_safe_weights: pairs kept within |a| + |b| <= 128
+    pairs: KernelPairs | None = None  # saturation_safe_weights: pairs kept within |a + b| <= 128
 
 
 @dataclass
@@ -110,7 +110,7 @@ def gptq_round(weights: np.ndarray, covariance: np.ndarray, scale: np.ndarray, z
     integers of the weights' shape. ``levels``: the only integers allowed (non-uniform
     weights, :mod:`lowbit.quantizers.levels`), each weight going to the nearest of them.
     ``pairs`` (:mod:`~lowbit.quantizers.saturation`): the second weight of each pair is
-    clipped to ``128 - |first|``, and the error that costs moves onto the weights after it,
+    clipped to keep ``|first + second| <= 128``, and the error that costs moves onto the weights after it,
     as any rounding error does.
     """
     w = weights.astype(np.float64).copy()
@@ -130,8 +130,8 @@ def gptq_round(weights: np.ndarray, covariance: np.ndarray, scale: np.ndarray, z
             column = w[:, :, i]
             q[:, :, i] = _on_grid(column / scale + zero_point, qmin, qmax, levels)
             if partners[i] >= 0:  # what the pair's first weight leaves of the bound
-                room = PAIR_BOUND - np.abs(q[:, :, partners[i]])
-                q[:, :, i] = np.clip(q[:, :, i], -room, room)
+                first = q[:, :, partners[i]]
+                q[:, :, i] = np.clip(q[:, :, i], -PAIR_BOUND - first, PAIR_BOUND - first)
             error = (column - (q[:, :, i] - zero_point) * scale) / upper[:, i, i][:, None]
             w[:, :, i + 1:end] -= error[:, :, None] * upper[:, None, i, i + 1:end]
             errors[:, :, i - begin] = error
