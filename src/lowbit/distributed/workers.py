@@ -65,7 +65,8 @@ class Workers:
 
     def score(self, models: Sequence[onnx.ModelProto], feeds: Sequence[dict[str, np.ndarray]], names: Sequence[str],
               references: Sequence[Sequence[np.ndarray]]) -> list[Any]:
-        """Each model's comparison sums (:class:`~lowbit.search.metrics.PairStats`), one Ray task per model."""
+        """Each model's comparison sums (:class:`~lowbit.search.metrics.PairStats`) of each feed, one Ray task per
+        model."""
         feeds_ref, references_ref = self.ray.put(list(feeds)), self.ray.put([list(r) for r in references])
         tasks = [self._score.remote(model.SerializeToString(), feeds_ref, list(names), references_ref)
                  for model in models]
@@ -154,13 +155,15 @@ def _observe_shard(model_bytes: bytes, fetched: list[str], observers: list[dict[
 
 def _score_model(model_bytes: bytes, feeds: list[dict[str, np.ndarray]], names: list[str],
                  references: list[list[np.ndarray]]):
-    """On a worker: the comparison sums of one candidate model on the held-back samples."""
+    """On a worker: the comparison sums of one candidate model on each held-back sample."""
     session = make_session(onnx.load_from_string(model_bytes))
-    stats = PairStats()
+    per_feed = []
     for feed, expected in zip(feeds, references):
+        stats = PairStats()
         for actual, wanted in zip(session.run(names, feed), expected):
             stats.update(actual, wanted)
-    return stats
+        per_feed.append(stats)
+    return per_feed
 
 
 def _node_sensitivities(model_bytes: bytes, nodes: list[Any], batches: list[dict[str, np.ndarray]],

@@ -92,9 +92,14 @@ class ChooseRanges(Pass):
             return [f"  activation ranges: {report.chosen}{tuned}"]
         lines = [f"  activation ranges: search by {report.metric} on {report.samples} held-back samples, "
                  f"kept {report.chosen}{tuned}"]
+        if report.best_mean:
+            lines.append(f"    ({report.best_mean} scored best over all samples, by less than they can tell apart; "
+                         f"{report.chosen} has the better median sample)")
+        with_median = any(row.per_sample for row in report.rows)
         for row in report.rows:
             mark = "*" if row.label == report.chosen else " "
-            lines.append(f"   {mark} {row.label:<40} {row.score:.6g}")
+            median = f"   median {row.median:.6g}" if with_median else ""
+            lines.append(f"   {mark} {row.label:<40} {row.score:.6g}{median}")
         return lines
 
 

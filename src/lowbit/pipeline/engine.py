@@ -216,11 +216,13 @@ class DataEngine:
 
 
     def score_all(self, models: Sequence[onnx.ModelProto], feeds: Sequence[Feed], names: Sequence[str],
-                  references: Sequence[Sequence[np.ndarray]]) -> list[PairStats]:
-        """:meth:`score` for several models: one Ray task each with workers, else one after another."""
+                  references: Sequence[Sequence[np.ndarray]]) -> list[list[PairStats]]:
+        """:meth:`score` for several models, feed by feed (each model's sums of each feed, so that a search can
+        tell a real difference from noise): one Ray task each with workers, else one after another."""
         if self.workers is not None and len(models) > 1:
             return self.workers.score(models, feeds, names, references)
-        return [self.score(model, feeds, names, references) for model in models]
+        return [[self.score(session, [feed], names, [expected]) for feed, expected in zip(feeds, references)]
+                for session in map(make_session, models)]
 
 
 class _Runner:

@@ -74,6 +74,14 @@ class PairStats:
         return cls(**{f.name: float(state[f.name]) for f in fields(cls)})
 
 
+def pooled(parts: list[PairStats]) -> PairStats:
+    """The sums of several parts (samples, batches, workers) together."""
+    total = PairStats()
+    for part in parts:
+        total.add(part)
+    return total
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
