@@ -195,7 +195,7 @@ def choose_candidate(rows: Sequence[SearchRow], metric: Metric) -> int:
     decides rather than the few hardest ones, whose errors dominate a pooled score.
     (EfficientNet-Lite0 and Lite1 on this bench's calibration images: REMOVAL_OUTLIER led MSE
     by 1.2 and 1.1 standard errors while MSE had the better median; on 300 held-out photos
-    MSE's output error was 16% and 31% lower.) Rows without per-sample values, or with
+    MSE's output error was 16% and 30% lower.) Rows without per-sample values, or with
     fewer than MIN_SAMPLES_FOR_TIES or non-finite ones, keep the best score.
     """
     best = metric.best([row.score for row in rows])
