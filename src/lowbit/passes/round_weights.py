@@ -238,11 +238,15 @@ def rounding_layers(state: QuantState) -> list[RoundingLayer]:
 
 
 def _full_quant_layers(state: QuantState) -> list[RoundingLayer]:
-    return [RoundingLayer(slot.node, state.float_layers[slot.node.name].float_weight, slot.scheme.qmin,
-                          slot.scheme.qmax,
-                          kernel_pairs(slot.node, state.float_layers[slot.node.name].float_weight.shape)
-                          if guarded(slot.node, slot.scheme.qtype, state.plan.saturation_safe) else None)
-            for slot in state.plan.weights if slot.index == 1 and slot.node.name in state.float_layers]
+    layers = []
+    for slot in state.plan.weights:
+        if slot.index != 1 or slot.node.name not in state.float_layers:
+            continue
+        weight = state.float_layers[slot.node.name].float_weight
+        pairs = (kernel_pairs(slot.node, weight.shape)
+                 if guarded(slot.node, slot.scheme.qtype, state.plan.saturation_safe) else None)
+        layers.append(RoundingLayer(slot.node, weight, slot.scheme.qmin, slot.scheme.qmax, pairs))
+    return layers
 
 
 def _weight_only_layers(state: QuantState) -> list[RoundingLayer]:
