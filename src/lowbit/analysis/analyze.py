@@ -19,6 +19,7 @@ names match those of a model lowbit wrote.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from ..graph.passes import prepare, typed
 from ..graph.query import is_float32
 from ..graph.runtime import make_session
 from ..quantizers.levels import unpack_model
+from ..quantizers.pair_order import CHANNEL_ORDER_KEY, reorder
 from ..reports import debug
 from .sensitivity import NodeSensitivity, OutputError, mean_error, ranked_nodes
 from .switches import switched_model
@@ -112,8 +114,11 @@ def analyze(float_path: str | Path, quantized_path: str | Path, data: FeedSource
     start = time.perf_counter()
     float_path, quantized_path = Path(float_path), Path(quantized_path)
     config = config if config is not None else load_config(None, {})
-    float_model = prepare(load_model(float_path)[0]) if float_model is None else float_model
     quantized = _load_quantized(quantized_path)
+    if float_model is None:
+        float_model = prepare(load_model(float_path)[0])
+        if CHANNEL_ORDER_KEY in quantized.metadata_props:  # the channels quantize reordered, in the same order
+            reorder(float_model.graph, json.loads(quantized.metadata_props[CHANNEL_ORDER_KEY]))
     _check_pair(float_model, quantized, float_path, quantized_path)
     outputs = [v.name for v in float_model.graph.outputs if is_float32(v)]
     specs = input_specs(float_model)

@@ -27,7 +27,7 @@ class EqualizeLayers(Pass):
     def run(self, state: QuantState) -> EqualizationReport:
         report = equalize(state.model.graph)
         if report.channels:
-            state.equalized = copy_model(state.model)
+            state.rewritten_float = copy_model(state.model)
         if not report.pairs:
             state.note("cross_layer_equalization: no two Conv/Gemm/MatMul layers in a row (through Relu, LeakyRelu, "
                        "PRelu or Clip(0, hi), each output read by one node) to equalize")

@@ -13,6 +13,7 @@ from ..passes.debug_reports import WriteDebugReports
 from ..passes.equalize import EqualizeLayers
 from ..passes.evaluate import CheckGoal, LoadEvaluator
 from ..passes.guard_pairs import GuardWeightPairs
+from ..passes.order_channels import OrderChannels
 from ..passes.plan import PlanFull
 from ..passes.prepare import Prepare
 from ..passes.quant_config_out import WriteQuantConfig
@@ -43,6 +44,7 @@ def full_quant() -> list[Pass]:
         EqualizeLayers(),  # cross_layer_equalization: channels rescaled, same outputs
         CheckReportPath(),  # report: its folder and libraries, before any work
         PlanFull(),  # per node: int8 or float (and why); per tensor: Q/DQ or not
+        OrderChannels(),  # saturation_safe_weights: channels between layers reordered, same outputs
         ReadCalibrationTable(),  # calibration_table: the ranges from a file (then no calibration run)
         ActivationCandidates(),  # the range methods to try
         CheckSettings(),  # warn of every setting that has no effect

@@ -49,7 +49,7 @@ class QuantState:
     # load and prepare
     model: ir.Model | None = None
     float_bytes: int | None = None
-    equalized: ir.Model | None = None  # the float model as cross-layer equalization left it, when it changed it
+    rewritten_float: ir.Model | None = None  # the float model as equalization / channel order left it, if changed
     specs: list[InputSpec] | None = None
     data: CalibrationData | None = None
     engine: DataEngine | None = None
@@ -93,9 +93,10 @@ class QuantState:
 
     def float_reference(self) -> ir.Model:
         """The prepared float model the quantized one is compared with, tensor by tensor (the reports): the
-        equalized one when equalization rescaled channels, whose tensors the quantized model computes."""
-        if self.equalized is not None:
-            return copy_model(self.equalized)
+        rewritten one when equalization rescaled channels or the channel order permuted them, whose tensors
+        the quantized model computes."""
+        if self.rewritten_float is not None:
+            return copy_model(self.rewritten_float)
         return prepare(load_model(self.model_path)[0])
 
     def fork(self, **changes: Any) -> QuantState:

@@ -1,0 +1,58 @@
+"""Store the channels between two layers in an order that keeps large int8 weights out of one kernel pair.
+
+Reads: the plan (which layers are int8 and guarded against saturation, per channel or not).
+Changes the model, keeping its outputs: the channels of each chain that
+:mod:`lowbit.quantizers.pair_order` finds (1x1 expand -> depthwise -> 1x1 project, ...)
+are permuted, so the weight-pair guard (:mod:`lowbit.quantizers.saturation`) needs a
+wider grid for fewer channels. Everything measured later (calibration, GPTQ, reports) sees
+the reordered model; the reordered chains are written into the output model's metadata
+(``lowbit.channel_order``), from which ``lowbit analyze`` reorders the original float model
+the same way before it compares the two tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+
+import onnx_ir as ir
+
+from ..graph.loading import copy_model
+from ..pipeline.passes import Pass
+from ..pipeline.state import QuantState
+from ..quantizers.pair_order import CHANNEL_ORDER_KEY, OrderReport, order_channels
+from ..quantizers.saturation import PAIR_BOUND
+
+
+class OrderChannels(Pass):
+    name = "order_channels"
+    setting = "saturation_safe_weights"
+    requires = ("model", "plan")
+    changes_model = True
+    keeps_outputs = True
+
+    def applies(self, state: QuantState) -> bool:
+        return state.plan.saturation_safe and bool(state.plan.weights)
+
+    def run(self, state: QuantState) -> OrderReport:
+        plan = state.plan
+        schemes = {slot.node.name: slot.scheme for slot in plan.weights if slot.index == 1}
+
+        def kept_within_bound(node: ir.Node) -> bool:  # saturation.guarded's rule, before the Q/DQ graph exists
+            source = node.inputs[0]
+            return (node.name in schemes and source.name in plan.activations
+                    and plan.activation_scheme(source.name).qtype.bits == 8
+                    and schemes[node.name].qtype.bits == 8 and schemes[node.name].qtype.signed)
+
+        per_channel = any(scheme.axis is not None for scheme in schemes.values())
+        report = order_channels(state.model.graph, kept_within_bound, per_channel)
+        if report.orders:
+            state.model.metadata_props[CHANNEL_ORDER_KEY] = json.dumps(report.orders, separators=(",", ":"))
+            state.rewritten_float = copy_model(state.model)
+        return report
+
+    def describe(self, report: OrderReport) -> list[str]:
+        if not report.reordered:
+            return []
+        return [f"  channel order: {report.reordered} of {report.chains} layer chains store their channels so that "
+                f"fewer int8 weight pairs go over {PAIR_BOUND}: {report.over_before} -> {report.over_after} of "
+                f"{report.channels} output channels of their last layers need a wider grid (same float outputs)"]
