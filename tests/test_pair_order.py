@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+import pytest
 from conftest import float_input, make_model, save
 from onnx import helper, numpy_helper
 
@@ -57,7 +58,8 @@ def block_model(middle=("Clip",), second_reader=False):
     nodes = [helper.make_node("Conv", ["input", "we", "be"], ["e"], name="expand")]
     last = "e"
     for op in middle:
-        inputs = {"Clip": [last, "lo", "hi"], "Mul": [last, "scale"]}[op]
+        inputs = {"Clip": [last, "lo", "hi"], "Mul": [last, "scale"], "ScalarMul": ["hi", last]}[op]
+        op = "Mul" if op == "ScalarMul" else op
         nodes.append(helper.make_node(op, inputs, [f"{last}_{op}"], name=f"{op.lower()}_after_{last}"))
         last = f"{last}_{op}"
     nodes += [helper.make_node("Conv", [last, "wd", "bd"], ["d"], name="depthwise", group=16, pads=[1, 1, 1, 1]),
@@ -81,8 +83,9 @@ def feeds(n, seed):
     return [{"input": rng.normal(size=(1, 8, 6, 6)).astype(np.float32)} for _ in range(n)]
 
 
-def test_the_reordered_block_computes_the_same_with_no_channel_over(tmp_path):
-    src = save(block_model(), tmp_path / "m.onnx")
+@pytest.mark.parametrize("middle", [("Clip",), ("Clip", "ScalarMul")])
+def test_the_reordered_block_computes_the_same_with_no_channel_over(tmp_path, middle):
+    src = save(block_model(middle), tmp_path / "m.onnx")
     model = prepare(load_model(src)[0])
     chains = find_chains(model.graph)
     assert [(c.producer.name, [n.name for n in c.per_channel], c.consumer.name) for c in chains] == \
