@@ -260,21 +260,27 @@ def _rows(*candidates):
     return [SearchRow(label, score, 0.0, tuple(per_sample)) for label, score, per_sample in candidates]
 
 
-# 32 held-back samples. SKEWED scores best over all samples (0.91) thanks to three easy samples in eight; its
-# median is 0.85. STEADY is 0.90 on every sample: against SKEWED its paired difference is -0.1 on 3 samples and
-# +0.05 on 5, mean -0.00625, standard deviation 0.0738, standard error 0.0130: within 2 standard errors (0.026).
-# WORSE has a better median than SKEWED (0.87) but loses 0.3 on 3 samples and gains 0.02 on 5: mean -0.1,
-# standard deviation 0.157, standard error 0.0278, 3.6 standard errors away.
-SKEWED = ("skewed", 0.91, [1.0, 1.0, 1.0, 0.85, 0.85, 0.85, 0.85, 0.85] * 4)
-STEADY = ("steady", 0.90, [0.90] * 32)
-WORSE = ("worse", 0.80, [0.70, 0.70, 0.70, 0.87, 0.87, 0.87, 0.87, 0.87] * 4)
+# 32 held-back samples. SKEWED scores best over all samples (0.91) thanks to three easy samples in eight. STEADY
+# is 0.90 on every sample: against SKEWED its paired difference is -0.1 on 3 samples and +0.05 on 5, mean -0.00625,
+# standard deviation 0.0738, standard error 0.0130: within 2 standard errors (0.026), a tie. WORSE loses 0.3 on 3
+# samples and gains 0.02 on 5: mean -0.1, standard deviation 0.157, standard error 0.0278, 3.6 standard errors away.
+SKEWED = [1.0, 1.0, 1.0, 0.85, 0.85, 0.85, 0.85, 0.85] * 4
+STEADY = [0.90] * 32
+WORSE = [0.70, 0.70, 0.70, 0.87, 0.87, 0.87, 0.87, 0.87] * 4
+OUTLIER = "REMOVAL_OUTLIER max_percentile=0.9999"
 
 
-def test_candidates_within_noise_of_the_best_are_decided_by_their_median_sample():
+def test_mse_within_noise_of_the_best_is_kept_and_otherwise_the_best_score():
     cosine = METRICS["cosine-similarity"]
-    assert choose_candidate(_rows(SKEWED, STEADY), cosine) == 1
-    assert choose_candidate(_rows(SKEWED, WORSE), cosine) == 0  # a better median does not undo a real loss
-    assert choose_candidate(_rows(SKEWED, STEADY, WORSE), cosine) == 1
+    assert choose_candidate(_rows((OUTLIER, 0.91, SKEWED), ("MSE", 0.90, STEADY)), cosine) == 1
+    assert choose_candidate(_rows((OUTLIER, 0.91, SKEWED), ("MSE", 0.80, WORSE)), cosine) == 0  # a real loss
+    assert choose_candidate(_rows(("MSE", 0.91, SKEWED), ("KL num_bin=1024", 0.90, STEADY)), cosine) == 0
+    # a tie without MSE: the best score
+    assert choose_candidate(_rows((OUTLIER, 0.91, SKEWED), ("KL num_bin=1024", 0.90, STEADY)), cosine) == 0
+    # two MSE candidates (symmetric and asymmetric) both tied: the better scoring one
+    tied = [v - 0.001 for v in STEADY]
+    assert choose_candidate(_rows((OUTLIER, 0.91, SKEWED), ("MSE asymmetric", 0.899, tied),
+                                  ("MSE", 0.90, STEADY)), cosine) == 2
 
 
 def test_for_an_error_metric_lower_is_better_on_every_sample_too():
@@ -282,14 +288,12 @@ def test_for_an_error_metric_lower_is_better_on_every_sample_too():
         return label, 1 - score, [1 - v for v in per_sample]
 
     mse = METRICS["mse"]
-    assert choose_candidate(_rows(as_error(*SKEWED), as_error(*STEADY)), mse) == 1
-    assert choose_candidate(_rows(as_error(*SKEWED), as_error(*WORSE)), mse) == 0
+    assert choose_candidate(_rows(as_error(OUTLIER, 0.91, SKEWED), as_error("MSE", 0.90, STEADY)), mse) == 1
+    assert choose_candidate(_rows(as_error(OUTLIER, 0.91, SKEWED), as_error("MSE", 0.80, WORSE)), mse) == 0
 
 
 def test_few_samples_or_no_per_sample_scores_keep_the_best_score():
     cosine = METRICS["cosine-similarity"]
-    few = [(label, score, per_sample[:15]) for label, score, per_sample in (SKEWED, STEADY)]
-    assert choose_candidate(_rows(*few), cosine) == 0
-    assert choose_candidate([SearchRow("a", 0.5, 0.0), SearchRow("b", 0.6, 0.0)], cosine) == 1
-    with_nan = ("steady", 0.90, [float("nan")] + [0.90] * 31)
-    assert choose_candidate(_rows(SKEWED, with_nan), cosine) == 0
+    assert choose_candidate(_rows((OUTLIER, 0.91, SKEWED[:15]), ("MSE", 0.90, STEADY[:15])), cosine) == 0
+    assert choose_candidate([SearchRow(OUTLIER, 0.5, 0.0), SearchRow("MSE", 0.6, 0.0)], cosine) == 1
+    assert choose_candidate(_rows((OUTLIER, 0.91, SKEWED), ("MSE", 0.90, [float("nan")] + STEADY[1:])), cosine) == 0

@@ -93,13 +93,11 @@ class ChooseRanges(Pass):
         lines = [f"  activation ranges: search by {report.metric} on {report.samples} held-back samples, "
                  f"kept {report.chosen}{tuned}"]
         if report.best_mean:
-            lines.append(f"    ({report.best_mean} scored best over all samples, by less than they can tell apart; "
-                         f"{report.chosen} has the better median sample)")
-        with_median = any(row.per_sample for row in report.rows)
+            lines.append(f"    ({report.best_mean} scored best, by less than the samples can tell apart: a tie, "
+                         f"which {report.chosen} takes)")
         for row in report.rows:
             mark = "*" if row.label == report.chosen else " "
-            median = f"   median {row.median:.6g}" if with_median else ""
-            lines.append(f"   {mark} {row.label:<40} {row.score:.6g}{median}")
+            lines.append(f"   {mark} {row.label:<40} {row.score:.6g}")
         return lines
 
 
