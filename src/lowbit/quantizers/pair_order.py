@@ -19,7 +19,7 @@ that need a wider grid drop from 1602 of 1808 to 18 (measured).
 
 Only chains in which every value has one reader are reordered (a residual connection or a
 squeeze-and-excitation branch ends the chain), and only through nodes that treat channels
-alike (Relu, Clip with scalar bounds, ... see :data:`CHANNEL_BLIND`; adding or
+alike (Relu, Clip with scalar bounds, pooling, ... see :data:`CHANNEL_BLIND`; adding or
 multiplying one constant number, as PP-LCNet's learnable affine blocks do) or per channel
 with their own constants (a depthwise Conv).
 """
@@ -38,9 +38,11 @@ from .saturation import PAIR_BOUND
 
 # The output model's metadata key that lists the reordered chains (:func:`reorder` reads its JSON).
 CHANNEL_ORDER_KEY = "lowbit.channel_order"
-# Unary ops that compute each element on its own with scalar parameters: a channel permutation passes through.
+# Ops that compute each element (or each channel's plane: pooling) alike, with no per-channel parameter: a channel
+# permutation passes through them.
 CHANNEL_BLIND = frozenset({"Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish",
-                           "Tanh", "Softplus", "Softsign", "Gelu", "Mish", "Identity"})
+                           "Tanh", "Softplus", "Softsign", "Gelu", "Mish", "Identity", "Dropout",
+                           "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool"})
 # Binary ops that pass a channel permutation through when their second input is one constant number.
 SCALAR_ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div"})
 
@@ -121,6 +123,8 @@ def _channel_blind_input(node: ir.Node) -> ir.Value | None:
     of :data:`CHANNEL_BLIND`, a Clip with scalar bounds, or arithmetic with one constant number (either side)."""
     if node.domain not in ("", "ai.onnx") or not node.inputs:
         return None
+    if any(extra.is_graph_output() or list(extra.uses()) for extra in node.outputs[1:]):
+        return None  # MaxPool's indices and Dropout's mask would carry the channel order too
     if node.op_type == "Clip":  # scalar bounds only (a per-channel bound would need permuting too)
         return node.inputs[0] if all(bound is None or _scalar(bound) for bound in node.inputs[1:]) else None
     if node.op_type in SCALAR_ARITHMETIC and len(node.inputs) == 2:
