@@ -90,7 +90,7 @@ def test_the_reordered_block_computes_the_same_with_no_channel_over(tmp_path, mi
     chains = find_chains(model.graph)
     assert [(c.producer.name, [n.name for n in c.per_channel], c.consumer.name) for c in chains] == \
         [("expand", ["depthwise"], "project")]
-    report = order_channels(model.graph, lambda node: True, per_channel=True)
+    report = order_channels(model.graph, per_channel=True)
     assert (report.reordered, report.channels, report.over_before, report.over_after) == (1, 8, 8, 0)
     order = np.asarray(report.orders[0]["order"])
     assert sorted(order) == list(range(16)) and np.all((order[0::2] < 8) != (order[1::2] < 8))  # + with -

@@ -1,6 +1,6 @@
 """Store the channels between two layers in an order that keeps large int8 weights out of one kernel pair.
 
-Reads: the plan (which layers are int8 and guarded against saturation, per channel or not).
+Reads: the target (int8 weights read with 8-bit activations) and the plan's options (per channel or not).
 Changes the model, keeping its outputs: the channels of each chain that
 :mod:`lowbit.quantizers.pair_order` finds (1x1 expand -> depthwise -> 1x1 project, ...)
 are permuted, so the weight-pair guard (:mod:`lowbit.quantizers.saturation`) needs a
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 
-import onnx_ir as ir
-
 from ..graph.loading import copy_model
 from ..pipeline.passes import Pass
 from ..pipeline.state import QuantState
@@ -26,25 +24,19 @@ from ..quantizers.saturation import PAIR_BOUND
 class OrderChannels(Pass):
     name = "order_channels"
     setting = "saturation_safe_weights"
-    requires = ("model", "plan")
+    requires = ("model", "plan", "target", "weight_options")
     changes_model = True
     keeps_outputs = True
 
     def applies(self, state: QuantState) -> bool:
-        return state.plan.saturation_safe and bool(state.plan.weights)
+        weight, activation = state.target.weight.qtype, state.target.activation.qtype
+        return state.plan.saturation_safe and weight.bits == 8 and weight.signed and activation.bits == 8
 
     def run(self, state: QuantState) -> OrderReport:
-        plan = state.plan
-        schemes = {slot.node.name: slot.scheme for slot in plan.weights if slot.index == 1}
-
-        def kept_within_bound(node: ir.Node) -> bool:  # saturation.guarded's rule, before the Q/DQ graph exists
-            source = node.inputs[0]
-            return (node.name in schemes and source.name in plan.activations
-                    and plan.activation_scheme(source.name).qtype.bits == 8
-                    and schemes[node.name].qtype.bits == 8 and schemes[node.name].qtype.signed)
-
-        per_channel = any(scheme.axis is not None for scheme in schemes.values())
-        report = order_channels(state.model.graph, kept_within_bound, per_channel)
+        # Every chain is reordered, whatever precision the plan gives its last layer: a float or int16 layer
+        # computes the same in any order, and the order then depends on the float weights and the target alone,
+        # so that a rerun from the configuration an accuracy search wrote (other nodes float) writes the same model.
+        report = order_channels(state.model.graph, state.weight_options.per_channel)
         if report.orders:
             state.model.metadata_props[CHANNEL_ORDER_KEY] = json.dumps(report.orders, separators=(",", ":"))
             state.rewritten_float = copy_model(state.model)

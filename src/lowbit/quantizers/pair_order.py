@@ -26,7 +26,6 @@ with their own constants (a depthwise Conv).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -216,7 +215,7 @@ def channels_over(integers: np.ndarray, order: np.ndarray | None = None) -> int:
 
 @dataclass
 class OrderReport:
-    chains: int = 0  # chains found whose consumer is guarded
+    chains: int = 0  # chains found
     reordered: int = 0  # chains whose channels were stored in a new order
     channels: int = 0  # output channels of the reordered consumers
     over_before: int = 0  # of those, channels with a pair over the bound at their own grid, before ...
@@ -224,13 +223,12 @@ class OrderReport:
     orders: list[dict] = field(default_factory=list)  # per reordered chain, as :func:`reorder` reads it
 
 
-def order_channels(graph: ir.Graph, guarded: Callable[[ir.Node], bool], per_channel: bool) -> OrderReport:
-    """Reorder the channels of every chain whose consumer ``guarded`` says is kept within the pair bound, when
-    the new order leaves fewer of its output channels with a pair over the bound; in place, same outputs."""
+def order_channels(graph: ir.Graph, per_channel: bool) -> OrderReport:
+    """Reorder the channels of every chain, when the new order leaves fewer output channels of its last layer with
+    a pair over the bound (at the layer's own int8 grid, per output channel or per tensor); in place, same
+    outputs."""
     report = OrderReport()
     for chain in find_chains(graph):
-        if not guarded(chain.consumer):
-            continue
         report.chains += 1
         integers = natural_integers(constant_array(chain.consumer.inputs[1]), per_channel)
         if integers.shape[1] % 2 and np.prod(integers.shape[2:]) > 1:
