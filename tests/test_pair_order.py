@@ -127,3 +127,14 @@ def test_quantize_reorders_and_analyze_compares_with_the_original_float_model(tm
     cosines = {row.name: row.computed.cosine for row in analysis.tensors if row.producer}
     assert {"e", "d", "output"} <= set(cosines)
     assert min(cosines.values()) > 0.99
+
+
+def test_analyze_against_another_float_model_is_a_clear_error(tmp_path):
+    src = save(block_model(), tmp_path / "m.onnx")
+    out = tmp_path / "q.onnx"
+    lowbit.quantize(src, out, data=feeds(16, 0), weight_rounding="NEAREST", progress=False)
+    other = block_model()
+    next(n for n in other.graph.node if n.name == "depthwise").name = "dw"
+    with pytest.raises(lowbit.LowbitError, match="float model has no node depthwise: is it the model that was "
+                                                 "quantized"):
+        lowbit.analyze(save(other, tmp_path / "other.onnx"), out, data=feeds(4, 1), samples=4)
