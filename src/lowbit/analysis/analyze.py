@@ -109,7 +109,9 @@ def analyze(float_path: str | Path, quantized_path: str | Path, data: FeedSource
     without it, ``calibrate_path`` / ``data_list`` of ``config``, whose ``[data_preprocess_param]``
     settings also apply. ``progress(label, total)`` returns a function called once per step.
     ``float_model``: the prepared float model to compare with, when it is not the file's as
-    prepared (quantize's report on an equalized model).
+    prepared (quantize's report on an equalized model). Without it, the file's model is reordered
+    as the quantized model's metadata says quantize reordered its channels
+    (:mod:`lowbit.quantizers.pair_order`).
     """
     start = time.perf_counter()
     float_path, quantized_path = Path(float_path), Path(quantized_path)
