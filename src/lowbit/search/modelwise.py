@@ -12,9 +12,8 @@ over the calibration data:
   its per-tensor mix becomes one more candidate.
 * model-wise search (several candidates): each candidate's quantized model runs on
   calibration samples held back from the statistics, its outputs are compared with the
-  float model's by ``search_metric``, and the best is kept; where candidates differ by less
-  than the held-back samples can tell, the one better on the typical sample wins
-  (:func:`choose_candidate`). Candidates are compared
+  float model's by ``search_metric``, and the best is kept; where MSE differs from the best by
+  less than the held-back samples can tell, MSE is kept (:func:`choose_candidate`). Candidates are compared
   before bias correction, which is then applied to the winner only. Horizon's
   ``per_channel`` and ``asymmetric`` lists multiply the candidates: each method is also
   tried per tensor / per channel and with symmetric / asymmetric activations (a
