@@ -1,5 +1,7 @@
 """Graph inputs off the rounding ties of their grid: the rule by hand, and in a quantized model."""
 
+import json
+
 import numpy as np
 import onnx
 from conftest import conv_relu_pool_model, float_input, make_model, run, save
@@ -7,7 +9,7 @@ from onnx import helper, numpy_helper
 
 import lowbit
 from lowbit.quantizers.qparams import UINT8, QParams, QuantScheme
-from lowbit.quantizers.ties import WIDENINGS, off_ties, tied_share
+from lowbit.quantizers.ties import WIDENINGS, as_recorded, off_ties, tied_share
 
 PIXELS = np.arange(256)
 NORMALISED = ((PIXELS - 127.5) / 127.5).astype(np.float32)  # (p - 127.5) / 127.5: half a spacing off zero
@@ -90,3 +92,39 @@ def test_the_accuracy_search_builds_candidates_that_read_the_input_in_float(tmp_
                              accuracy_target="cosine>=0.999999", max_evaluations=4)
     assert result.accuracy.evaluations >= 2
     onnx.checker.check_model(str(tmp_path / "int8.onnx"), full_check=True)
+
+
+def test_a_lowbit_table_brings_the_widened_scale_back_and_a_range_edited_by_hand_wins(tmp_path):
+    """The table's range gives MAX_MIN's scale; only the recorded scale says the rule widened it."""
+    feeds = pixel_feeds(8, seed=0)
+    for feed in feeds:
+        feed["input"][0, 0, 0, :2] = [-1.0, 1.0]
+    path = save(conv_relu_pool_model(), tmp_path / "float.onnx")
+    table = tmp_path / "table.json"
+    lowbit.quantize(path, tmp_path / "a.onnx", data=feeds, progress=False, activation_quant_method="MAX_MIN",
+                    calibration_table_out=str(table))
+    lowbit.quantize(path, tmp_path / "b.onnx", data=feeds, progress=False, calibration_table=str(table))
+    widened = np.float32(np.float32(2 / 255) * WIDENINGS[0])
+    assert _input_scale(tmp_path / "a.onnx") == _input_scale(tmp_path / "b.onnx") == widened
+
+    edited = json.loads(table.read_text())
+    edited["tensors"]["input"].update(min=-2.0, max=2.0)  # the user's own range; the old scale is not its widening
+    table.write_text(json.dumps(edited))
+    lowbit.quantize(path, tmp_path / "c.onnx", data=feeds, progress=False, calibration_table=str(table))
+    assert _input_scale(tmp_path / "c.onnx") == np.float32(4 / 255)
+
+
+def test_a_recorded_scale_is_taken_only_as_a_widening_of_the_ranges_own():
+    own = uint8_qparams(2 / 255, 128)
+    widened = np.float32(np.float32(2 / 255) * WIDENINGS[2])
+    assert as_recorded(own, float(widened)).scale == widened
+    assert as_recorded(own, float(own.scale)) is own  # not widened: the range's own
+    assert as_recorded(own, 2.5 / 255) is own  # no widening of the rule: a range edited by hand
+    assert as_recorded(own, float(np.float32(2 / 255) * 1.5)) is own
+
+
+def _input_scale(path) -> np.float32:
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    quantize = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+    return inits[quantize.input[1]].astype(np.float32)[()]

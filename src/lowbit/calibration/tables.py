@@ -4,7 +4,8 @@ Three formats, told apart by their content when read:
 
 * ``json`` (lowbit's own): per tensor the range quantized, the scale, the zero point, the
   bits and the integer type. Floats are written exactly (shortest repr), so reading a table
-  back gives the same scales, bit for bit;
+  back gives the same scales, bit for bit (a graph input's scale that lowbit widened off its
+  rounding ties too: the recorded scale says so);
 * ``tpu-mlir``: a comment header, then a line per tensor ``name threshold min max``, as
   tpu-mlir's ``run_calibration.py`` writes it. tpu-mlir quantizes symmetric tensors with
   ``[-threshold, threshold]`` and asymmetric ones with ``[min, max]``, and so does lowbit
@@ -39,11 +40,17 @@ TENSORRT_HEADER = "TRT-8601-EntropyCalibration2"  # TensorRT 8.6's entropy calib
 
 @dataclass(frozen=True)
 class TableEntry:
-    """One tensor's range, and the symmetric threshold where the table gives one of its own."""
+    """One tensor's range, and the symmetric threshold where the table gives one of its own.
+
+    ``scale``: the scale lowbit's own table recorded beside the range. It matters where
+    lowbit widened a graph input's scale off its rounding ties (:mod:`lowbit.quantizers.ties`),
+    which the range alone does not say.
+    """
 
     min: float
     max: float
     threshold: float | None = None
+    scale: float | None = None
 
     def range(self, symmetric: bool) -> tuple[float, float]:
         """The range to quantize with a symmetric or an asymmetric scheme (tpu-mlir's rule)."""
@@ -123,7 +130,8 @@ def _read_json(path: Path, text: str) -> dict[str, TableEntry]:
     try:
         data = json.loads(text)
         tensors = data["tensors"]
-        entries = {name: TableEntry(_finite(path, name, entry["min"]), _finite(path, name, entry["max"]))
+        entries = {name: TableEntry(_finite(path, name, entry["min"]), _finite(path, name, entry["max"]),
+                                    scale=_finite(path, name, entry["scale"]) if "scale" in entry else None)
                    for name, entry in tensors.items()}
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
         raise LowbitError(f"{path}: not a lowbit calibration table ({type(exc).__name__}: {exc})") from None

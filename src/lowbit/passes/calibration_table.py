@@ -2,7 +2,8 @@
 other tools (formats: :mod:`lowbit.calibration.tables`).
 
 ReadCalibrationTable reads: ``calibration_table`` and the plan. Sets: the ranges (then no
-calibration run is made; GPTQ and bias correction still read data when it is given). Every
+calibration run is made; GPTQ and bias correction still read data when it is given), and
+the scales a lowbit table recorded (see :func:`lowbit.quantizers.ties.as_recorded`). Every
 planned tensor must be in the table and every tensor of the table must be a tensor of the
 model; either mismatch is a one-line error naming the tensors. Tensors of the model that the
 target leaves float (a table made for another target, or a TensorRT cache, which lists
@@ -52,6 +53,7 @@ class ReadCalibrationTable(Pass):
                        f"{state.target_name}, their ranges are not used: {_names(unused)}")
         symmetric = state.target.activation.symmetric
         state.ranges = {name: table[name].range(symmetric) for name in planned}
+        state.recorded_scales = {name: table[name].scale for name in planned if table[name].scale is not None}
 
     def describe(self, report) -> list[str]:
         return ["  activation ranges: read from the calibration table"]
@@ -66,19 +68,23 @@ class WriteCalibrationTable(Pass):
 
     def run(self, state: QuantState) -> Path:
         path = Path(state.config.calibration_table_out)
-        groups = state.plan.groups()
-        ranges = {}
-        for members in groups.values():
-            lows, highs = zip(*(state.ranges[name] for name in members))
-            for name in members:
-                ranges[name] = (min(lows), max(highs))
-        about = {"target": state.target_name, "samples": state.calibration_samples,
-                 "histogram_bins": state.config.max_num_bin, "tune_num": state.config.tune_num}
-        write_table(path, state.config.table_format, ranges, state.qparams, about)
+        write_ranges(state, path, state.config.table_format)
         return path
 
     def describe(self, path: Path) -> list[str]:
         return [f"  calibration table: wrote {path}"]
+
+
+def write_ranges(state: QuantState, path: Path, table_format: str) -> None:
+    """Write the state's activation ranges to ``path``, each tensor with the range of its scale-sharing group."""
+    ranges = {}
+    for members in state.plan.groups().values():
+        lows, highs = zip(*(state.ranges[name] for name in members))
+        for name in members:
+            ranges[name] = (min(lows), max(highs))
+    about = {"target": state.target_name, "samples": state.calibration_samples,
+             "histogram_bins": state.config.max_num_bin, "tune_num": state.config.tune_num}
+    write_table(path, table_format, ranges, state.qparams, about)
 
 
 def _names(names: list[str]) -> str:

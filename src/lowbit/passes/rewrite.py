@@ -25,7 +25,7 @@ class RewriteQDQ(Pass):
     changes_model = True
 
     def run(self, state: QuantState) -> list[str]:
-        state.qparams = activation_qparams(state.plan, state.ranges or {}, state.input_values)
+        state.qparams = activation_qparams(state.plan, state.ranges or {}, state.input_values, state.recorded_scales)
         state.float_layers = {}
         compensated = {id(node) for node, _ in state.plan.compensated}
         for slot in state.plan.weights:

@@ -71,6 +71,7 @@ class QuantState:
     held_back_references: list[list[np.ndarray]] = field(default_factory=list)  # ... and their float values
     tuning: list[dict[str, np.ndarray]] = field(default_factory=list)
     ranges: dict[str, tuple[float, float]] | None = None
+    recorded_scales: dict[str, float] = field(default_factory=dict)  # a lowbit calibration table's scales
     qparams: dict[str, Any] | None = None
     float_layers: dict[str, np.ndarray] | None = None  # float weights (and biases) as they were before the rewrite
     reconstructed: set[str] = field(default_factory=set)  # layers whose integers block reconstruction learned

@@ -35,7 +35,7 @@ from .float16 import compute_in_float16
 from .plan import WEIGHT_REQUANTIZED, BiasSlot, QuantPlan
 from .qparams import INT32, QParams, QuantScheme, compute_qparams
 from .saturation import fit_weight, guarded, widen_for_pairs
-from .ties import off_ties
+from .ties import as_recorded, off_ties
 from .weight_bits import quantize_weight
 
 WIDE_HEADROOM = 2.0
@@ -182,15 +182,16 @@ def _fit_bias_in_int32(weight_qparams: QParams, bias: np.ndarray, input_qparams:
 
 
 def activation_qparams(plan: QuantPlan, ranges: dict[str, tuple[float, float]],
-                       value_counts: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None
-                       ) -> dict[str, QParams]:
+                       value_counts: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                       recorded_scales: Mapping[str, float] | None = None) -> dict[str, QParams]:
     """One set of parameters per scale-sharing group, from the union of its members' ranges.
 
     A group is 16-bit when any member is (an int16 reader widens the whole group). A 16-bit
     range reaches :data:`WIDE_HEADROOM` times beyond what calibration saw: one bit of 16 buys
     room for inputs larger than the calibration's, which an int8 grid cannot afford.
     ``value_counts`` (the distinct calibration values of graph inputs, with their counts) keeps
-    those inputs off the grid's rounding ties (:func:`~lowbit.quantizers.ties.off_ties`).
+    those inputs off the grid's rounding ties (:func:`~lowbit.quantizers.ties.off_ties`);
+    ``recorded_scales`` (a lowbit calibration table's) bring such a widening back without them.
     """
     qparams: dict[str, QParams] = {}
     for members in plan.groups().values():
@@ -202,6 +203,9 @@ def activation_qparams(plan: QuantPlan, ranges: dict[str, tuple[float, float]],
         if counted:
             values, counts = (np.concatenate(parts) for parts in zip(*counted))
             shared = off_ties(shared, values, counts)
+        recorded = {recorded_scales[name] for name in members if recorded_scales and name in recorded_scales}
+        if len(recorded) == 1:
+            shared = as_recorded(shared, recorded.pop())
         for name in members:
             qparams[name] = shared
     return qparams

@@ -47,3 +47,21 @@ def off_ties(qparams: QParams, values: np.ndarray, counts: np.ndarray) -> QParam
         if tied_share(wider, values, counts) < TIED_SHARE:
             return wider
     return qparams
+
+
+def as_recorded(qparams: QParams, recorded_scale: float) -> QParams:
+    """``qparams`` with the scale a calibration table recorded, when that is this scale widened by the rule.
+
+    A table written by lowbit holds each tensor's range and its scale. The range alone gives
+    back every scale except one the rule widened, because the rule looked at calibration values
+    the table does not hold; the recorded scale brings that widening back, bit for bit. Any
+    other recorded scale (a range edited by hand, another scheme) leaves the range's own.
+    """
+    if qparams.scheme.axis is not None:
+        return qparams
+    for widening in WIDENINGS:
+        wider = (qparams.scale * widening).astype(np.float32)
+        if wider == np.float32(recorded_scale):
+            return replace(qparams, scale=wider)
+    return qparams
+
