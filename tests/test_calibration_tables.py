@@ -2,6 +2,7 @@
 
 import json
 import struct
+import warnings
 
 import numpy as np
 import onnx
@@ -134,6 +135,10 @@ def test_table_keys_that_have_no_effect(tmp_path):
     with pytest.warns(lowbit.LowbitWarning, match="num_bin .* has no effect: the ranges come from calibration_table"):
         lowbit.quantize(src, tmp_path / "b.onnx", data=random_feeds(16), calibration_table=str(table), num_bin=2048,
                         progress=False)
+    with warnings.catch_warnings():  # what the table does not replace: the precision rules and the scheme
+        warnings.simplefilter("error", lowbit.LowbitWarning)
+        lowbit.quantize(src, tmp_path / "d.onnx", data=random_feeds(16), calibration_table=str(table),
+                        node_config={"conv2": {"qtype": "int8"}}, asymmetric=True, progress=False)
     with pytest.warns(lowbit.LowbitWarning, match="table_format .* has no effect: no calibration_table_out"):
         lowbit.quantize(src, tmp_path / "c.onnx", data=random_feeds(16), table_format="tensorrt", progress=False)
     with pytest.raises(lowbit.LowbitError, match="is the output model's path"):
