@@ -218,9 +218,32 @@ def test_full_quant_search_meets_a_goal_int8_misses_and_reruns_from_its_json(dig
     assert "accuracy search:" in summary and "float32" in summary
     document = json.loads(result.quant_config_path.read_text())
     assert {name for name, entry in document["node_config"].items() if entry["qtype"] == "float32"} >= set(search.kept)
+    # the ranges the job used, in a table the JSON names: the rerun reads them instead of searching range methods
+    # again on its own plan (other nodes float), where another method could win
+    table = tmp_path / "searched.calibration_table.json"
+    assert document["lowbit"]["calibration_table"] == str(table.resolve()) and table.is_file()
+    assert "activation_quant_method" not in document["lowbit"]
+    assert f"with the activation ranges in {table.name}" in summary
+    again = tmp_path / "again.onnx"
+    rerun = lowbit.quantize(digits["model"], again, config=result.quant_config_path, data=digits["calib"],
+                            progress=False)
+    assert "calibrate" not in {p.what for p in rerun.data_passes}
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_the_rerun_json_keeps_the_scheme_the_range_search_chose_from_a_list(digits, tmp_path):
+    reference = logits(digits["model"], digits["x"])
+    evaluator = OutputError(digits["x"], reference, 1.0)  # met at once: the search keeps the first model
+    out = tmp_path / "q.onnx"
+    result = lowbit.quantize(digits["model"], out, data=digits["calib"], progress=False, evaluator=evaluator,
+                             per_channel=[True, False], activation_quant_method=["MAX_MIN", "MSE"])
+    chosen = result.summary().split("kept ")[1].splitlines()[0]
+    assert "per tensor" in chosen  # not the list's first: the channel order waited for the choice
+    own = json.loads(result.quant_config_path.read_text())["lowbit"]
+    assert own["per_channel"] == [False] and "activation_quant_method" not in own
     again = tmp_path / "again.onnx"
     lowbit.quantize(digits["model"], again, config=result.quant_config_path, data=digits["calib"], progress=False)
-    assert np.array_equal(logits(again, digits["x"]), logits(out, digits["x"]))
+    assert again.read_bytes() == out.read_bytes()
 
 
 def test_target_on_eval_data_from_the_cli(digits, tmp_path, capsys):

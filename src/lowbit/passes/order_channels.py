@@ -5,7 +5,11 @@ Changes the model, keeping its outputs: the channels of each chain that
 :mod:`lowbit.quantizers.pair_order` finds (1x1 expand -> depthwise -> 1x1 project, ...)
 are permuted, so the weight-pair guard (:mod:`lowbit.quantizers.saturation`) needs a
 wider grid for fewer channels. Everything measured later (calibration, GPTQ, reports) sees
-the reordered model; the reordered chains are written into the output model's metadata
+the reordered model. With a ``per_channel`` list (Horizon's, a search between per-channel
+and per-tensor weights) the order waits for the range search's choice, since it depends on
+the grid (an activation's range does not depend on the order of its channels): a rerun from
+the JSON an accuracy search wrote, which names the kept granularity alone, then orders the
+same way. The reordered chains are written into the output model's metadata
 (``lowbit.channel_order``), from which ``lowbit analyze`` reorders the original float model
 the same way before it compares the two tensor by tensor.
 """
@@ -28,9 +32,14 @@ class OrderChannels(Pass):
     changes_model = True
     keeps_outputs = True
 
+    def __init__(self, after_range_search: bool = False):
+        self.after_range_search = after_range_search  # True: the place for a per_channel list
+
     def applies(self, state: QuantState) -> bool:
         weight, activation = state.target.weight.qtype, state.target.activation.qtype
-        return state.plan.saturation_safe and weight.bits == 8 and weight.signed and activation.bits == 8
+        granularity_searched = len(state.config.per_channel or ()) > 1
+        return (state.plan.saturation_safe and weight.bits == 8 and weight.signed and activation.bits == 8
+                and granularity_searched == self.after_range_search)
 
     def run(self, state: QuantState) -> OrderReport:
         # Every chain is reordered, whatever precision the plan gives its last layer: a float or int16 layer

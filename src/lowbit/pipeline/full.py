@@ -51,6 +51,7 @@ def full_quant() -> list[Pass]:
         LoadEvaluator(),  # evaluator / accuracy_target: loaded, and the float model evaluated, before any work
         Calibrate(),  # float model, all samples: a histogram (or min/max) per activation
         ChooseRanges(),  # float model, held-back samples: the search's references; ranges chosen
+        OrderChannels(after_range_search=True),  # the same, when the range search chose per_channel from a list
         SearchPrecisions(build_passes),  # evaluator: candidates built and evaluated; the plan of the one kept
         *build_passes(final=True),
         SearchLevels(),  # weight_levels=AUTO: the fewest levels per layer the evaluator accepts
