@@ -3,6 +3,8 @@ leaves alone, and per-tensor quantization that gains from it (a small graph and 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -245,9 +247,17 @@ def test_a_calibration_table_with_equalization_is_explained(tmp_path):
     with pytest.warns(lowbit.LowbitWarning, match="ranges are those of the equalized model"):
         lowbit.quantize(src, tmp_path / "q.onnx", data=feeds, progress=False, cross_layer_equalization=True,
                         calibration_table_out=str(tmp_path / "t.json"))
-    with pytest.warns(lowbit.LowbitWarning, match="must come from a run with cross_layer_equalization"):
-        lowbit.quantize(src, tmp_path / "q2.onnx", progress=False, cross_layer_equalization=True,
-                        calibration_table=str(tmp_path / "t.json"), weight_rounding="NEAREST", bias_correction=False)
+    lowbit.quantize(src, tmp_path / "q2.onnx", progress=False, cross_layer_equalization=True,  # says it was made so
+                    calibration_table=str(tmp_path / "t.json"), weight_rounding="NEAREST", bias_correction=False)
+    assert json.loads((tmp_path / "t.json").read_text())["cross_layer_equalization"] is True
+    with pytest.raises(lowbit.LowbitError, match="measured with cross_layer_equalization and this job runs without"):
+        lowbit.quantize(src, tmp_path / "q3.onnx", progress=False, calibration_table=str(tmp_path / "t.json"))
+    assert not (tmp_path / "q3.onnx").exists()
+    lowbit.quantize(src, tmp_path / "t.onnx", data=feeds, progress=False, calibration_table_out=str(tmp_path / "t.txt"),
+                    table_format="tpu-mlir")
+    with pytest.warns(lowbit.LowbitWarning, match="does not say whether its ranges were measured with it"):
+        lowbit.quantize(src, tmp_path / "q4.onnx", progress=False, cross_layer_equalization=True,
+                        calibration_table=str(tmp_path / "t.txt"), weight_rounding="NEAREST", bias_correction=False)
     # the table written from the equalized model gives the same ranges when read back with equalization
     first = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
     second = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "q2.onnx")).graph.initializer}

@@ -74,7 +74,7 @@ def write_table(path: Path, table_format: str, ranges: Mapping[str, tuple[float,
 
 
 def read_table(path: Path) -> dict[str, TableEntry]:
-    """The entries of a table in any of the three formats."""
+    """The entries of a table in any of the three formats (for a lowbit table's header, :func:`equalized`)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -125,6 +125,16 @@ def _tensorrt(ranges, qparams, about) -> str:
 
 
 # -- readers ----------------------------------------------------------------------------
+
+def equalized(path: Path) -> bool | None:
+    """Whether a lowbit table was measured on a model with cross-layer equalization (None: another format, or a
+    lowbit table from before the header said so). Call after :func:`read_table`, which checks the file."""
+    text = path.read_text(encoding="utf-8")
+    if not text.lstrip().startswith("{"):
+        return None
+    value = json.loads(text).get("cross_layer_equalization")
+    return value if isinstance(value, bool) else None
+
 
 def _read_json(path: Path, text: str) -> dict[str, TableEntry]:
     try:

@@ -7,7 +7,9 @@ the scales a lowbit table recorded (see :func:`lowbit.quantizers.ties.as_recorde
 planned tensor must be in the table and every tensor of the table must be a tensor of the
 model; either mismatch is a one-line error naming the tensors. Tensors of the model that the
 target leaves float (a table made for another target, or a TensorRT cache, which lists
-every tensor) are noted and ignored.
+every tensor) are noted and ignored. A lowbit table says whether it was measured with
+cross_layer_equalization; read into a job that differs, it is a one-line error (the
+tensors equalization rescales would get the other model's ranges).
 
 WriteCalibrationTable reads: the ranges, the plan and the scales. Writes
 ``calibration_table_out`` in ``table_format``, after the model is saved, each tensor with
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..calibration.tables import read_table, write_table
+from ..calibration.tables import equalized, read_table, write_table
 from ..errors import LowbitError
 from ..graph.passes import all_values
 from ..pipeline.passes import Pass
@@ -51,6 +53,7 @@ class ReadCalibrationTable(Pass):
         if unused:  # a table made for another target, or by a tool that lists every tensor (TensorRT)
             state.note(f"{path}: {len(unused)} tensor(s) of the table are not quantized for target "
                        f"{state.target_name}, their ranges are not used: {_names(unused)}")
+        _check_equalization(state, path)
         symmetric = state.target.activation.symmetric
         state.ranges = {name: table[name].range(symmetric) for name in planned}
         state.recorded_scales = {name: table[name].scale for name in planned if table[name].scale is not None}
@@ -83,8 +86,27 @@ def write_ranges(state: QuantState, path: Path, table_format: str) -> None:
         for name in members:
             ranges[name] = (min(lows), max(highs))
     about = {"target": state.target_name, "samples": state.calibration_samples,
-             "histogram_bins": state.config.max_num_bin, "tune_num": state.config.tune_num}
+             "histogram_bins": state.config.max_num_bin, "tune_num": state.config.tune_num,
+             "cross_layer_equalization": bool(state.config.cross_layer_equalization)}
     write_table(path, table_format, ranges, state.qparams, about)
+
+
+def _check_equalization(state: QuantState, path: Path) -> None:
+    """Equalization rescales the tensors between the layers it pairs: a table's ranges fit one model or the other.
+
+    A lowbit table says which; with another table the job can only be cautious."""
+    made_with = equalized(path)
+    wanted = bool(state.config.cross_layer_equalization)
+    if made_with is not None and made_with != wanted:
+        made, now = ("with", "without") if made_with else ("without", "with")
+        raise LowbitError(f"{path} was measured {made} cross_layer_equalization and this job runs {now} it: the "
+                          "tensors between the layers it pairs are scaled differently, so the ranges would be wrong; "
+                          f"set cross_layer_equalization={str(made_with).lower()}, or write a new table")
+    if made_with is None and wanted:
+        state.note(f"calibration_table with cross_layer_equalization: {path} does not say whether its ranges were "
+                   "measured with it; equalization rescales the tensors between the layers it pairs, so they must "
+                   "come from such a run (lowbit's calibration_table_out); ranges of the original model would be "
+                   "wrong")
 
 
 def _names(names: list[str]) -> str:

@@ -15,8 +15,8 @@ a default) that changes nothing gets one warning naming it and why:
 * any calibration data with dynamic quantization, which computes scales at run time;
 * the range keys when the ranges come from ``calibration_table``, and ``table_format``
   without ``calibration_table_out`` (whose folder is checked here, before any work);
-* a calibration table read or written with ``cross_layer_equalization``, whose ranges are
-  those of the equalized tensors.
+* a calibration table written with ``cross_layer_equalization``, whose ranges are those of
+  the equalized tensors (reading one is checked where it is read, :mod:`.calibration_table`).
 """
 
 from __future__ import annotations
@@ -102,10 +102,6 @@ class CheckSettings(Pass):
         if config.calibration_table is not None:
             yield from _unused(config, RANGE_KEYS, f"the ranges come from calibration_table "
                                                    f"({config.source('calibration_table')})")
-        if config.cross_layer_equalization and config.calibration_table is not None:
-            yield ("calibration_table with cross_layer_equalization: equalization rescales the tensors between "
-                   "the layers it pairs, so the table must come from a run with cross_layer_equalization "
-                   "(lowbit's calibration_table_out); ranges measured on the original model would be wrong")
         if config.cross_layer_equalization and config.calibration_table_out is not None:
             yield ("calibration_table_out with cross_layer_equalization: the table's ranges are those of the "
                    "equalized model (the output), not of the original float model; give a runtime the output "
