@@ -73,8 +73,17 @@ def write_table(path: Path, table_format: str, ranges: Mapping[str, tuple[float,
             os.unlink(staged)
 
 
-def read_table(path: Path) -> dict[str, TableEntry]:
-    """The entries of a table in any of the three formats (for a lowbit table's header, :func:`equalized`)."""
+@dataclass(frozen=True)
+class Table:
+    """A table's entries, and whether a lowbit table says it was measured with cross-layer equalization (None:
+    another format, or a lowbit table from before its header said so)."""
+
+    entries: dict[str, TableEntry]
+    equalized: bool | None = None
+
+
+def read_table(path: Path) -> Table:
+    """The table in any of the three formats."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -85,8 +94,8 @@ def read_table(path: Path) -> dict[str, TableEntry]:
     if stripped.startswith("{"):
         return _read_json(path, text)
     if stripped.startswith("TRT-"):
-        return _read_tensorrt(path, text)
-    return _read_tpu_mlir(path, text)
+        return Table(_read_tensorrt(path, text))
+    return Table(_read_tpu_mlir(path, text))
 
 
 # -- writers ----------------------------------------------------------------------------
@@ -126,17 +135,7 @@ def _tensorrt(ranges, qparams, about) -> str:
 
 # -- readers ----------------------------------------------------------------------------
 
-def equalized(path: Path) -> bool | None:
-    """Whether a lowbit table was measured on a model with cross-layer equalization (None: another format, or a
-    lowbit table from before the header said so). Call after :func:`read_table`, which checks the file."""
-    text = path.read_text(encoding="utf-8")
-    if not text.lstrip().startswith("{"):
-        return None
-    value = json.loads(text).get("cross_layer_equalization")
-    return value if isinstance(value, bool) else None
-
-
-def _read_json(path: Path, text: str) -> dict[str, TableEntry]:
+def _read_json(path: Path, text: str) -> Table:
     try:
         data = json.loads(text)
         tensors = data["tensors"]
@@ -145,7 +144,8 @@ def _read_json(path: Path, text: str) -> dict[str, TableEntry]:
                    for name, entry in tensors.items()}
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
         raise LowbitError(f"{path}: not a lowbit calibration table ({type(exc).__name__}: {exc})") from None
-    return _not_empty(path, entries)
+    equalized = data.get("cross_layer_equalization")
+    return Table(_not_empty(path, entries), equalized if isinstance(equalized, bool) else None)
 
 
 def _read_tpu_mlir(path: Path, text: str) -> dict[str, TableEntry]:

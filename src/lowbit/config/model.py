@@ -29,6 +29,9 @@ CALIBRATION_KEYS = ("activation_quant_method", "num_bin", "max_num_bin", "max_pe
                     "layerwise_search", "layerwise_metric", "search_metric", "search_samples", "calibration_table",
                     "calibration_table_out", "table_format", "asymmetric", "bias_correction_metric",
                     "all_node_type", "model_output_type", "op_config", "node_config")
+# Of those, the keys that choose ranges from data: a calibration table replaces them all.
+RANGE_KEYS = ("activation_quant_method", "num_bin", "max_num_bin", "max_percentile", "tune_num", "layerwise_search",
+              "layerwise_metric", "search_metric", "search_samples")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..calibration.tables import equalized, read_table, write_table
+from ..calibration.tables import read_table, write_table
 from ..errors import LowbitError
 from ..graph.passes import all_values
 from ..pipeline.passes import Pass
@@ -38,7 +38,8 @@ class ReadCalibrationTable(Pass):
 
     def run(self, state: QuantState) -> None:
         path = Path(state.config.calibration_table)
-        table = read_table(path)
+        read = read_table(path)
+        table = read.entries
         planned = list(state.plan.activations)
         missing = [name for name in planned if name not in table]
         tensors = {v.name for v in all_values(state.model.graph)}
@@ -53,7 +54,7 @@ class ReadCalibrationTable(Pass):
         if unused:  # a table made for another target, or by a tool that lists every tensor (TensorRT)
             state.note(f"{path}: {len(unused)} tensor(s) of the table are not quantized for target "
                        f"{state.target_name}, their ranges are not used: {_names(unused)}")
-        _check_equalization(state, path)
+        _check_equalization(state, path, read.equalized)
         symmetric = state.target.activation.symmetric
         state.ranges = {name: table[name].range(symmetric) for name in planned}
         state.recorded_scales = {name: table[name].scale for name in planned if table[name].scale is not None}
@@ -91,11 +92,10 @@ def write_ranges(state: QuantState, path: Path, table_format: str) -> None:
     write_table(path, table_format, ranges, state.qparams, about)
 
 
-def _check_equalization(state: QuantState, path: Path) -> None:
+def _check_equalization(state: QuantState, path: Path, made_with: bool | None) -> None:
     """Equalization rescales the tensors between the layers it pairs: a table's ranges fit one model or the other.
 
-    A lowbit table says which; with another table the job can only be cautious."""
-    made_with = equalized(path)
+    A lowbit table says which (``made_with``); with another table the job can only be cautious."""
     wanted = bool(state.config.cross_layer_equalization)
     if made_with is not None and made_with != wanted:
         made, now = ("with", "without") if made_with else ("without", "with")

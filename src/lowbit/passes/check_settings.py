@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config.model import RANGE_KEYS
 from ..errors import LowbitError, closest
 from ..graph.saving import check_output_path
 from ..pipeline.passes import Pass
@@ -33,9 +34,6 @@ from .evaluate import holds_back_for_goal
 IMAGE_KEYS = ("image_to_format", "normalize_mean", "normalize_std", "resize_width", "resize_height",
               "resize_method", "center_crop_width", "center_crop_height")
 BIN_KEYS = ("input_shape", "input_data_format")
-# what chooses activation ranges from data (a calibration table replaces them all)
-RANGE_KEYS = ("activation_quant_method", "num_bin", "max_num_bin", "max_percentile", "tune_num", "layerwise_search",
-              "layerwise_metric", "search_metric", "search_samples")
 
 
 class CheckSettings(Pass):

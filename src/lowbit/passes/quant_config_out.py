@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config.horizon_writer import horizon_document, write_horizon_json
+from ..config.model import RANGE_KEYS
 from ..pipeline.passes import Pass
 from ..pipeline.state import QuantState
 from ..quantizers.levels import AUTO
 from .calibration_table import write_ranges
-from .check_settings import RANGE_KEYS
 
 
 def quant_config_path(output: Path) -> Path:

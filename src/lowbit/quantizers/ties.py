@@ -43,7 +43,7 @@ def off_ties(qparams: QParams, values: np.ndarray, counts: np.ndarray) -> QParam
     if qparams.scheme.axis is not None or tied_share(qparams, values, counts) < TIED_SHARE:
         return qparams
     for widening in WIDENINGS:
-        wider = replace(qparams, scale=(qparams.scale * widening).astype(np.float32))
+        wider = _widened(qparams, widening)
         if tied_share(wider, values, counts) < TIED_SHARE:
             return wider
     return qparams
@@ -60,8 +60,12 @@ def as_recorded(qparams: QParams, recorded_scale: float) -> QParams:
     if qparams.scheme.axis is not None:
         return qparams
     for widening in WIDENINGS:
-        wider = (qparams.scale * widening).astype(np.float32)
-        if wider == np.float32(recorded_scale):
-            return replace(qparams, scale=wider)
+        wider = _widened(qparams, widening)
+        if wider.scale == np.float32(recorded_scale):
+            return wider
     return qparams
 
+
+def _widened(qparams: QParams, widening: float) -> QParams:
+    """The scale times ``widening`` in float32: the one computation both the rule and the table's reader make."""
+    return replace(qparams, scale=(qparams.scale * widening).astype(np.float32))
