@@ -238,6 +238,42 @@ def test_cli_refuses_a_model_that_is_not_the_quantized_form(tmp_path, quantized_
     assert "no DequantizeLinear in the model" in capsys.readouterr().err
 
 
+def test_a_float_model_of_other_node_names_is_refused(tmp_path, capsys):
+    """Matched by node name, a float model that names no quantized node would give every node's float form its
+    quantized weights: errors of zero everywhere (a 4-bit weight-only EfficientNet-Lite0 against another export of
+    the float model). It is refused instead."""
+    src, out = save(conv_relu_pool_model(), tmp_path / "m.onnx"), tmp_path / "w4.onnx"
+    lowbit.quantize(src, out, quant_type="WEIGHT_QUANT", bit_num=4, min_quant_weight_size=0,
+                    min_quant_weight_channel=0, progress=False)
+    renamed = onnx.load(str(src))
+    for index, node in enumerate(renamed.graph.node):
+        node.name = f"node_{node.op_type}_{index}"
+    other = save(renamed, tmp_path / "renamed.onnx")
+    data = write_npy_folder(tmp_path / "data", random_feeds(2, seed=9))
+    assert main(["analyze", str(other), str(out), "--data", str(data)]) == 2
+    assert "none of its 2 quantized nodes" in capsys.readouterr().err
+
+
+def test_a_weight_without_float_counterpart_is_noted_and_the_error_is_against_the_float_model(tmp_path):
+    src, out = save(conv_relu_pool_model(), tmp_path / "m.onnx"), tmp_path / "q.onnx"
+    lowbit.quantize(src, out, data=random_feeds(16), saturation_safe_weights=False, progress=False)  # no new order
+    renamed = onnx.load(str(src))
+    next(node for node in renamed.graph.node if node.name == "conv2").name = "conv2_elsewhere"
+    other = save(renamed, tmp_path / "renamed.onnx")
+    feeds = random_feeds(4, seed=3)
+    analysis = analyze(other, out, data=feeds, samples=4)
+    assert any("2 of 4 quantized constants (weights and biases) have no float counterpart" in note
+               for note in analysis.notes)
+
+    def error(feed):
+        a, b = run(src, feed)[0].ravel().astype(np.float64), run(out, feed)[0].ravel().astype(np.float64)
+        return 1 - a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+    expected = np.mean([error(feed) for feed in feeds])
+    assert analysis.quantized_error == pytest.approx(expected, rel=1e-4)
+    assert analysis.quantized_error > analysis.simulated_error  # conv2's rounding counted as float in the latter
+
+
 def test_quantize_with_report(tmp_path, capsys):
     src = save(conv_relu_pool_model(), tmp_path / "m.onnx")
     data = write_npy_folder(tmp_path / "data", random_feeds(12, seed=2))

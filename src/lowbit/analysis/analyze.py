@@ -139,8 +139,11 @@ def analyze(float_path: str | Path, quantized_path: str | Path, data: FeedSource
                           "analyze reads QDQ models (QuantizeLinear/DequantizeLinear pairs)")
     error = OutputError(make_session(switched.model), switched, batches, outputs)
     simulated = error({n.name for n in switched.nodes})
-    quantized_session = make_session(quantized)
-    quantized_error = mean_error(error.references, (quantized_session.run(outputs, b) for b in batches))
+    # against the float model itself (not the switched model with every switch off, which keeps the rounding of
+    # weights whose float counterpart it did not find)
+    float_session, quantized_session = make_session(float_model), make_session(quantized)
+    quantized_error = mean_error([float_session.run(outputs, b) for b in batches],
+                                 (quantized_session.run(outputs, b) for b in batches))
 
     step = progress("sensitivity", len(switched.nodes)) if progress else (lambda: None)
     where = config.source("ray_address" if config.ray_address is not None else "workers")
@@ -149,6 +152,12 @@ def analyze(float_path: str | Path, quantized_path: str | Path, data: FeedSource
     suggestion = _suggest(error, curve, {n.name for n in nodes})
     weights = [weight_row(t) for t in traced if t.weight is not None and t.grid is not None and t.grid.bits <= 16]
     notes = []
+    unmatched = [name for node in switched.nodes for name in node.unmatched]
+    if unmatched:
+        notes.append(f"{len(unmatched)} of {sum(len(n.weights) for n in switched.nodes)} quantized constants "
+                     f"(weights and biases) have no float counterpart in {float_path.name} (matched by node name "
+                     f"and input position), first "
+                     f"{unmatched[0]}: their rounding stays in every figure, float ones included")
     if abs(simulated - quantized_error) > max(0.1 * quantized_error, 1e-4):
         notes.append(f"ONNX Runtime's integer kernels give an output error of {quantized_error:.3g}, the float "
                      f"simulation of the same model {simulated:.3g}: the per-node figures are the simulation's")
@@ -189,6 +198,13 @@ def _check_pair(float_model: ir.Model, quantized: ir.Model, float_path: Path, qu
         name, op_type = compensated[0]
         raise LowbitError(f"{quantized_path}: {name} adds two copies of one {op_type} (error compensation, ec); "
                           "the analysis does not take ec nodes yet: analyse the model quantized without ec")
+    readers = {node.name for node in quantized.graph if node.op_type not in ("QuantizeLinear", "DequantizeLinear")
+               and any(v is not None and v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+                       for v in node.inputs)}
+    if readers and not readers & {node.name for node in float_model.graph}:
+        raise LowbitError(f"{quantized_path} does not look like a quantized form of {float_path}: none of its "
+                          f"{len(readers)} quantized nodes (such as {sorted(readers)[0]!r}) is named as a node of the "
+                          "float model, and the analysis matches the float weights and tensors by node name")
     float_outputs = {v.name for v in float_model.graph.outputs}
     if not float_outputs & {v.name for v in quantized.graph.outputs}:
         raise LowbitError(f"{quantized_path} does not look like a quantized form of {float_path}: "

@@ -55,6 +55,9 @@ class SwitchedNode:
     wide: str  # boolean graph input: when quantized, 16-bit (True) or as the model has it
     activations: list[str] = field(default_factory=list)  # float tensors it reads through a Q/DQ pair
     weights: list[str] = field(default_factory=list)  # constants it reads through a DequantizeLinear
+    # of those, the ones without a float counterpart in the float model: dequantized in every form, so their
+    # rounding error is in the "float" figures too
+    unmatched: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -146,6 +149,7 @@ def _forms(graph: ir.Graph, node: ir.Node, float_node: ir.Node | None, entry: Sw
         float_constant = _float_constant(float_node, index, dq.inputs[0])
         if float_constant is None:
             forms.original[index] = forms.quantized[index]
+            entry.unmatched.append(value.name)
             continue
         forms.original[index] = add_initializer(graph, f"{value.name}_original", float_constant)
         if grid is not None and grid.bits <= 8:
