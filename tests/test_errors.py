@@ -1,5 +1,6 @@
 """Bad input: a one-line error naming the culprit, exit code 2, and no output file."""
 
+import pickle
 import re
 
 import numpy as np
@@ -130,6 +131,19 @@ def test_npy_with_python_objects_is_never_unpickled(tmp_path, capsys, out, tiny_
     np.save(folder / "evil.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     code, err = quantize_cli(capsys, tiny_model, "-o", out, "--data", folder)
     check(code, err, out, folder / "evil.npy", "unpickle")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"garbage, not an array", "no NumPy header"),
+    (pickle.dumps({"a": 1}, protocol=2), "unpickle"),
+])
+def test_npy_of_other_bytes(tmp_path, capsys, out, tiny_model, content, message):
+    """numpy calls any file without its header a pickle: only a real one is reported as Python objects."""
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    (folder / "sample.npy").write_bytes(content)
+    code, err = quantize_cli(capsys, tiny_model, "-o", out, "--data", folder)
+    check(code, err, out, folder / "sample.npy", message)
 
 
 def test_npz_missing_an_input(tmp_path, capsys, out, tiny_model):

@@ -186,9 +186,20 @@ def read_file(path: Path, spec: InputSpec, options: DataOptions) -> np.ndarray:
     raise LowbitError(f"{path}: an .npz file holds a whole sample; it cannot stand for input '{spec.name}' alone")
 
 
+NUMPY_MAGICS = (b"\x93NUMPY", b"PK\x03\x04")  # .npy, and .npz (a zip archive)
+PICKLE_PROTOCOL = b"\x80"  # the first byte of a pickle of protocol 2 or later (what np.save writes)
+
+
 def _unpickle_guard(path: Path, exc: Exception, what: str) -> LowbitError:
+    """numpy's refusal to unpickle (``allow_pickle=False``) says "pickle" for any file without a NumPy header,
+    garbage included: only an object array in a NumPy file, or a pickle, holds Python objects."""
     if "pickle" in str(exc):
-        return LowbitError(f"{path}: holds Python objects; lowbit never unpickles data, save plain numeric arrays")
+        with open(path, "rb") as file:
+            head = file.read(6)
+        if head.startswith(NUMPY_MAGICS) or head.startswith(PICKLE_PROTOCOL):
+            return LowbitError(f"{path}: holds Python objects; lowbit never unpickles data, save plain numeric "
+                               "arrays")
+        return BadSampleError(f"{path}: not a readable {what} file (no NumPy header: corrupt, or another format)")
     return BadSampleError(f"{path}: not a readable {what} file ({exc})")
 
 
