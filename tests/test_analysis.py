@@ -254,15 +254,21 @@ def test_a_float_model_of_other_node_names_is_refused(tmp_path, capsys):
     assert "none of its 2 quantized nodes" in capsys.readouterr().err
 
 
-def test_a_weight_without_float_counterpart_is_noted_and_the_error_is_against_the_float_model(tmp_path):
+@pytest.mark.parametrize("renamed_nodes, unmatched", [({"conv2"}, 2), ({"conv1", "pool1", "conv2"}, 4)])
+def test_a_weight_without_float_counterpart_is_noted_and_the_error_is_against_the_float_model(
+        tmp_path, renamed_nodes, unmatched):
+    """Nodes named otherwise in the float model (its tensors named alike: the activations still match) lose their
+    float weights and biases; the analysis says so, and the model's own error is still against the float model."""
     src, out = save(conv_relu_pool_model(), tmp_path / "m.onnx"), tmp_path / "q.onnx"
     lowbit.quantize(src, out, data=random_feeds(16), saturation_safe_weights=False, progress=False)  # no new order
     renamed = onnx.load(str(src))
-    next(node for node in renamed.graph.node if node.name == "conv2").name = "conv2_elsewhere"
+    for node in renamed.graph.node:
+        if node.name in renamed_nodes:
+            node.name += "_elsewhere"
     other = save(renamed, tmp_path / "renamed.onnx")
     feeds = random_feeds(4, seed=3)
     analysis = analyze(other, out, data=feeds, samples=4)
-    assert any("2 of 4 quantized constants (weights and biases) have no float counterpart" in note
+    assert any(f"{unmatched} of 4 quantized constants (weights and biases) have no float counterpart" in note
                for note in analysis.notes)
 
     def error(feed):

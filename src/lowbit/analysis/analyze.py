@@ -201,10 +201,14 @@ def _check_pair(float_model: ir.Model, quantized: ir.Model, float_path: Path, qu
     readers = {node.name for node in quantized.graph if node.op_type not in ("QuantizeLinear", "DequantizeLinear")
                and any(v is not None and v.producer() is not None and v.producer().op_type == "DequantizeLinear"
                        for v in node.inputs)}
-    if readers and not readers & {node.name for node in float_model.graph}:
+    rounded = {node.inputs[0].name for node in quantized.graph
+               if node.op_type == "QuantizeLinear" and node.inputs[0].const_value is None}
+    float_tensors = {v.name for node in float_model.graph for v in node.outputs if v is not None}
+    if readers and not readers & {node.name for node in float_model.graph} and not rounded & float_tensors:
         raise LowbitError(f"{quantized_path} does not look like a quantized form of {float_path}: none of its "
                           f"{len(readers)} quantized nodes (such as {sorted(readers)[0]!r}) is named as a node of the "
-                          "float model, and the analysis matches the float weights and tensors by node name")
+                          "float model, nor any tensor it rounds, and the analysis matches the float weights by node "
+                          "name and the tensors by name")
     float_outputs = {v.name for v in float_model.graph.outputs}
     if not float_outputs & {v.name for v in quantized.graph.outputs}:
         raise LowbitError(f"{quantized_path} does not look like a quantized form of {float_path}: "
