@@ -156,8 +156,8 @@ def analyze(float_path: str | Path, quantized_path: str | Path, data: FeedSource
     if unmatched:
         notes.append(f"{len(unmatched)} of {sum(len(n.weights) for n in switched.nodes)} quantized constants "
                      f"(weights and biases) have no float counterpart in {float_path.name} (matched by node name "
-                     f"and input position), first "
-                     f"{unmatched[0]}: their rounding stays in every figure, float ones included")
+                     f"and input position), first {unmatched[0]}: their rounding stays in every figure, float ones "
+                     "included")
     if abs(simulated - quantized_error) > max(0.1 * quantized_error, 1e-4):
         notes.append(f"ONNX Runtime's integer kernels give an output error of {quantized_error:.3g}, the float "
                      f"simulation of the same model {simulated:.3g}: the per-node figures are the simulation's")

@@ -187,7 +187,7 @@ def read_file(path: Path, spec: InputSpec, options: DataOptions) -> np.ndarray:
 
 
 NUMPY_MAGICS = (b"\x93NUMPY", b"PK\x03\x04")  # .npy, and .npz (a zip archive)
-PICKLE_PROTOCOL = b"\x80"  # the first byte of a pickle of protocol 2 or later (what np.save writes)
+PICKLE_PROTOCOL = b"\x80"  # the first byte of a pickle of protocol 2 or later (pickle.dump writes 4 or 5)
 
 
 def _unpickle_guard(path: Path, exc: Exception, what: str) -> LowbitError:
