@@ -277,7 +277,7 @@ def test_a_weight_without_float_counterpart_is_noted_and_the_error_is_against_th
 
     expected = np.mean([error(feed) for feed in feeds])
     assert analysis.quantized_error == pytest.approx(expected, rel=1e-4)
-    assert analysis.quantized_error > analysis.simulated_error  # conv2's rounding counted as float in the latter
+    assert analysis.quantized_error > analysis.simulated_error  # the unmatched constants count as float there
 
 
 def test_quantize_with_report(tmp_path, capsys):
