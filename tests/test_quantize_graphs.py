@@ -165,6 +165,69 @@ def test_batchnorm_is_folded_before_quantization(tmp_path):
     assert producers(onnx.load(str(out))).get(conv.input[1]) is None  # a float weight, read directly
 
 
+def _bias_add_model(op_type, added, bias=None):
+    """op_type (ConvTranspose 4 -> 6 channels, or Conv 3 -> 6) then Add of ``added`` then BatchNormalization."""
+    rng = np.random.default_rng(11)
+    c = 6
+    shape = (4, c, 2, 2) if op_type == "ConvTranspose" else (c, 4, 3, 3)
+    attrs = {"strides": [2, 2]} if op_type == "ConvTranspose" else {"pads": [1, 1, 1, 1]}
+    inits = [("w", rng.normal(size=shape).astype(np.float32)), ("added", added),
+             ("gamma", rng.uniform(0.5, 2, c).astype(np.float32)), ("beta", rng.normal(size=c).astype(np.float32)),
+             ("mean", rng.normal(size=c).astype(np.float32)), ("var", rng.uniform(0.5, 2, c).astype(np.float32))]
+    inputs = ["input", "w"]
+    if bias is not None:
+        inits.append(("b", bias))
+        inputs.append("b")
+    side = 16 if op_type == "ConvTranspose" else 8
+    nodes = [helper.make_node(op_type, inputs, ["c"], name="up", **attrs),
+             helper.make_node("Add", ["c", "added"], ["a"], name="bias"),
+             helper.make_node("BatchNormalization", ["a", "gamma", "beta", "mean", "var"], ["bn"], name="bn"),
+             helper.make_node("Relu", ["bn"], ["output"], name="relu")]
+    return make_model(nodes, [float_input("input", [1, 4, 8, 8])], [float_input("output", [1, c, side, side])], inits)
+
+
+@pytest.mark.parametrize("op_type, added, bias", [
+    ("ConvTranspose", np.arange(6, dtype=np.float32).reshape(1, 6, 1, 1) - 2.5, None),  # paddle2onnx's form
+    ("ConvTranspose", np.array([0.75], np.float32), None),  # one number
+    ("Conv", np.arange(6, dtype=np.float32).reshape(6, 1, 1) / 4, np.full(6, -0.5, np.float32)),  # with a bias
+])
+def test_a_bias_added_apart_is_folded_and_the_batchnorm_after_it(tmp_path, op_type, added, bias):
+    """Conv / ConvTranspose then Add of one value per output channel (or one number) then BatchNormalization:
+    one op with a bias, the same outputs (paddle2onnx writes PP-OCR's ConvTranspose biases this way)."""
+    import onnx_ir as ir
+
+    from lowbit.graph.loading import load_model
+    from lowbit.graph.passes import prepare
+    from lowbit.graph.query import constant_array
+
+    model = _bias_add_model(op_type, added, bias)
+    src = save(model, tmp_path / "float.onnx")
+    prepared = prepare(load_model(src)[0])
+    nodes = list(prepared.graph)
+    assert [n.op_type for n in nodes] == [op_type, "Relu"] and nodes[0].name == "up"
+    # the bias before the BatchNormalization: the old bias plus the added values, by hand
+    gamma, beta, mean, var = (numpy_helper.to_array(t) for t in model.graph.initializer[2:6])
+    pre_bn = (0 if bias is None else bias) + np.broadcast_to(added.reshape(-1), (6,))
+    expected_bias = (pre_bn - mean) * gamma / np.sqrt(var + 1e-5) + beta
+    np.testing.assert_allclose(constant_array(nodes[0].inputs[2]), expected_bias, rtol=1e-5, atol=1e-5)
+    folded = tmp_path / "folded.onnx"
+    ir.save(prepared, folded)
+    feed = random_feeds(1, seed=6, shape=(1, 4, 8, 8))[0]
+    np.testing.assert_allclose(run(folded, feed)[0], run(src, feed)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("added", [
+    np.ones((1, 6, 16, 16), np.float32),  # one value per position: not a bias
+    np.ones((2, 6, 1, 1), np.float32),  # a batch of 2: the Add broadcasts the output
+])
+def test_an_add_that_is_not_a_bias_stays(tmp_path, added):
+    from lowbit.graph.loading import load_model
+    from lowbit.graph.passes import prepare
+
+    prepared = prepare(load_model(save(_bias_add_model("ConvTranspose", added), tmp_path / "float.onnx"))[0])
+    assert [n.op_type for n in prepared.graph] == ["ConvTranspose", "Add", "BatchNormalization", "Relu"]
+
+
 def test_weights_in_constant_nodes_are_quantized(tmp_path):
     rng = np.random.default_rng(4)
     w = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)

@@ -10,8 +10,9 @@ form that runtimes execute in int8, so that quantization sees the same tensors:
 4. BatchNormalization is folded into the Conv, ConvTranspose or Gemm before it, and a
    zero Pad into the Conv after it: the folded weight is what a runtime executes, so
    it is what gets quantized, and no float Pad is left between two int8 ops;
-   a per-channel Mul then Add after a Conv (BatchNormalization as exported by
-   paddle2onnx) is folded the same way;
+   ``Conv * a + b`` with one number each is folded the same way, and so is an Add of
+   one value per output channel after a Conv or ConvTranspose (a bias that paddle2onnx
+   writes apart, before the BatchNormalization; :mod:`lowbit.graph.fusions`);
    HardSwish / HardSigmoid written out as Add-Clip-Mul-Div become single ops, so the
    large intermediate ``x * relu6(x + 3)`` is not quantized on its own;
 5. unused nodes go, types and shapes are inferred, nodes are sorted.
@@ -32,7 +33,11 @@ import onnxscript.optimizer
 import onnxscript.rewriter
 from onnxscript.rewriter.rules import common as rules
 
+from . import fusions
+
 FOLDING_RULES = (
+    fusions.conv_bias_add_rule,
+    fusions.conv_transpose_bias_add_rule,
     rules.fuse_batchnorm_into_conv_rule,
     rules.fuse_batchnorm_into_conv_transpose_rule,
     rules.fuse_batchnorm_into_gemm_rule,
