@@ -41,7 +41,8 @@ FOLDING_RULES = (
     rules.fuse_batchnorm_into_conv_rule,
     rules.fuse_batchnorm_into_conv_transpose_rule,
     rules.fuse_batchnorm_into_gemm_rule,
-    rules.conv_affine_fusion_rule,
+    # either operand order: paddle2onnx writes PP-LCNet's learnable affine blocks as Mul(scale, conv) + offset
+    *rules.conv_affine_fusion_rule.commute(),
     rules.normalize_pad_format_conv_rule,
     rules.fuse_pad_into_conv_rule,
 )

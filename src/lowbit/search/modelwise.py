@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from ..calibration.dead_zones import clamped, live_intervals, restrict
 from ..calibration.histogram import HistogramObserver
 from ..calibration.observers import RangeObserver
 from ..calibration.ranges import RANGE_METHODS, Range, RangeSettings, kl, max_min
@@ -114,6 +115,7 @@ class SearchReport:
     best_mean: str = ""  # the candidate with the best score over all samples, when a tie kept another
     tuned_tensors: int = 0  # tensors whose range AUTO_TUNE / layer-wise changed
     layerwise_ranges: dict[str, Range] = field(default_factory=dict)  # the layer-wise candidate's per-op choices
+    dead_zone_clipped: int = 0  # tensors seen beyond where every reader outputs a constant, clipped there
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,10 @@ def choose_ranges(
     chosen: dict[str, Range] = {}
     options_by_label: dict[str, dict[str, Range]] = {}
     scheme_by_label: dict[str, Scheme] = {}
+    intervals = live_intervals(model.graph, observers)  # where every reader outputs a constant beyond
+    clipped = {name for name, interval in intervals.items() if _reaches_beyond(observers[name], interval)}
+    observers = {name: clamped(observer, intervals[name]) if name in intervals else observer
+                 for name, observer in observers.items()}
     for candidate in candidate_list:
         plan = plan_for(candidate.scheme)
         if candidate.method == "AUTO_TUNE":
@@ -156,7 +162,7 @@ def choose_ranges(
             method = RANGE_METHODS[candidate.method]
             ranges = {name: _as_range(observer, method, plan.activation_scheme(name), candidate.settings)
                       for name, observer in observers.items()}
-        options_by_label[candidate.label] = ranges
+        options_by_label[candidate.label] = restrict(ranges, intervals)
         scheme_by_label[candidate.label] = candidate.scheme
     first_scheme = candidate_list[0].scheme
     mixable = {label: r for label, r in options_by_label.items() if scheme_by_label[label] == first_scheme}
@@ -171,13 +177,16 @@ def choose_ranges(
         tuned += len(chosen)
     if len(options_by_label) == 1:
         label, ranges = next(iter(options_by_label.items()))
-        return ranges, scheme_by_label[label], SearchReport(options.metric, 0, label, tuned_tensors=tuned)
+        return ranges, scheme_by_label[label], SearchReport(options.metric, 0, label, tuned_tensors=tuned,
+                                                            dead_zone_clipped=len(clipped))
     rows = _score_models(options_by_label, scheme_by_label, score, options.metric)
     metric = METRICS[options.metric]
     best_mean = rows[metric.best([row.score for row in rows])].label
     kept = rows[choose_candidate(rows, metric)].label
-    report = SearchReport(options.metric, held_back, kept, rows, best_mean if kept != best_mean else "", tuned, chosen)
+    report = SearchReport(options.metric, held_back, kept, rows, best_mean if kept != best_mean else "", tuned, chosen,
+                          len(clipped))
     return options_by_label[kept], scheme_by_label[kept], report
+
 
 
 def choose_candidate(rows: Sequence[SearchRow], metric: Metric) -> int:
@@ -246,6 +255,14 @@ def _score_models(options_by_label, scheme_by_label,
     value = METRICS[metric].value
     return [SearchRow(label, value(pooled(samples)), seconds, tuple(value(s) for s in samples))
             for label, samples in zip(labels, per_candidate)]
+
+
+def _reaches_beyond(observer: RangeObserver, interval: Range) -> bool:
+    try:
+        lo, hi = (float(v) for v in observer.range())
+    except ValueError:  # no data: the range methods say so
+        return False
+    return lo < interval[0] or hi > interval[1]
 
 
 def _as_range(observer: RangeObserver, method, scheme, settings: RangeSettings) -> Range:

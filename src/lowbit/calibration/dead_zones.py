@@ -1,0 +1,121 @@
+"""The part of a tensor's range that its readers can tell apart: beyond it, every reader outputs a constant.
+
+HardSwish outputs 0 for every input at or below -3, HardSigmoid 0 below ``-beta / alpha`` and
+1 above ``(1 - beta) / alpha``, Relu 0 below 0, Clip its bound beyond each bound. A grid that
+spends levels on values there rounds nothing any reader sees: clipping the tensor's range at
+the bound is exact for the model's outputs, and the levels go to the values that count.
+
+Measured on PP-OCRv4 det, whose PP-LCNet convolutions feed HardSwish: one convolution's output
+spans [-150.5, 103.6] on calibration data, with a median channel spread of 18 (std 1.3); the
+values below -3 all become 0, so the per-tensor uint8 step that [-150.5, 103.6] forces (1.0)
+wastes three fifths of the grid. (MobileNetV3 and every HardSwish / HardSigmoid network share
+the pattern; a ReLU or ReLU6 after a Conv is fused and never quantized on its own input.)
+
+A tensor is restricted only when *every* reader has such a dead zone and it is not a graph
+output; the restriction is the union of the readers' live intervals. The histogram a range
+method reads is clamped to the interval first (:func:`clamped`: the counts beyond a bound are
+dropped, since the grid's end at the bound represents them exactly as far as the readers can
+tell), so MSE, KL and the percentile weigh only the values that count; the range is then
+clipped to the interval (:func:`restrict`), for methods that read only the minimum and maximum.
+Measured on PP-OCRv4 det (text drawn on 40 held-out photos, mean cosine of the probability
+maps / IoU of the text masks): MSE 0.691 / 0.559 -> 0.894 / 0.818, MAX_MIN 0.820 / 0.719 ->
+0.867 / 0.782, KL unchanged (0.766 -> 0.757); piling the dropped counts into the bound's bin
+instead made KL worse (0.755; on the test's scenes 0.853 -> 0.756), its |x| histogram then
+holding a spike at the bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from ..graph.query import attribute, constant_array
+from .histogram import HistogramObserver
+from .observers import RangeObserver
+from .ranges import Range
+
+UNBOUNDED = (-math.inf, math.inf)
+
+
+def live_interval(node: ir.Node, value: ir.Value) -> Range:
+    """The inputs of ``value`` (read as ``node``'s first input) whose outputs differ; UNBOUNDED when ``node`` has
+    no dead zone there (any other op, or ``value`` in another position)."""
+    if node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is not value:
+        return UNBOUNDED
+    if node.op_type == "HardSwish":
+        return -3.0, math.inf
+    if node.op_type == "Relu":
+        return 0.0, math.inf
+    if node.op_type == "HardSigmoid":
+        alpha, beta = float(attribute(node, "alpha", 0.2)), float(attribute(node, "beta", 0.5))
+        if alpha <= 0:
+            return UNBOUNDED
+        return -beta / alpha, (1.0 - beta) / alpha
+    if node.op_type == "Clip":
+        bounds = [_scalar(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else None
+                  for i in (1, 2)]
+        if any(bound is False for bound in bounds):  # a bound computed at run time
+            return UNBOUNDED
+        return (-math.inf if bounds[0] is None else bounds[0]), (math.inf if bounds[1] is None else bounds[1])
+    return UNBOUNDED
+
+
+def _scalar(value: ir.Value) -> float | bool:
+    array = constant_array(value)
+    return float(array.reshape(())) if array is not None and array.size == 1 else False
+
+
+def live_intervals(graph: ir.Graph, names) -> dict[str, Range]:
+    """For each of the tensors ``names`` that every reader ignores beyond some bound, the union of the readers'
+    live intervals (tensors with no bound are left out)."""
+    values = {value.name: value for node in graph for value in node.outputs if value is not None}
+    values.update({value.name: value for value in graph.inputs})
+    intervals = {}
+    for name in names:
+        value = values.get(name)
+        if value is None or value.is_graph_output():
+            continue
+        uses = list(value.uses())
+        if not uses:
+            continue
+        spans = [live_interval(use[0], value) for use in uses]
+        low, high = min(lo for lo, _ in spans), max(hi for _, hi in spans)
+        if (low, high) != UNBOUNDED:
+            intervals[name] = (low, high)
+    return intervals
+
+
+def restrict(ranges: dict[str, Range], intervals: dict[str, Range]) -> dict[str, Range]:
+    """``ranges`` clipped to the live intervals; a range that would lose all of its extent (every calibration value
+    in a dead zone) is kept as it is."""
+    restricted = dict(ranges)
+    for name, (live_lo, live_hi) in intervals.items():
+        if name not in ranges:
+            continue
+        lo, hi = ranges[name]
+        new_lo, new_hi = max(lo, live_lo), min(hi, live_hi)
+        if new_lo < new_hi:
+            restricted[name] = (float(new_lo), float(new_hi))
+    return restricted
+
+
+def clamped(observer: RangeObserver, interval: Range) -> RangeObserver:
+    """A histogram's copy without the counts beyond the interval (bins are kept whole: the bound's own bin stays),
+    its minimum and maximum clamped; other observers, and a histogram with no value inside the interval, as they
+    are."""
+    if not isinstance(observer, HistogramObserver) or observer.exponent is None or observer.min is None:
+        return observer
+    live_lo, live_hi = interval
+    lo, hi = max(observer.min, live_lo), min(observer.max, live_hi)
+    if not lo < hi:
+        return observer
+    copy = HistogramObserver.from_state(observer.state())
+    counts = copy.counts = copy.counts.copy()  # the state shares the observer's array
+    first = int(np.clip(math.floor(lo / copy.width) - copy.start, 0, len(counts) - 1))
+    last = int(np.clip(math.floor(hi / copy.width) - copy.start, 0, len(counts) - 1))
+    counts[:first] = 0
+    counts[last + 1:] = 0
+    copy.min, copy.max = float(lo), float(hi)
+    return copy
