@@ -353,6 +353,44 @@ def magika_input(data: bytes, block: int = 1024, padding: int = 256) -> np.ndarr
     return np.array([head + tail], dtype=np.int32)
 
 
+
+def text_on_photos(backgrounds: list[np.ndarray], count: int, seed: int, held_out: bool,
+                   side: int = 320) -> list[np.ndarray]:
+    """``count`` side x side RGB scenes for a text detector: a square crop of a photo with 2 to 5 lines of real
+    English (stdlib docstrings) drawn in DejaVu fonts (shipped in matplotlib's wheel), 12 to 31 px, dark or light.
+
+    ``held_out`` draws from the other half of the sentences and other fonts, so that calibration and held-out
+    scenes share neither text nor typeface (their backgrounds are the caller's to keep apart).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    fonts_folder = Path(importlib.util.find_spec("matplotlib").origin).parent / "mpl-data" / "fonts" / "ttf"
+    fonts = (["DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSans-Oblique.ttf"]
+             if held_out else ["DejaVuSans.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono.ttf"])
+    sentences = stdlib_sentences()
+    half = len(sentences) // 2
+    sentences = sentences[half:] if held_out else sentences[:half]
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for i in range(count):
+        photo = backgrounds[i % len(backgrounds)]
+        photo = photo if photo.ndim == 3 else np.stack([photo] * 3, axis=-1)
+        h, w = photo.shape[:2]
+        short = min(h, w)
+        y, x = rng.integers(0, h - short + 1), rng.integers(0, w - short + 1)
+        scene = Image.fromarray(np.ascontiguousarray(photo[y:y + short, x:x + short, :3]).astype(np.uint8))
+        scene = scene.resize((side, side), Image.BILINEAR)
+        draw = ImageDraw.Draw(scene)
+        for _ in range(rng.integers(2, 6)):
+            text = sentences[rng.integers(len(sentences))][: rng.integers(8, 30)]
+            font = ImageFont.truetype(str(fonts_folder / fonts[rng.integers(len(fonts))]), int(rng.integers(12, 32)))
+            dark = rng.random() < 0.6
+            colour = tuple(int(c) for c in (rng.integers(0, 60, 3) if dark else rng.integers(200, 256, 3)))
+            draw.text((int(rng.integers(0, side // 2)), int(rng.integers(0, side - 30))), text, fill=colour, font=font)
+        scenes.append(np.asarray(scene))
+    return scenes
+
+
 # -- preprocessing --------------------------------------------------------------------
 
 def efficientnet_input(image: np.ndarray, size: int = 224) -> np.ndarray:

@@ -120,28 +120,33 @@ def _ocr_rec_input(image):
 
 
 def test_ppocr_det(tmp_path):
-    calib_images, held_images = _text_images()
-    calib = [{"x": _ocr_det_input(c)} for image in calib_images for c in zoo.crops(image, 4, seed=0)]
+    """The text detector with the defaults, on scenes of real English drawn on photos: calibrated on 24 scenes
+    over opencv-doc's other images, judged on 12 over natural photos (other sentences, other typefaces)."""
+    photos = zoo.opencv_photos()
+    backgrounds = [image for name, image in photos.items() if name not in zoo.NATURAL_OPENCV_PHOTOS]
+    natural = [image for name, image in zoo.skimage_photos().items() if name in zoo.NATURAL_SKIMAGE_PHOTOS]
+    natural += [photos[name] for name in zoo.NATURAL_OPENCV_PHOTOS if name in photos]
+    calib = [{"x": _ocr_det_input(s)} for s in zoo.text_on_photos(backgrounds, 24, seed=0, held_out=False)]
+    held = [_ocr_det_input(s) for s in zoo.text_on_photos(natural, 12, seed=1, held_out=True)]
     src = zoo.ppocr_models()["det"]
     out = tmp_path / "det_int8.onnx"
-    # KL: on this detector every other method wrecks the output (held-out cosine 0.02 to 0.43 for MAX_MIN,
-    # REMOVAL_OUTLIER, MSE; 0.93 for KL), and the default search compares them on the one sample that 12
-    # calibration crops hold back, which picks by chance (tests/test_search.py tests the search itself)
-    result = quantize_and_check(src, out, calib, activation_quant_method="KL")
+    result = quantize_and_check(src, out, calib)
     assert any(n.op_type == "ConvTranspose" for n in result.quantized_nodes)
-    # held out: the text_defocus photo whole and a crop of it (the float model finds no text in the other
-    # held-out photo at this size). Compared: the text-probability maps, and the text masks (p > 0.3)
-    # that the detector's post-processing reads. Measured: cosine 0.926 and 0.827, mask IoU 0.838 and
-    # 0.656. Margins: 0.03 on each
-    photo = held_images[0]
-    for image, (cosine, iou) in zip([photo, zoo.crops(photo, 1, seed=2)[0]], [(0.89, 0.80), (0.79, 0.62)]):
-        x = _ocr_det_input(image)
-        expected, got = session(src).run(None, {"x": x})[0], session(out).run(None, {"x": x})[0]
+    assert "ranges clipped where every reader outputs a constant" in result.summary()  # its HardSwish inputs
+    f, q = session(src), session(out)
+    cosines, ious = [], []
+    for x in held:
+        expected, got = f.run(None, {"x": x})[0], q.run(None, {"x": x})[0]
         assert np.all((got >= 0) & (got <= 1))
-        text, found = expected > 0.3, got > 0.3
-        assert text.mean() > 0.02  # there is text to find
-        assert zoo.cosine(expected.ravel(), got.ravel()) >= cosine
-        assert (text & found).sum() / (text | found).sum() >= iou
+        cosines.append(zoo.cosine(expected.ravel(), got.ravel()))
+        text, found = expected > 0.3, got > 0.3  # the text masks the detector's post-processing reads
+        if text.mean() > 0.005:
+            ious.append((text & found).sum() / (text | found).sum())
+    # measured: cosine mean 0.975, min 0.944; mask IoU mean 0.929 (11 scenes with text). Before the ranges
+    # stopped at HardSwish's -3: 0.962, 0.897 and 0.914. Margins 0.01, 0.024, 0.019
+    assert len(ious) >= 10
+    assert np.mean(cosines) >= 0.965 and min(cosines) >= 0.92
+    assert np.mean(ious) >= 0.91
 
 
 def test_ppocr_rec(tmp_path):
