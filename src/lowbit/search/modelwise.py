@@ -143,7 +143,8 @@ def choose_ranges(
     layer-wise); ``score([(scheme, ranges), ...])`` compares each model quantized with a range per
     tensor with the float model on the ``held_back`` samples (model-wise; per candidate, the
     sums of each sample), all at once so that workers can score them side by side. The layer-wise mix is
-    made among the candidates of the first scheme.
+    made among the candidates of the first scheme. Every candidate's ranges end where all of a tensor's
+    readers output a constant (:mod:`lowbit.calibration.dead_zones`).
     """
     tuned = 0
     chosen: dict[str, Range] = {}
@@ -186,7 +187,6 @@ def choose_ranges(
     report = SearchReport(options.metric, held_back, kept, rows, best_mean if kept != best_mean else "", tuned, chosen,
                           len(clipped))
     return options_by_label[kept], scheme_by_label[kept], report
-
 
 
 def choose_candidate(rows: Sequence[SearchRow], metric: Metric) -> int:
