@@ -32,7 +32,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from ..graph.query import attribute, constant_array
+from ..graph.query import STANDARD_DOMAINS, attribute, constant_scalar
 from .histogram import HistogramObserver
 from .observers import RangeObserver
 from .ranges import Range
@@ -43,7 +43,7 @@ UNBOUNDED = (-math.inf, math.inf)
 def live_interval(node: ir.Node, value: ir.Value) -> Range:
     """The inputs of ``value`` (read as ``node``'s first input) whose outputs differ; UNBOUNDED when ``node`` has
     no dead zone there (any other op, or ``value`` in another position)."""
-    if node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is not value:
+    if node.domain not in STANDARD_DOMAINS or not node.inputs or node.inputs[0] is not value:
         return UNBOUNDED
     if node.op_type == "HardSwish":
         return -3.0, math.inf
@@ -55,17 +55,12 @@ def live_interval(node: ir.Node, value: ir.Value) -> Range:
             return UNBOUNDED
         return -beta / alpha, (1.0 - beta) / alpha
     if node.op_type == "Clip":
-        bounds = [_scalar(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else None
-                  for i in (1, 2)]
-        if any(bound is False for bound in bounds):  # a bound computed at run time
-            return UNBOUNDED
+        given = [node.inputs[i] if len(node.inputs) > i else None for i in (1, 2)]
+        bounds = [None if value is None else constant_scalar(value) for value in given]
+        if any(value is not None and bound is None for value, bound in zip(given, bounds)):
+            return UNBOUNDED  # a bound computed at run time
         return (-math.inf if bounds[0] is None else bounds[0]), (math.inf if bounds[1] is None else bounds[1])
     return UNBOUNDED
-
-
-def _scalar(value: ir.Value) -> float | bool:
-    array = constant_array(value)
-    return float(array.reshape(())) if array is not None and array.size == 1 else False
 
 
 def live_intervals(graph: ir.Graph, names) -> dict[str, Range]:
@@ -86,6 +81,15 @@ def live_intervals(graph: ir.Graph, names) -> dict[str, Range]:
         if (low, high) != UNBOUNDED:
             intervals[name] = (low, high)
     return intervals
+
+
+def reaches_beyond(observer: RangeObserver, interval: Range) -> bool:
+    """Whether the observer saw values outside the interval (False when it saw none)."""
+    try:
+        lo, hi = (float(v) for v in observer.range())
+    except ValueError:  # no data: the range methods say so
+        return False
+    return lo < interval[0] or hi > interval[1]
 
 
 def restrict(ranges: dict[str, Range], intervals: dict[str, Range]) -> dict[str, Range]:

@@ -3,9 +3,10 @@
 paddle2onnx (PP-OCR) writes a transposed convolution's bias as a separate Add of a
 ``(1, C, 1, 1)`` constant, and a BatchNormalization after that Add: onnxscript's rule that
 folds BatchNormalization into ConvTranspose then finds an Add in its way, and the model keeps
-three ops where a runtime runs one. Quantized as they stand, each op's output is rounded on
-its own grid (the ConvTranspose's, before its bias and its per-channel BatchNormalization
-scale, then the Add's, then the normalization's), so folding is both exact and more accurate.
+three ops where a runtime runs one. Folded, the BatchNormalization's per-channel scale is in
+the weight that gets quantized, as for every other convolution, and no float op is left
+between the ConvTranspose and its activation. Exact (PP-OCRv4 det's probability maps within
+1.5e-5); no change in accuracy or latency was measurable on that model.
 """
 
 from __future__ import annotations

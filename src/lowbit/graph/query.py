@@ -23,6 +23,12 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
+def constant_scalar(value: ir.Value | None) -> float | None:
+    """The number a constant holding one value holds (any shape of size 1), else None."""
+    array = constant_array(value)
+    return float(array.reshape(())) if array is not None and array.size == 1 else None
+
+
 def is_float32(value: ir.Value | None) -> bool:
     return value is not None and value.dtype == ir.DataType.FLOAT
 

@@ -33,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import LowbitError
-from ..graph.query import attribute, constant_array
+from ..graph.query import attribute, constant_array, constant_scalar
 from .saturation import PAIR_BOUND
 
 # The output model's metadata key that lists the reordered chains (:func:`reorder` reads its JSON).
@@ -133,8 +133,7 @@ def _channel_blind_input(node: ir.Node) -> ir.Value | None:
 
 
 def _scalar(value: ir.Value) -> bool:
-    array = constant_array(value)
-    return array is not None and array.size == 1
+    return constant_scalar(value) is not None
 
 
 def _input_channels(conv: ir.Node) -> int:

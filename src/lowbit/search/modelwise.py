@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ..calibration.dead_zones import clamped, live_intervals, restrict
+from ..calibration.dead_zones import clamped, live_intervals, reaches_beyond, restrict
 from ..calibration.histogram import HistogramObserver
 from ..calibration.observers import RangeObserver
 from ..calibration.ranges import RANGE_METHODS, Range, RangeSettings, kl, max_min
@@ -151,7 +151,7 @@ def choose_ranges(
     options_by_label: dict[str, dict[str, Range]] = {}
     scheme_by_label: dict[str, Scheme] = {}
     intervals = live_intervals(model.graph, observers)  # where every reader outputs a constant beyond
-    clipped = {name for name, interval in intervals.items() if _reaches_beyond(observers[name], interval)}
+    clipped = {name for name, interval in intervals.items() if reaches_beyond(observers[name], interval)}
     observers = {name: clamped(observer, intervals[name]) if name in intervals else observer
                  for name, observer in observers.items()}
     for candidate in candidate_list:
@@ -255,14 +255,6 @@ def _score_models(options_by_label, scheme_by_label,
     value = METRICS[metric].value
     return [SearchRow(label, value(pooled(samples)), seconds, tuple(value(s) for s in samples))
             for label, samples in zip(labels, per_candidate)]
-
-
-def _reaches_beyond(observer: RangeObserver, interval: Range) -> bool:
-    try:
-        lo, hi = (float(v) for v in observer.range())
-    except ValueError:  # no data: the range methods say so
-        return False
-    return lo < interval[0] or hi > interval[1]
 
 
 def _as_range(observer: RangeObserver, method, scheme, settings: RangeSettings) -> Range:
