@@ -66,16 +66,20 @@ def run_onnxruntime(method: str, model: Path, calib: Path, output: Path, size: i
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
+    working_folder = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)  # ORT's preprocessing and calibrators write scratch files into the working folder
-        prepared = Path(tmp) / "pre.onnx"
         try:
-            quant_pre_process(str(model), str(prepared))  # ORT's recommended preprocessing
-        except Exception:  # its symbolic shape inference fails on some models (PP-OCRv4 rec)
-            prepared = model
-        quantize_static(str(prepared), str(output), NpyReader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method], reduce_range=reduce_range)
+            prepared = Path(tmp) / "pre.onnx"
+            try:
+                quant_pre_process(str(model), str(prepared))  # ORT's recommended preprocessing
+            except Exception:  # its symbolic shape inference fails on some models (PP-OCRv4 rec)
+                prepared = model
+            quantize_static(str(prepared), str(output), NpyReader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=methods[method], reduce_range=reduce_range)
+        finally:  # back before the folder goes: a caller in the same process (bench/recovery.py) goes on from there
+            os.chdir(working_folder)
 
 
 def run_onnxruntime_dynamic(model: Path, output: Path, per_channel: bool) -> None:
