@@ -4,8 +4,9 @@
 
 On CPUs with AVX2 (or AVX-512) but no VNNI, ONNX Runtime's u8 x s8 kernels add two products in a
 16-bit lane and saturate (see lowbit.quantizers.saturation). For EfficientNet-Lite0 and Lite1
-(300 held-out crops of natural photos, calibrated on 256 crops of other images) and the digit
-CNN (1000 held-out digits), in one run on the same data: onnxruntime.quantization's MinMax (QDQ,
+(300 held-out crops of natural photos, calibrated on 256 crops of other images), the digit
+CNN (1000 held-out digits) and PP-OCR's direction classifier (bench/recovery.py's models), in one
+run on the same data: onnxruntime.quantization's MinMax (QDQ,
 per channel, U8S8), the same with reduce_range (7-bit weights, onnxruntime's advice for such
 CPUs), lowbit's default with saturation_safe_weights=false and lowbit's default. Each model runs
 twice: in ONNX Runtime as it is ("kernels": the fused QLinearConv / QGemm) and with graph

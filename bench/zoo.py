@@ -150,10 +150,13 @@ def _move_model(tmp: Path, path: Path, external_data: bool) -> None:
 
 
 def ppocr_models() -> dict[str, Path]:
-    """PP-OCRv4 detection and recognition models shipped in rapidocr-onnxruntime (weights in Constant nodes)."""
+    """The PP-OCR models shipped in rapidocr-onnxruntime (weights in Constant nodes): PP-OCRv4 detection and
+    recognition, and the text-direction classifier (``cls``, PP-OCR mobile v2.0: a MobileNetV3 with HardSwish
+    and squeeze-and-excitation, 0 or 180 degrees)."""
     spec = importlib.util.find_spec("rapidocr_onnxruntime")
     folder = Path(spec.origin).parent / "models"
-    return {"det": folder / "ch_PP-OCRv4_det_infer.onnx", "rec": folder / "ch_PP-OCRv4_rec_infer.onnx"}
+    return {"det": folder / "ch_PP-OCRv4_det_infer.onnx", "rec": folder / "ch_PP-OCRv4_rec_infer.onnx",
+            "cls": folder / "ch_ppocr_mobile_v2.0_cls_infer.onnx"}
 
 
 # -- data -----------------------------------------------------------------------------
@@ -391,6 +394,42 @@ def text_on_photos(backgrounds: list[np.ndarray], count: int, seed: int, held_ou
     return scenes
 
 
+def text_lines(backgrounds: list[np.ndarray], count: int, seed: int,
+               held_out: bool) -> tuple[list[np.ndarray], np.ndarray]:
+    """``count`` single lines of real English (stdlib docstrings, in DejaVu fonts) drawn on strips of photos, every
+    other one turned by 180 degrees, and which were turned (0 / 1): what a text-direction classifier sees.
+
+    ``held_out`` draws from the other half of the sentences and other typefaces, as :func:`text_on_photos`.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    fonts_folder = Path(importlib.util.find_spec("matplotlib").origin).parent / "mpl-data" / "fonts" / "ttf"
+    fonts = (["DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSans-Oblique.ttf"]
+             if held_out else ["DejaVuSans.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono.ttf"])
+    sentences = stdlib_sentences()
+    half = len(sentences) // 2
+    sentences = sentences[half:] if held_out else sentences[:half]
+    rng = np.random.default_rng(seed)
+    lines, turned = [], np.arange(count) % 2
+    for i in range(count):
+        photo = backgrounds[i % len(backgrounds)]
+        photo = photo if photo.ndim == 3 else np.stack([photo] * 3, axis=-1)
+        h, w = photo.shape[:2]
+        height = int(rng.integers(32, min(h, 96)))
+        width = min(w, height * 6)
+        y, x = rng.integers(0, h - height + 1), rng.integers(0, w - width + 1)
+        line = Image.fromarray(np.ascontiguousarray(photo[y:y + height, x:x + width, :3]).astype(np.uint8))
+        size = int(height * rng.uniform(0.5, 0.8))
+        font = ImageFont.truetype(str(fonts_folder / fonts[rng.integers(len(fonts))]), size)
+        dark = rng.random() < 0.6
+        colour = tuple(int(c) for c in (rng.integers(0, 60, 3) if dark else rng.integers(200, 256, 3)))
+        text = sentences[rng.integers(len(sentences))][: rng.integers(6, 30)]
+        position = (int(rng.integers(0, 8)), int((height - size) * rng.uniform(0.1, 0.6)))
+        ImageDraw.Draw(line).text(position, text, fill=colour, font=font)
+        lines.append(np.asarray(line.rotate(180) if turned[i] else line))
+    return lines, turned
+
+
 # -- preprocessing --------------------------------------------------------------------
 
 def efficientnet_input(image: np.ndarray, size: int = 224) -> np.ndarray:
@@ -399,6 +438,18 @@ def efficientnet_input(image: np.ndarray, size: int = 224) -> np.ndarray:
 
     resized = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), dtype=np.float32)
     return ((resized - 127.5) / 127.5).transpose(2, 0, 1)[np.newaxis].copy()
+
+
+def ppocr_cls_input(line: np.ndarray) -> np.ndarray:
+    """rapidocr's preprocessing for the direction classifier: height 48, width by the line's aspect ratio up to 192,
+    the rest zeros; (x / 255 - 0.5) / 0.5; 3 x 48 x 192, float32."""
+    from PIL import Image
+
+    width = min(192, int(np.ceil(48 * line.shape[1] / line.shape[0])))
+    x = np.asarray(Image.fromarray(line).resize((width, 48), Image.BILINEAR), np.float32).transpose(2, 0, 1) / 255.0
+    padded = np.zeros((3, 48, 192), np.float32)
+    padded[:, :, :width] = (x - 0.5) / 0.5
+    return padded
 
 
 def crops(image: np.ndarray, count: int, seed: int) -> list[np.ndarray]:
