@@ -426,9 +426,11 @@ def markdown(results: dict) -> str:
              "that process's, read by GNU time. Latency: ONNX Runtime CPU (threads not spinning); the models take "
              "turns for 5 rounds and each reports the best of its per-round medians.", ""]
     for case in results["cases"]:
+        rerun = f" This case was run again on {case['rerun']}, alone, after a change of its model." \
+            if case.get("rerun") else ""
         lines += [f"## {case['name']}", "",
                   f"{case['calibration']} calibration samples; {case['evaluation']} held-out inputs. "
-                  + case.get("data", ""), "",
+                  + case.get("data", "") + rerun, "",
                   "Tools: `lowbit` = default settings (search among MAX_MIN, REMOVAL_OUTLIER, KL, MSE on held-back "
                   "samples, then GPTQ weight rounding, then bias correction); `lowbit-nearest` = the same with "
                   "weights rounded to nearest; `lowbit-no-bc` = the search and GPTQ without bias correction; "

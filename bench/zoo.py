@@ -357,6 +357,27 @@ def magika_input(data: bytes, block: int = 1024, padding: int = 256) -> np.ndarr
 
 
 
+def _writing(held_out: bool) -> tuple[list[Path], list[str]]:
+    """The typefaces (DejaVu, shipped in matplotlib's wheel) and sentences (stdlib docstrings) of one side of the
+    split: held-out text shares neither with calibration text."""
+    folder = Path(importlib.util.find_spec("matplotlib").origin).parent / "mpl-data" / "fonts" / "ttf"
+    names = (["DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSans-Oblique.ttf"]
+             if held_out else ["DejaVuSans.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono.ttf"])
+    sentences = stdlib_sentences()
+    half = len(sentences) // 2
+    return [folder / name for name in names], sentences[half:] if held_out else sentences[:half]
+
+
+def _ink(rng: np.random.Generator) -> tuple[int, ...]:
+    """A text colour: dark (six times in ten) or light."""
+    dark = rng.random() < 0.6
+    return tuple(int(c) for c in (rng.integers(0, 60, 3) if dark else rng.integers(200, 256, 3)))
+
+
+def _rgb(photo: np.ndarray) -> np.ndarray:
+    return photo if photo.ndim == 3 else np.stack([photo] * 3, axis=-1)
+
+
 def text_on_photos(backgrounds: list[np.ndarray], count: int, seed: int, held_out: bool,
                    side: int = 320) -> list[np.ndarray]:
     """``count`` side x side RGB scenes for a text detector: a square crop of a photo with 2 to 5 lines of real
@@ -367,17 +388,11 @@ def text_on_photos(backgrounds: list[np.ndarray], count: int, seed: int, held_ou
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    fonts_folder = Path(importlib.util.find_spec("matplotlib").origin).parent / "mpl-data" / "fonts" / "ttf"
-    fonts = (["DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSans-Oblique.ttf"]
-             if held_out else ["DejaVuSans.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono.ttf"])
-    sentences = stdlib_sentences()
-    half = len(sentences) // 2
-    sentences = sentences[half:] if held_out else sentences[:half]
+    fonts, sentences = _writing(held_out)
     rng = np.random.default_rng(seed)
     scenes = []
     for i in range(count):
-        photo = backgrounds[i % len(backgrounds)]
-        photo = photo if photo.ndim == 3 else np.stack([photo] * 3, axis=-1)
+        photo = _rgb(backgrounds[i % len(backgrounds)])
         h, w = photo.shape[:2]
         short = min(h, w)
         y, x = rng.integers(0, h - short + 1), rng.integers(0, w - short + 1)
@@ -386,9 +401,8 @@ def text_on_photos(backgrounds: list[np.ndarray], count: int, seed: int, held_ou
         draw = ImageDraw.Draw(scene)
         for _ in range(rng.integers(2, 6)):
             text = sentences[rng.integers(len(sentences))][: rng.integers(8, 30)]
-            font = ImageFont.truetype(str(fonts_folder / fonts[rng.integers(len(fonts))]), int(rng.integers(12, 32)))
-            dark = rng.random() < 0.6
-            colour = tuple(int(c) for c in (rng.integers(0, 60, 3) if dark else rng.integers(200, 256, 3)))
+            font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), int(rng.integers(12, 32)))
+            colour = _ink(rng)
             draw.text((int(rng.integers(0, side // 2)), int(rng.integers(0, side - 30))), text, fill=colour, font=font)
         scenes.append(np.asarray(scene))
     return scenes
@@ -403,26 +417,19 @@ def text_lines(backgrounds: list[np.ndarray], count: int, seed: int,
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    fonts_folder = Path(importlib.util.find_spec("matplotlib").origin).parent / "mpl-data" / "fonts" / "ttf"
-    fonts = (["DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSans-Oblique.ttf"]
-             if held_out else ["DejaVuSans.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono.ttf"])
-    sentences = stdlib_sentences()
-    half = len(sentences) // 2
-    sentences = sentences[half:] if held_out else sentences[:half]
+    fonts, sentences = _writing(held_out)
     rng = np.random.default_rng(seed)
     lines, turned = [], np.arange(count) % 2
     for i in range(count):
-        photo = backgrounds[i % len(backgrounds)]
-        photo = photo if photo.ndim == 3 else np.stack([photo] * 3, axis=-1)
+        photo = _rgb(backgrounds[i % len(backgrounds)])
         h, w = photo.shape[:2]
         height = int(rng.integers(32, min(h, 96)))
         width = min(w, height * 6)
         y, x = rng.integers(0, h - height + 1), rng.integers(0, w - width + 1)
         line = Image.fromarray(np.ascontiguousarray(photo[y:y + height, x:x + width, :3]).astype(np.uint8))
         size = int(height * rng.uniform(0.5, 0.8))
-        font = ImageFont.truetype(str(fonts_folder / fonts[rng.integers(len(fonts))]), size)
-        dark = rng.random() < 0.6
-        colour = tuple(int(c) for c in (rng.integers(0, 60, 3) if dark else rng.integers(200, 256, 3)))
+        font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), size)
+        colour = _ink(rng)
         text = sentences[rng.integers(len(sentences))][: rng.integers(6, 30)]
         position = (int(rng.integers(0, 8)), int((height - size) * rng.uniform(0.1, 0.6)))
         ImageDraw.Draw(line).text(position, text, fill=colour, font=font)
