@@ -9,8 +9,8 @@ Models: EfficientNet-Lite0 and EfficientNet-Lite1 (300 held-out crops of natural
 calibrated on 256 crops of other images), the digit CNN (1000 held-out opencv digits,
 256 for calibration) and PP-OCR's text-direction classifier (a MobileNetV3 with HardSwish and
 squeeze-and-excitation; 400 held-out lines of English on natural photos, half of them upside
-down, 256 lines on other images for calibration). For each, in one run on the same data: onnxruntime.quantization's
-MinMax (QDQ, per channel, U8S8, its recommended preprocessing), lowbit's default W8A8,
+down, 256 lines on other images for calibration). For each, in one run on the same data:
+onnxruntime.quantization's MinMax (QDQ, per channel, U8S8, its recommended preprocessing), lowbit's default W8A8,
 per-tensor weights (target_device=DSP) without and with cross-layer equalization, W4A8
 (weight_bit_num=4, GPTQ), and 4-bit weight-only with GPTQ on the calibration data, each of the last two
 also with block reconstruction (about 10 minutes a model each). Figures:

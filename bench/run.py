@@ -126,6 +126,8 @@ def ppocr_rec_case(n_calib: int) -> Case:
 
 
 def ppocr_cls_case(n_calib: int, n_eval: int) -> Case:
+    """PP-OCR's text-direction classifier on lines of English drawn on photos, half of them upside down (labels:
+    which were turned): calibrate on opencv-doc's other images, evaluate on natural photos."""
     natural = zoo.natural_photos()
     others = [image for name, image in sorted(zoo.opencv_photos().items()) if name not in natural]
     calib, _ = zoo.text_lines(others, n_calib, seed=0, held_out=False)

@@ -6,9 +6,9 @@ On CPUs with AVX2 (or AVX-512) but no VNNI, ONNX Runtime's u8 x s8 kernels add t
 16-bit lane and saturate (see lowbit.quantizers.saturation). For EfficientNet-Lite0 and Lite1
 (300 held-out crops of natural photos, calibrated on 256 crops of other images), the digit
 CNN (1000 held-out digits) and PP-OCR's direction classifier (bench/recovery.py's models), in one
-run on the same data: onnxruntime.quantization's MinMax (QDQ,
-per channel, U8S8), the same with reduce_range (7-bit weights, onnxruntime's advice for such
-CPUs), lowbit's default with saturation_safe_weights=false and lowbit's default. Each model runs
+run on the same data: onnxruntime.quantization's MinMax (QDQ, per channel, U8S8), the same with
+reduce_range (7-bit weights, onnxruntime's advice for such CPUs), lowbit's default with
+saturation_safe_weights=false and lowbit's default. Each model runs
 twice: in ONNX Runtime as it is ("kernels": the fused QLinearConv / QGemm) and with graph
 optimizations off ("Q/DQ": every QuantizeLinear and DequantizeLinear on its own around float
 ops, what the integers stand for, never saturated). Figures: top-1 agreement with the float
