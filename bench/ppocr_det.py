@@ -31,12 +31,6 @@ LOWBIT = {"lowbit default": {}, "lowbit MSE": {"activation_quant_method": "MSE"}
           "lowbit MAX_MIN": {"activation_quant_method": "MAX_MIN"}, "lowbit KL": {"activation_quant_method": "KL"}}
 
 
-def det_input(scene: np.ndarray) -> np.ndarray:
-    x = scene.astype(np.float32) / 255.0
-    x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
-    return x.transpose(2, 0, 1)[np.newaxis].astype(np.float32)
-
-
 def figures(path: Path, held: list[np.ndarray], reference: list[np.ndarray]) -> tuple[float, float]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = [session.run(None, {"x": x})[0] for x in held]
@@ -50,8 +44,8 @@ def main() -> None:
     import lowbit
 
     model = zoo.ppocr_models()["det"]
-    calib = [det_input(s) for s in zoo.text_on_photos(list(zoo.calibration_images().values()), 48, 0, False)]
-    held = [det_input(s) for s in zoo.text_on_photos(list(zoo.natural_photos().values()), 40, 1, True)]
+    calib = [zoo.ppocr_det_input(s) for s in zoo.text_on_photos(list(zoo.calibration_images().values()), 48, 0, False)]
+    held = [zoo.ppocr_det_input(s) for s in zoo.text_on_photos(list(zoo.natural_photos().values()), 40, 1, True)]
     float_session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     reference = [float_session.run(None, {"x": x})[0] for x in held]
     rows = []

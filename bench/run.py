@@ -128,13 +128,8 @@ def ppocr_rec_case(n_calib: int) -> Case:
 def ppocr_cls_case(n_calib: int, n_eval: int) -> Case:
     """PP-OCR's text-direction classifier on lines of English drawn on photos, half of them upside down (labels:
     which were turned): calibrate on opencv-doc's other images, evaluate on natural photos."""
-    natural = zoo.natural_photos()
-    others = [image for name, image in sorted(zoo.opencv_photos().items()) if name not in natural]
-    calib, _ = zoo.text_lines(others, n_calib, seed=0, held_out=False)
-    held, turned = zoo.text_lines(list(natural.values()), n_eval, seed=1, held_out=True)
-    return Case("PP-OCR cls (text direction)", zoo.ppocr_models()["cls"], "x",
-                [zoo.ppocr_cls_input(line) for line in calib],
-                np.stack([zoo.ppocr_cls_input(line) for line in held]), labels=turned,
+    calib, held, turned = zoo.ppocr_cls_data(n_calib, n_eval)
+    return Case("PP-OCR cls (text direction)", zoo.ppocr_models()["cls"], "x", calib, held, labels=turned,
                 data="Lines of real English (stdlib docstrings, DejaVu fonts) drawn on strips of photos, every "
                      "other one turned by 180 degrees; calibration on opencv-doc's other images with one half of "
                      "the sentences and typefaces, evaluation on natural photos with the other half; accuracy = "

@@ -356,7 +356,6 @@ def magika_input(data: bytes, block: int = 1024, padding: int = 256) -> np.ndarr
     return np.array([head + tail], dtype=np.int32)
 
 
-
 def _writing(held_out: bool) -> tuple[list[Path], list[str]]:
     """The typefaces (DejaVu, shipped in matplotlib's wheel) and sentences (stdlib docstrings) of one side of the
     split: held-out text shares neither with calibration text."""
@@ -437,6 +436,17 @@ def text_lines(backgrounds: list[np.ndarray], count: int, seed: int,
     return lines, turned
 
 
+def ppocr_cls_data(n_calib: int, n_eval: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The direction classifier's data, as :func:`ppocr_cls_input` makes it: ``n_calib`` lines on opencv-doc's
+    images other than the natural photos, ``n_eval`` held-out lines on natural photos (the other half of the
+    sentences and typefaces), and which of those were turned by 180 degrees."""
+    natural = natural_photos()
+    others = [image for name, image in sorted(opencv_photos().items()) if name not in natural]
+    calib, _ = text_lines(others, n_calib, seed=0, held_out=False)
+    held, turned = text_lines(list(natural.values()), n_eval, seed=1, held_out=True)
+    return [ppocr_cls_input(line) for line in calib], np.stack([ppocr_cls_input(line) for line in held]), turned
+
+
 # -- preprocessing --------------------------------------------------------------------
 
 def efficientnet_input(image: np.ndarray, size: int = 224) -> np.ndarray:
@@ -445,6 +455,16 @@ def efficientnet_input(image: np.ndarray, size: int = 224) -> np.ndarray:
 
     resized = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), dtype=np.float32)
     return ((resized - 127.5) / 127.5).transpose(2, 0, 1)[np.newaxis].copy()
+
+
+def ppocr_det_input(image: np.ndarray, side: int = 320) -> np.ndarray:
+    """PP-OCR's preprocessing for the text detector: resized to side x side, ImageNet mean and std; 1 x 3 x side x
+    side, float32."""
+    from PIL import Image
+
+    x = np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR), dtype=np.float32) / 255.0
+    x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    return x.transpose(2, 0, 1)[np.newaxis].astype(np.float32)
 
 
 def ppocr_cls_input(line: np.ndarray) -> np.ndarray:

@@ -104,14 +104,6 @@ def _text_images():
     return calib, held
 
 
-def _ocr_det_input(image, side=320):
-    from PIL import Image
-
-    x = np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR), dtype=np.float32) / 255.0
-    x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
-    return x.transpose(2, 0, 1)[np.newaxis].astype(np.float32)
-
-
 def _ocr_rec_input(image):
     from PIL import Image
 
@@ -126,8 +118,8 @@ def test_ppocr_det(tmp_path):
     backgrounds = [image for name, image in photos.items() if name not in zoo.NATURAL_OPENCV_PHOTOS]
     natural = [image for name, image in zoo.skimage_photos().items() if name in zoo.NATURAL_SKIMAGE_PHOTOS]
     natural += [photos[name] for name in zoo.NATURAL_OPENCV_PHOTOS if name in photos]
-    calib = [{"x": _ocr_det_input(s)} for s in zoo.text_on_photos(backgrounds, 24, seed=0, held_out=False)]
-    held = [_ocr_det_input(s) for s in zoo.text_on_photos(natural, 12, seed=1, held_out=True)]
+    calib = [{"x": zoo.ppocr_det_input(s)} for s in zoo.text_on_photos(backgrounds, 24, seed=0, held_out=False)]
+    held = [zoo.ppocr_det_input(s) for s in zoo.text_on_photos(natural, 12, seed=1, held_out=True)]
     src = zoo.ppocr_models()["det"]
     out = tmp_path / "det_int8.onnx"
     result = quantize_and_check(src, out, calib)
@@ -168,14 +160,10 @@ def test_ppocr_direction_classifier(tmp_path):
     calibrated on 64 lines of English on opencv-doc's other images, judged on 200 lines on natural photos (other
     sentences and typefaces), half of them upside down: the direction it reads, against the float model's and
     against the truth."""
-    natural = zoo.natural_photos()
-    others = [image for name, image in sorted(zoo.opencv_photos().items()) if name not in natural]
-    calib_lines, _ = zoo.text_lines(others, 64, seed=0, held_out=False)
-    held_lines, turned = zoo.text_lines(list(natural.values()), 200, seed=1, held_out=True)
-    held = np.stack([zoo.ppocr_cls_input(line) for line in held_lines])
+    calib, held, turned = zoo.ppocr_cls_data(64, 200)
     src = zoo.ppocr_models()["cls"]
     out = tmp_path / "cls_int8.onnx"
-    quantize_and_check(src, out, [{"x": zoo.ppocr_cls_input(line)[np.newaxis]} for line in calib_lines])
+    quantize_and_check(src, out, [{"x": x[np.newaxis]} for x in calib])
     expected, got = session(src).run(None, {"x": held})[0], session(out).run(None, {"x": held})[0]
     agreement = np.mean(expected.argmax(1) == got.argmax(1))
     float_accuracy, accuracy = np.mean(expected.argmax(1) == turned), np.mean(got.argmax(1) == turned)
