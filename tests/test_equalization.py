@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lowbit
 from bench import zoo
-from lowbit.recovery.equalization import equalize, find_pairs
+from lowbit.recovery.equalization import EQUALIZATION_KEY, equalize, find_pairs
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -210,6 +210,29 @@ def test_weight_only_with_equalization_keeps_the_model(tmp_path):
     want = _session(model).run(None, {"x": x})[0]
     assert zoo.cosine(got, want) > 0.999
     assert any("cross-layer equalization" in line for line in result.summary().splitlines())
+
+
+def test_analyze_equalizes_the_original_float_model_as_quantize_did(tmp_path):
+    rng = np.random.default_rng(6)
+    model = _block_model(rng)
+    x = rng.normal(size=(16, 3, 8, 8)).astype(np.float32)
+    _, _, quantized = _per_tensor_error(tmp_path, model, x, True)
+    written = json.loads({p.key: p.value for p in quantized.metadata_props}[EQUALIZATION_KEY])
+    assert written["pairs"] == 3 and written["channels"] > 0 and written["clips_rewritten"] == 1
+    held = [{"x": x[i:i + 1]} for i in range(8)]
+    analysis = lowbit.analyze(tmp_path / "m.onnx", tmp_path / "qTrue.onnx", data=held, samples=8)
+    # the switched model mixes the float model's constants with the quantized model's: on the unequalized float
+    # model it computed nonsense (1 - cosine 0.8 on EfficientNet-Lite2 where the quantized model's was 0.004)
+    assert analysis.simulated_error == pytest.approx(analysis.quantized_error, rel=0.2, abs=1e-4)
+    cosines = {row.name: row.computed.cosine for row in analysis.tensors if row.producer}
+    assert {"c2", "y"} <= set(cosines) and min(cosines.values()) > 0.99  # rescaled tensors compared as rescaled
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    w1 = next(t for t in other.graph.initializer if t.name == "w1")
+    w1.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w1)[::-1].copy(), "w1"))  # its channel ranges moved
+    onnx.save(other, tmp_path / "other.onnx")
+    with pytest.raises(lowbit.LowbitError, match="written with cross-layer equalization"):
+        lowbit.analyze(tmp_path / "other.onnx", tmp_path / "qTrue.onnx", data=held, samples=8)
 
 
 @pytest.fixture(scope="module")

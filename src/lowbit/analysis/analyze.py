@@ -39,6 +39,7 @@ from ..graph.query import is_float32
 from ..graph.runtime import make_session
 from ..quantizers.levels import unpack_model
 from ..quantizers.pair_order import CHANNEL_ORDER_KEY, reorder
+from ..recovery.equalization import EQUALIZATION_KEY, equalize, same_signature
 from ..reports import debug
 from .sensitivity import NodeSensitivity, OutputError, mean_error, ranked_nodes
 from .switches import switched_model
@@ -109,18 +110,16 @@ def analyze(float_path: str | Path, quantized_path: str | Path, data: FeedSource
     without it, ``calibrate_path`` / ``data_list`` of ``config``, whose ``[data_preprocess_param]``
     settings also apply. ``progress(label, total)`` returns a function called once per step.
     ``float_model``: the prepared float model to compare with, when it is not the file's as
-    prepared (quantize's report on an equalized model). Without it, the file's model is reordered
-    as the quantized model's metadata says quantize reordered its channels
-    (:mod:`lowbit.quantizers.pair_order`).
+    prepared (quantize's own report). Without it, the file's model is equalized and reordered as
+    the quantized model's metadata says quantize did (:mod:`lowbit.recovery.equalization`,
+    :mod:`lowbit.quantizers.pair_order`).
     """
     start = time.perf_counter()
     float_path, quantized_path = Path(float_path), Path(quantized_path)
     config = config if config is not None else load_config(None, {})
     quantized = _load_quantized(quantized_path)
     if float_model is None:
-        float_model = prepare(load_model(float_path)[0])
-        if CHANNEL_ORDER_KEY in quantized.metadata_props:  # the channels quantize reordered, in the same order
-            reorder(float_model.graph, json.loads(quantized.metadata_props[CHANNEL_ORDER_KEY]))
+        float_model = _as_quantize_rewrote(prepare(load_model(float_path)[0]), quantized, float_path, quantized_path)
     _check_pair(float_model, quantized, float_path, quantized_path)
     outputs = [v.name for v in float_model.graph.outputs if is_float32(v)]
     specs = input_specs(float_model)
@@ -163,6 +162,26 @@ def analyze(float_path: str | Path, quantized_path: str | Path, data: FeedSource
                      f"simulation of the same model {simulated:.3g}: the per-node figures are the simulation's")
     return Analysis(float_path, quantized_path, len(feeds), outputs, quantized_error, simulated, nodes, tensors,
                     weights, suggestion, time.perf_counter() - start, error.runs, notes)
+
+
+def _as_quantize_rewrote(float_model: ir.Model, quantized: ir.Model, float_path: Path,
+                         quantized_path: Path) -> ir.Model:
+    """The prepared float model rewritten as the quantized model's metadata says quantize rewrote it: equalized
+    (cross-layer equalization needs no data, so it is run again and its counts checked), then its channels
+    reordered. Both compute what the original computes; only then do its tensors and constants match the
+    quantized model's, channel for channel."""
+    written = quantized.metadata_props
+    if EQUALIZATION_KEY in written:
+        again, recorded = equalize(float_model.graph).signature(), json.loads(written[EQUALIZATION_KEY])
+        if not same_signature(again, recorded):
+            counts = ", ".join(f"{k} {recorded.get(k)} -> {again[k]}" for k in ("pairs", "channels", "clips_rewritten"))
+            raise LowbitError(f"{quantized_path} was written with cross-layer equalization, and equalizing "
+                              f"{float_path.name} again does not rescale its channels the same way ({counts}; the "
+                              "scales' spread per pair differs): not the model it was quantized from, or another "
+                              "lowbit version's rule")
+    if CHANNEL_ORDER_KEY in written:  # the channels quantize reordered, in the same order
+        reorder(float_model.graph, json.loads(written[CHANNEL_ORDER_KEY]))
+    return float_model
 
 
 def _load_quantized(path: Path) -> ir.Model:

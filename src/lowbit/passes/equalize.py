@@ -1,6 +1,8 @@
 """Cross-layer equalization: rescale consecutive layers' channels before anything is measured.
 
-Reads: the prepared float model. Sets: nothing new; rewrites the model's weights and biases
+Reads: the prepared float model. Sets: the model's metadata key
+:data:`~lowbit.recovery.equalization.EQUALIZATION_KEY` (so that ``lowbit analyze`` can equalize the
+original float model the same way); rewrites the model's weights and biases
 (and a scaled Clip(0, hi) into Relu then a per-channel Min) so that it computes the same,
 which is why every later statistic (calibration, GPTQ's moments) is measured after it. The
 rule is :mod:`lowbit.recovery.equalization`'s; it needs no data.
@@ -8,10 +10,12 @@ rule is :mod:`lowbit.recovery.equalization`'s; it needs no data.
 
 from __future__ import annotations
 
+import json
+
 from ..graph.loading import copy_model
 from ..pipeline.passes import Pass
 from ..pipeline.state import QuantState
-from ..recovery.equalization import EqualizationReport, equalize
+from ..recovery.equalization import EQUALIZATION_KEY, EqualizationReport, equalize
 
 
 class EqualizeLayers(Pass):
@@ -27,6 +31,7 @@ class EqualizeLayers(Pass):
     def run(self, state: QuantState) -> EqualizationReport:
         report = equalize(state.model.graph)
         if report.channels:
+            state.model.metadata_props[EQUALIZATION_KEY] = json.dumps(report.signature(), separators=(",", ":"))
             state.rewritten_float = copy_model(state.model)
         if not report.pairs:
             state.note("cross_layer_equalization: no two Conv/Gemm/MatMul layers in a row (through Relu, LeakyRelu, "

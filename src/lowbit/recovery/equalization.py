@@ -54,6 +54,10 @@ MAX_ROUNDS = 50
 # would divide that constant by a tiny scale and stretch the per-tensor activation grid for nothing.
 # Measured on EfficientNet-Lite0 per tensor (DSP): 1 - cosine 0.0157 with dead channels scaled, 0.0092 without.
 DEAD = 1e-4
+# The output model's metadata key that says the model was equalized, with the report's signature as JSON: the rule
+# needs no data, so ``lowbit analyze`` equalizes the original float model the same way and checks the signature.
+EQUALIZATION_KEY = "lowbit.cross_layer_equalization"
+SIGNATURE_TOLERANCE = 1e-3  # relative, on each pair's scale spread: float rounding, not another model
 POSITIVELY_HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "PRelu"})
 
 
@@ -76,6 +80,19 @@ class EqualizationReport:
     grid_share_before: float  # median over the layers of the mean channel range / the largest (1 = all alike)
     grid_share_after: float
     skipped: dict[str, int]  # why candidate pairs were left alone, with counts
+    spreads: list[float] = field(default_factory=list)  # per pair, the root mean square of log(scale)
+
+    def signature(self) -> dict:
+        """What identifies one equalization of one model (written to the output's metadata)."""
+        return {"pairs": self.pairs, "channels": self.channels, "clips_rewritten": self.clips_rewritten,
+                "spreads": [float(f"{spread:.6g}") for spread in self.spreads]}
+
+
+def same_signature(a: dict, b: dict) -> bool:
+    """Whether two equalizations are one: the same counts, each pair's scales spread alike (to float rounding)."""
+    counts = ("pairs", "channels", "clips_rewritten")
+    return ([a.get(k) for k in counts] == [b.get(k) for k in counts] and len(a.get("spreads", ())) == len(
+        b.get("spreads", ())) and bool(np.allclose(a["spreads"], b["spreads"], rtol=SIGNATURE_TOLERANCE, atol=1e-6)))
 
 
 def equalize(graph: ir.Graph) -> EqualizationReport:
@@ -101,7 +118,8 @@ def equalize(graph: ir.Graph) -> EqualizationReport:
         pairs=len(pairs), rounds=rounds,
         channels=sum(int(np.sum(np.abs(np.log(p.scale)) > SETTLED)) for p in pairs),
         clips_rewritten=clips, grid_share_before=before,
-        grid_share_after=_median_grid_share(layers.values()), skipped=skipped)
+        grid_share_after=_median_grid_share(layers.values()), skipped=skipped,
+        spreads=[float(np.sqrt(np.mean(np.log(p.scale) ** 2))) for p in pairs])
 
 
 # -- finding the pairs ------------------------------------------------------------------
