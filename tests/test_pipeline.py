@@ -18,7 +18,7 @@ def test_full_quantization_reads_the_data_three_times_and_says_so(tmp_path):
     result = lowbit.quantize(src, tmp_path / "q.onnx", data=random_feeds(40), progress=False)
     assert [s.name for s in result.passes] == ["prepare", "plan", "order_channels", "candidates", "check_settings",
                                                "calibrate", "choose_ranges", "rewrite", "round_weights",
-                                               "correct_biases", "saturation_safe_weights", "save"]
+                                               "correct_biases", "saturation_safe_weights", "save", "speed_check"]
     runs = [(p.what, p.model, p.samples) for p in result.data_passes if p.over_calibration_data]
     # the search's float references ride on the calibration run: 35 statistics + 5 held-back samples
     assert runs == [("calibrate + choose_ranges", "float model", 40),

@@ -229,6 +229,11 @@ FIELDS: tuple[Field, ...] = (
           "compute the model exactly instead of saturating (FULL_QUANT and DYNAMIC_QUANT; false: for VNNI or ARM "
           "CPUs or TensorRT only)",
           extension=True),
+    Field(FULL, "speed_check", Kind.BOOL, True,
+          "after saving, time the quantized model beside the float one on this CPU (ONNX Runtime, one calibration "
+          "sample, about 2 s at most) and warn when it is no faster (target_device CPU, without an accuracy search, "
+          "which times its own model)",
+          extension=True),
     Field(FULL, "cross_layer_equalization", Kind.BOOL, False,
           "before calibration, rescale the channels of consecutive Conv/Gemm/MatMul layers (through Relu, "
           "LeakyRelu, PRelu; Clip(0, hi) becomes Relu + a per-channel Min) so that per-tensor weight grids fit "

@@ -7,6 +7,7 @@ from ..passes.calibrate import Calibrate
 from ..passes.calibration_table import ReadCalibrationTable, WriteCalibrationTable
 from ..passes.candidates import ActivationCandidates
 from ..passes.check_settings import CheckSettings
+from ..passes.check_speed import CheckSpeed
 from ..passes.choose_ranges import ChooseRanges
 from ..passes.correct_biases import CorrectBiases
 from ..passes.debug_reports import WriteDebugReports
@@ -57,6 +58,7 @@ def full_quant() -> list[Pass]:
         SearchLevels(),  # weight_levels=AUTO: the fewest levels per layer the evaluator accepts
         CheckGoal(),  # evaluator, nothing to search (no node quantized): the model evaluated
         Save(),  # checked, then moved into place
+        CheckSpeed(),  # speed_check: the saved model timed beside the float one, a warning if it is no faster
         WriteQuantConfig(),  # after a search: the configuration it kept, as Horizon's quant_config JSON
         WriteDebugReports(),  # debug_info_save_path: MindSpore's CSV reports on the saved model
         WriteCalibrationTable(),  # calibration_table_out: the ranges for tpu-mlir, TensorRT or lowbit
