@@ -230,7 +230,7 @@ FIELDS: tuple[Field, ...] = (
           "CPUs or TensorRT only)",
           extension=True),
     Field(FULL, "speed_check", Kind.BOOL, True,
-          "after saving, time the quantized model beside the float one on this CPU (ONNX Runtime, one calibration "
+          "FULL_QUANT: after saving, time the quantized model beside the float one on this CPU (ONNX Runtime, one calibration "
           "sample, about 2 s at most) and warn when it is no faster (target_device CPU, without an accuracy search, "
           "which times its own model)",
           extension=True),
