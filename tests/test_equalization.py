@@ -233,6 +233,13 @@ def test_analyze_equalizes_the_original_float_model_as_quantize_did(tmp_path):
     onnx.save(other, tmp_path / "other.onnx")
     with pytest.raises(lowbit.LowbitError, match="written with cross-layer equalization"):
         lowbit.analyze(tmp_path / "other.onnx", tmp_path / "qTrue.onnx", data=held, samples=8)
+    for edited in ("{not json", "[1, 2]"):
+        for entry in quantized.metadata_props:
+            if entry.key == EQUALIZATION_KEY:
+                entry.value = edited
+        onnx.save(quantized, tmp_path / "edited.onnx")
+        with pytest.raises(lowbit.LowbitError, match=f"its metadata {EQUALIZATION_KEY} is not the JSON lowbit writes"):
+            lowbit.analyze(tmp_path / "m.onnx", tmp_path / "edited.onnx", data=held, samples=8)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -170,9 +171,10 @@ def _as_quantize_rewrote(float_model: ir.Model, quantized: ir.Model, float_path:
     (cross-layer equalization needs no data, so it is run again and its counts checked), then its channels
     reordered. Both compute what the original computes; only then do its tensors and constants match the
     quantized model's, channel for channel."""
-    written = quantized.metadata_props
+    written = {key: _metadata_json(quantized, key, quantized_path) for key in (EQUALIZATION_KEY, CHANNEL_ORDER_KEY)
+               if key in quantized.metadata_props}
     if EQUALIZATION_KEY in written:
-        again, recorded = equalize(float_model.graph).signature(), json.loads(written[EQUALIZATION_KEY])
+        again, recorded = equalize(float_model.graph).signature(), written[EQUALIZATION_KEY]
         if not same_signature(again, recorded):
             counts = ", ".join(f"{k} {recorded.get(k)} -> {again[k]}" for k in ("pairs", "channels", "clips_rewritten"))
             raise LowbitError(f"{quantized_path} was written with cross-layer equalization, and equalizing "
@@ -180,8 +182,20 @@ def _as_quantize_rewrote(float_model: ir.Model, quantized: ir.Model, float_path:
                               "scales' spread per pair differs): not the model it was quantized from, or another "
                               "lowbit version's rule")
     if CHANNEL_ORDER_KEY in written:  # the channels quantize reordered, in the same order
-        reorder(float_model.graph, json.loads(written[CHANNEL_ORDER_KEY]))
+        reorder(float_model.graph, written[CHANNEL_ORDER_KEY])
     return float_model
+
+
+def _metadata_json(model: ir.Model, key: str, path: Path) -> Any:
+    """lowbit's JSON under ``key`` in the model's metadata, or a clear error when an edit left something else."""
+    try:
+        value = json.loads(model.metadata_props[key])
+    except ValueError as exc:
+        raise LowbitError(f"{path}: its metadata {key} is not the JSON lowbit writes ({exc})") from None
+    expected = dict if key == EQUALIZATION_KEY else list
+    if not isinstance(value, expected):
+        raise LowbitError(f"{path}: its metadata {key} is not the JSON lowbit writes (a {type(value).__name__})")
+    return value
 
 
 def _load_quantized(path: Path) -> ir.Model:

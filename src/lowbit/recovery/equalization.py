@@ -91,8 +91,13 @@ class EqualizationReport:
 def same_signature(a: dict, b: dict) -> bool:
     """Whether two equalizations are one: the same counts, each pair's scales spread alike (to float rounding)."""
     counts = ("pairs", "channels", "clips_rewritten")
-    return ([a.get(k) for k in counts] == [b.get(k) for k in counts] and len(a.get("spreads", ())) == len(
-        b.get("spreads", ())) and bool(np.allclose(a["spreads"], b["spreads"], rtol=SIGNATURE_TOLERANCE, atol=1e-6)))
+    if [a.get(k) for k in counts] != [b.get(k) for k in counts]:
+        return False
+    try:
+        spreads = np.asarray(a.get("spreads", ()), np.float64), np.asarray(b.get("spreads", ()), np.float64)
+    except (TypeError, ValueError):  # not numbers: not a signature this rule wrote
+        return False
+    return spreads[0].shape == spreads[1].shape and bool(np.allclose(*spreads, rtol=SIGNATURE_TOLERANCE, atol=1e-6))
 
 
 def equalize(graph: ir.Graph) -> EqualizationReport:
