@@ -89,3 +89,15 @@ def test_a_timing_that_fails_is_a_warning_and_the_model_stays_written(tmp_path, 
     with pytest.warns(lowbit.LowbitWarning, match=expected):
         result = lowbit.quantize(src, tmp_path / "q.onnx", data=random_feeds(8), progress=False)
     assert (tmp_path / "q.onnx").exists() and "latency" not in result.summary()
+
+
+def test_the_precision_search_times_its_kept_model_once(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("timed twice")
+
+    monkeypatch.setattr(check_speed, "latencies", fail)
+    monkeypatch.setattr("lowbit.passes.search_precisions.latencies", lambda *args, **kwargs: (1.0, 1.5))
+    summary, _ = _quantize(tmp_path, accuracy_target="cosine>=0.5")
+    assert "kept the planned model" in summary and summary.count("latency, ONNX Runtime CPU") == 1
+    # nothing was moved to float: int8 itself is what is no faster here, not the goal
+    assert "int8 itself is no faster than float on this CPU" in summary

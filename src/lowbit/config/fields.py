@@ -230,9 +230,9 @@ FIELDS: tuple[Field, ...] = (
           "CPUs or TensorRT only)",
           extension=True),
     Field(FULL, "speed_check", Kind.BOOL, True,
-          "FULL_QUANT: after saving, time the quantized model beside the float one on this CPU (ONNX Runtime, one calibration "
-          "sample, about 2 s at most) and warn when it is no faster (target_device CPU, without an accuracy search, "
-          "which times its own model)",
+          "FULL_QUANT: after saving, time the quantized model beside the float one on this CPU (ONNX Runtime, one "
+          "calibration sample, about 2 s at most) and warn when it is no faster (target_device CPU; the precision "
+          "search times its kept model itself)",
           extension=True),
     Field(FULL, "cross_layer_equalization", Kind.BOOL, False,
           "before calibration, rescale the channels of consecutive Conv/Gemm/MatMul layers (through Relu, "

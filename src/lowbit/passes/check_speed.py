@@ -6,7 +6,7 @@ is not faster. int8 is not faster everywhere: ONNX Runtime runs ops without inte
 in float between Q/DQ pairs, and on small convolutions (PP-OCR's direction classifier, a
 MobileNetV3 with 1 x 1 squeeze-and-excitation tensors) the conversions cost more than the
 integer arithmetic saves. Only for the ONNX Runtime CPU target (the one this machine runs),
-and not after an accuracy search, whose report already times its kept model.
+and not after the accuracy search over precisions, whose report already times its kept model.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class CheckSpeed(Pass):
     def applies(self, state: QuantState) -> bool:
         quantized = bool(state.plan.quantized_nodes) if state.plan is not None else False
         readable = bool(state.held_back) or (state.data is not None and state.data.given and state.data.rereadable)
-        return state.config.speed_check and state.config.target == "CPU" and quantized and state.accuracy is None \
-            and readable
+        timed = getattr(state.accuracy, "latency_ms", None) is not None  # the precision search timed its kept model
+        return state.config.speed_check and state.config.target == "CPU" and quantized and not timed and readable
 
     def run(self, state: QuantState) -> SpeedCheck | None:
         try:

@@ -182,9 +182,13 @@ class SearchPrecisions(Pass):
         if report.latency_ms is not None:
             lines.append(f"  latency, ONNX Runtime CPU, one sample: float {report.latency_ms[0]:.2f} ms, "
                          f"quantized {report.latency_ms[1]:.2f} ms")
-            if report.latency_ms[1] >= report.latency_ms[0]:
+            if report.latency_ms[1] >= report.latency_ms[0] and report.kept:
                 lines.append("  the kept model is no faster than the float model: the goal needs more nodes float "
                              "than int8 can pay for here (lowbit analyze shows where the error comes from)")
+            elif report.latency_ms[1] >= report.latency_ms[0]:
+                lines.append("  the kept model is the planned one, and int8 itself is no faster than float on this "
+                             "CPU: small convolutions and ops without integer kernels cost more in conversions than "
+                             "int8 saves")
         return lines
 
 
