@@ -59,7 +59,7 @@ def test_no_timing_when_turned_off_or_for_another_target(tmp_path, monkeypatch, 
     assert "latency" not in summary and not speed
 
 
-def test_the_budget_cuts_the_runs_but_keeps_one_block_of_each(tmp_path):
+def test_the_budget_cuts_the_runs_but_keeps_one_block_of_each(tmp_path, monkeypatch):
     src = save(conv_relu_pool_model(), tmp_path / "m.onnx")
     calls = []
 
@@ -70,12 +70,8 @@ def test_the_budget_cuts_the_runs_but_keeps_one_block_of_each(tmp_path):
         def run(self, *args):
             calls.append(1)
 
-    original = latency.ort.InferenceSession
-    latency.ort.InferenceSession = Session
-    try:
-        latency.latencies(src, src, random_feeds(1)[0], runs=20, budget_seconds=0.0)
-    finally:
-        latency.ort.InferenceSession = original
+    monkeypatch.setattr(latency.ort, "InferenceSession", Session)
+    latency.latencies(src, src, random_feeds(1)[0], runs=20, budget_seconds=0.0)
     assert len(calls) == 2 * (1 + latency.BLOCK)  # each model: one run not counted, then one block of timed runs
 
 

@@ -49,10 +49,10 @@ class CheckSpeed(Pass):
             return None
         if quantized_ms >= float_ms:
             state.note(f"the quantized model is no faster than the float model on this CPU (ONNX Runtime, one "
-                       f"sample: {quantized_ms:.3g} ms against {float_ms:.3g} ms): its ops without integer kernels "
-                       "and small convolutions cost more in conversions than int8 saves; `lowbit analyze` and "
-                       "skip_quant_node can leave such nodes float, or keep the float model (speed_check=false "
-                       "turns this measurement off)")
+                       f"sample: {quantized_ms:.3g} ms against {float_ms:.3g} ms); most often ops without integer "
+                       "kernels, or convolutions too small for int8 to pay for its conversions: skip_quant_node can "
+                       "leave such nodes float, or keep the float model (speed_check=false turns this measurement "
+                       "off)")
         return SpeedCheck(float_ms, quantized_ms)
 
     def describe(self, report: SpeedCheck | None) -> list[str]:

@@ -187,8 +187,8 @@ class SearchPrecisions(Pass):
                              "than int8 can pay for here (lowbit analyze shows where the error comes from)")
             elif report.latency_ms[1] >= report.latency_ms[0]:
                 lines.append("  the kept model is the planned one, and int8 itself is no faster than float on this "
-                             "CPU: small convolutions and ops without integer kernels cost more in conversions than "
-                             "int8 saves")
+                             "CPU (most often ops without integer kernels, or convolutions too small for int8 to pay "
+                             "for its conversions)")
         return lines
 
 
