@@ -12,6 +12,8 @@ import onnxruntime as ort
 # do not spin between runs: with two sessions alive, spinning threads compete for the cores, and EfficientNet-Lite0's
 # float model took 18-19 ms a run on 2 cores instead of 10-11 (int8: 14-15 ms instead of 7.5).
 BLOCK = 5
+# Why int8 can be no faster on a CPU, said wherever a measurement finds it so.
+WHY_NOT_FASTER = "most often ops without integer kernels, or convolutions too small for int8 to pay for its conversions"
 
 
 def latencies(float_path: Path, quantized_path: Path, feed: dict[str, np.ndarray], runs: int = 20,
@@ -34,3 +36,9 @@ def latencies(float_path: Path, quantized_path: Path, feed: dict[str, np.ndarray
                 session.run(None, feed)
                 times[i].append(1000 * (time.perf_counter() - start))
     return float(np.median(times[0])), float(np.median(times[1]))
+
+
+def latency_line(float_ms: float, quantized_ms: float) -> str:
+    """The summary line for a pair of :func:`latencies`."""
+    return (f"  latency, ONNX Runtime CPU, one sample: float {float_ms:.3g} ms, quantized {quantized_ms:.3g} ms "
+            f"({float_ms / quantized_ms:.2f}x float's speed)")

@@ -171,7 +171,8 @@ def _as_quantize_rewrote(float_model: ir.Model, quantized: ir.Model, float_path:
     (cross-layer equalization needs no data, so it is run again and its counts checked), then its channels
     reordered. Both compute what the original computes; only then do its tensors and constants match the
     quantized model's, channel for channel."""
-    written = {key: _metadata_json(quantized, key, quantized_path) for key in (EQUALIZATION_KEY, CHANNEL_ORDER_KEY)
+    shapes = {EQUALIZATION_KEY: dict, CHANNEL_ORDER_KEY: list}
+    written = {key: _metadata_json(quantized, key, shape, quantized_path) for key, shape in shapes.items()
                if key in quantized.metadata_props}
     if EQUALIZATION_KEY in written:
         again, recorded = equalize(float_model.graph).signature(), written[EQUALIZATION_KEY]
@@ -186,14 +187,14 @@ def _as_quantize_rewrote(float_model: ir.Model, quantized: ir.Model, float_path:
     return float_model
 
 
-def _metadata_json(model: ir.Model, key: str, path: Path) -> Any:
-    """lowbit's JSON under ``key`` in the model's metadata, or a clear error when an edit left something else."""
+def _metadata_json(model: ir.Model, key: str, shape: type, path: Path) -> Any:
+    """lowbit's JSON under ``key`` in the model's metadata (a ``shape``: dict or list), or a clear error when an
+    edit left something else."""
     try:
         value = json.loads(model.metadata_props[key])
     except ValueError as exc:
         raise LowbitError(f"{path}: its metadata {key} is not the JSON lowbit writes ({exc})") from None
-    expected = dict if key == EQUALIZATION_KEY else list
-    if not isinstance(value, expected):
+    if not isinstance(value, shape):
         raise LowbitError(f"{path}: its metadata {key} is not the JSON lowbit writes (a {type(value).__name__})")
     return value
 

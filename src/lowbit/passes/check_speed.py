@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..accuracy.latency import latencies
+from ..accuracy.latency import WHY_NOT_FASTER, latencies, latency_line
 from ..pipeline.passes import Pass
 from ..pipeline.state import QuantState
 
@@ -31,13 +31,13 @@ class SpeedCheck:
 class CheckSpeed(Pass):
     name = "speed_check"
     setting = "speed_check"
-    requires = ("model", "output_bytes")
+    requires = ("model", "plan", "output_bytes")
 
     def applies(self, state: QuantState) -> bool:
-        quantized = bool(state.plan.quantized_nodes) if state.plan is not None else False
-        readable = bool(state.held_back) or (state.data is not None and state.data.given and state.data.rereadable)
+        readable = bool(state.held_back) or (state.data.given and state.data.rereadable)
         timed = getattr(state.accuracy, "latency_ms", None) is not None  # the precision search timed its kept model
-        return state.config.speed_check and state.config.target == "CPU" and quantized and not timed and readable
+        return (state.config.speed_check and state.config.target == "CPU" and bool(state.plan.quantized_nodes)
+                and not timed and readable)
 
     def run(self, state: QuantState) -> SpeedCheck | None:
         try:
@@ -49,17 +49,15 @@ class CheckSpeed(Pass):
             return None
         if quantized_ms >= float_ms:
             state.note(f"the quantized model is no faster than the float model on this CPU (ONNX Runtime, one "
-                       f"sample: {quantized_ms:.3g} ms against {float_ms:.3g} ms); most often ops without integer "
-                       "kernels, or convolutions too small for int8 to pay for its conversions: skip_quant_node can "
-                       "leave such nodes float, or keep the float model (speed_check=false turns this measurement "
-                       "off)")
+                       f"sample: {quantized_ms:.3g} ms against {float_ms:.3g} ms); {WHY_NOT_FASTER}: "
+                       "skip_quant_node can leave such nodes float, or keep the float model (speed_check=false turns "
+                       "this measurement off)")
         return SpeedCheck(float_ms, quantized_ms)
 
     def describe(self, report: SpeedCheck | None) -> list[str]:
         if report is None:
             return []
-        return [f"  latency, ONNX Runtime CPU, one sample: float {report.float_ms:.3g} ms, quantized "
-                f"{report.quantized_ms:.3g} ms ({report.float_ms / report.quantized_ms:.2f}x float's speed)"]
+        return [latency_line(report.float_ms, report.quantized_ms)]
 
 
 def _one_sample(state: QuantState) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..accuracy.latency import latencies
+from ..accuracy.latency import latencies, latency_line
 from ..accuracy.widths import WidthSearch, search_init_scale
 from ..errors import LowbitError
 from ..graph.loading import copy_model
@@ -212,8 +212,7 @@ def _describe_search(report: WidthSearchReport) -> list[str]:
                      + ("  (an allocation tried before)" if attempt.repeated else ""))
     lines.append(f"  {report.evaluations} evaluations; {report.search.stopped}")
     if report.latency_ms is not None:
-        lines.append(f"  latency, ONNX Runtime CPU, one sample: float {report.latency_ms[0]:.2f} ms, "
-                     f"quantized {report.latency_ms[1]:.2f} ms")
+        lines.append(latency_line(*report.latency_ms))
     return lines
 
 

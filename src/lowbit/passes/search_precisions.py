@@ -32,7 +32,7 @@ import onnx_ir as ir
 from ..accuracy.climb import Assignment, Trial, climb
 from ..accuracy.evaluator import Evaluation
 from ..accuracy.goals import GoalEvaluator
-from ..accuracy.latency import latencies
+from ..accuracy.latency import WHY_NOT_FASTER, latencies, latency_line
 from ..analysis.sensitivity import OutputError, ranked_nodes
 from ..analysis.switches import OUTPUT_ROUNDING, switched_model
 from ..config.precision import FLOAT16, FLOAT32, INT8, INT16, NodePrecision
@@ -180,15 +180,13 @@ class SearchPrecisions(Pass):
         if weighted:
             lines.append(f"  weighted nodes (Conv, Gemm, MatMul) in int8: {int8} of {weighted}")
         if report.latency_ms is not None:
-            lines.append(f"  latency, ONNX Runtime CPU, one sample: float {report.latency_ms[0]:.2f} ms, "
-                         f"quantized {report.latency_ms[1]:.2f} ms")
+            lines.append(latency_line(*report.latency_ms))
             if report.latency_ms[1] >= report.latency_ms[0] and report.kept:
                 lines.append("  the kept model is no faster than the float model: the goal needs more nodes float "
                              "than int8 can pay for here (lowbit analyze shows where the error comes from)")
             elif report.latency_ms[1] >= report.latency_ms[0]:
-                lines.append("  the kept model is the planned one, and int8 itself is no faster than float on this "
-                             "CPU (most often ops without integer kernels, or convolutions too small for int8 to pay "
-                             "for its conversions)")
+                lines.append(f"  the kept model is the planned one, and int8 itself is no faster than float on "
+                             f"this CPU ({WHY_NOT_FASTER})")
         return lines
 
 
