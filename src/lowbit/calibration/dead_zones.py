@@ -63,6 +63,22 @@ def live_interval(node: ir.Node, value: ir.Value) -> Range:
     return UNBOUNDED
 
 
+SILU_DEAD_BELOW = 8.0
+
+
+def silu_readers(value: ir.Value) -> bool:
+    """Whether ``value`` is read only by a Sigmoid and by a Mul of it with that Sigmoid's output: SiLU as
+    exported (x * sigmoid(x))."""
+    uses = [use[0] for use in value.uses()]
+    if len(uses) != 2 or any(node.domain not in STANDARD_DOMAINS for node in uses):
+        return False
+    sigmoid = next((node for node in uses if node.op_type == "Sigmoid"), None)
+    mul = next((node for node in uses if node.op_type == "Mul"), None)
+    if sigmoid is None or mul is None:
+        return False
+    return {id(v) for v in mul.inputs} == {id(value), id(sigmoid.outputs[0])}
+
+
 def live_intervals(graph: ir.Graph, names) -> dict[str, Range]:
     """For each of the tensors ``names`` that every reader ignores beyond some bound, the union of the readers'
     live intervals (tensors with no bound are left out)."""
@@ -75,6 +91,9 @@ def live_intervals(graph: ir.Graph, names) -> dict[str, Range]:
             continue
         uses = list(value.uses())
         if not uses:
+            continue
+        if silu_readers(value):
+            intervals[name] = (-SILU_DEAD_BELOW, math.inf)
             continue
         spans = [live_interval(use[0], value) for use in uses]
         low, high = min(lo for lo, _ in spans), max(hi for _, hi in spans)
