@@ -1,4 +1,5 @@
-"""Activation ranges end where every reader outputs a constant (HardSwish below -3, HardSigmoid, Relu, Clip)."""
+"""Activation ranges end where the readers stop telling values apart (HardSwish below -3, HardSigmoid, Relu, Clip,
+SiLU below -10)."""
 
 import math
 
@@ -7,12 +8,20 @@ import onnx
 import onnx_ir as ir
 import pytest
 from conftest import float_input, initializers, make_model, random_feeds, run, save
-from onnx import helper, numpy_helper
+from onnx import helper
 
 import lowbit
 import lowbit.search.modelwise as modelwise
 from bench.zoo import cosine
-from lowbit.calibration.dead_zones import UNBOUNDED, clamped, live_interval, live_intervals, restrict
+from lowbit.calibration.dead_zones import (
+    SILU_LIVE_FROM,
+    UNBOUNDED,
+    clamped,
+    live_interval,
+    live_intervals,
+    read_as_silu,
+    restrict,
+)
 from lowbit.calibration.histogram import HistogramObserver
 from lowbit.graph.loading import load_model
 
@@ -62,6 +71,33 @@ def test_a_tensor_is_bounded_only_when_every_reader_is(tmp_path):
     assert live_intervals(graph, ["t"]) == {}
 
 
+def _silu_graph(tmp_path, mul_inputs=("t", "s"), extra_reader=False):
+    """input -> Identity (t) -> Sigmoid (s) and Mul(*mul_inputs) -> output (and an Add reading t)."""
+    nodes = [helper.make_node("Identity", ["input"], ["t"], name="source"),
+             helper.make_node("Sigmoid", ["t"], ["s"], name="sigmoid"),
+             helper.make_node("Mul", list(mul_inputs), ["y"], name="mul")]
+    outputs = [float_input("y", [1, 4])]
+    if extra_reader:
+        nodes.append(helper.make_node("Add", ["t", "t"], ["z"], name="add"))
+        outputs.append(float_input("z", [1, 4]))
+    model = make_model(nodes, [float_input("input", [1, 4]), float_input("other", [1, 4])], outputs)
+    return load_model(save(model, tmp_path / "silu.onnx"))[0].graph
+
+
+def test_a_silu_input_is_live_from_minus_10(tmp_path):
+    for order in (("t", "s"), ("s", "t")):
+        graph = _silu_graph(tmp_path, order)
+        assert read_as_silu(graph.node("source").outputs[0])
+        assert live_intervals(graph, ["t"]) == {"t": (-10.0, math.inf)}
+    # by hand: below -10, x * sigmoid(x) is within half a step of a uint8 grid holding SiLU's minimum of 0
+    x = np.linspace(-60.0, -SILU_LIVE_FROM, 1000)
+    silu = x / (1 + np.exp(-x))
+    minimum = -0.2785  # SiLU's least value, at x = -1.278
+    assert np.abs(silu).max() < -minimum / 255 / 2
+    assert live_intervals(_silu_graph(tmp_path, extra_reader=True), ["t"]) == {}  # a third reader sees all of t
+    assert live_intervals(_silu_graph(tmp_path, ("t", "other")), ["t"]) == {}  # a Mul by something else
+
+
 def test_restrict_clips_to_the_interval_and_keeps_a_range_that_would_vanish():
     ranges = {"a": (-150.0, 104.0), "b": (-9.0, -4.0), "c": (-1.0, 2.0), "free": (-7.0, 7.0)}
     intervals = {"a": (-3.0, math.inf), "b": (-3.0, math.inf), "c": (-3.0, 3.0)}
@@ -81,51 +117,56 @@ def test_a_clamped_histogram_drops_the_counts_beyond_the_bounds():
     assert clamped(observer, (10.0, math.inf)) is observer  # nothing inside: as it is
 
 
-def _conv_hardswish_model():
-    """input -> Conv (4 -> 8, 1x1) -> HardSwish -> Conv (8 -> 4) -> output; channel 0 of the first conv reaches
-    far below -3 (a tail the HardSwish zeroes), as in PP-OCRv4 det's PP-LCNet blocks."""
+def _conv_activation_model(activation: str = "HardSwish"):
+    """input -> Conv (4 -> 8, 1x1) -> HardSwish or SiLU -> Conv (8 -> 4) -> output; channel 0 of the first conv
+    reaches far below -3 (a tail the activation zeroes), as in PP-OCRv4 det's PP-LCNet blocks and YOLO's SiLUs."""
     rng = np.random.default_rng(7)
     w1 = rng.normal(size=(8, 4, 1, 1)).astype(np.float32)
     w1[0] *= 40.0
     b1 = np.zeros(8, np.float32)
     b1[0] = -60.0
     w2 = rng.normal(size=(4, 8, 1, 1)).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1"),
-             helper.make_node("HardSwish", ["c1"], ["h"], name="hswish"),
-             helper.make_node("Conv", ["h", "w2"], ["output"], name="conv2")]
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1")]
+    if activation == "HardSwish":
+        nodes.append(helper.make_node("HardSwish", ["c1"], ["h"], name="hswish"))
+    else:
+        nodes += [helper.make_node("Sigmoid", ["c1"], ["s"], name="sigmoid"),
+                  helper.make_node("Mul", ["c1", "s"], ["h"], name="silu")]
+    nodes.append(helper.make_node("Conv", ["h", "w2"], ["output"], name="conv2"))
     return make_model(nodes, [float_input("input", [1, 4, 6, 6])], [float_input("output", [1, 4, 6, 6])],
                       [("w1", w1), ("b1", b1), ("w2", w2)])
 
 
-def _quantize(tmp_path, name, feeds):
-    src = save(_conv_hardswish_model(), tmp_path / "float.onnx")
+def _quantize(tmp_path, name, feeds, activation="HardSwish"):
+    src = save(_conv_activation_model(activation), tmp_path / "float.onnx")
     out = tmp_path / f"{name}.onnx"
     result = lowbit.quantize(src, out, data=feeds, progress=False, activation_quant_method="MAX_MIN",
                              weight_rounding="NEAREST", bias_correction=False)
     return src, out, result
 
 
-def test_a_hardswish_input_is_quantized_from_minus_3(tmp_path, monkeypatch):
+@pytest.mark.parametrize("activation, live_from", [("HardSwish", -3.0), ("SiLU", -SILU_LIVE_FROM)])
+def test_an_activation_input_is_quantized_from_its_live_bound(tmp_path, monkeypatch, activation, live_from):
     feeds = random_feeds(8, shape=(1, 4, 6, 6), seed=3)
-    src, out, result = _quantize(tmp_path, "clipped", feeds)
-    assert "1 ranges clipped where every reader outputs a constant" in result.summary()
+    src, out, result = _quantize(tmp_path, "clipped", feeds, activation)
+    assert "1 ranges clipped where their readers stop telling values apart" in result.summary()
     model = onnx.load(str(out))
     q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "c1")
     scale, zero_point = (float(initializers(out)[name]) for name in q.input[1:3])
     # by hand: the float conv output's maximum over the calibration samples, and -3 below
-    probe = _conv_hardswish_model()
+    probe = _conv_activation_model(activation)
     probe.graph.output.append(float_input("c1", None))
     probe = save(probe, tmp_path / "probe.onnx")
     conv_outputs = [run(probe, feed)[1] for feed in feeds]
     top = max(float(c.max()) for c in conv_outputs)
-    assert min(float(c.min()) for c in conv_outputs) < -20  # the tail the HardSwish zeroes is there
-    assert scale == pytest.approx((top + 3.0) / 255, rel=1e-5)
-    assert zero_point == round(3.0 / scale)
+    assert min(float(c.min()) for c in conv_outputs) < -20  # the tail the activation zeroes is there
+    assert scale == pytest.approx((top - live_from) / 255, rel=1e-5)
+    assert zero_point == round(-live_from / scale)
     held_out = random_feeds(8, shape=(1, 4, 6, 6), seed=4)
     clipped_error = np.mean([1 - cosine(run(src, f)[0], run(out, f)[0]) for f in held_out])
 
     monkeypatch.setattr(modelwise, "live_intervals", lambda graph, names: {})  # the tail in the grid again
-    _, full, _ = _quantize(tmp_path, "full", feeds)
+    _, full, _ = _quantize(tmp_path, "full", feeds, activation)
     full_error = np.mean([1 - cosine(run(src, f)[0], run(full, f)[0]) for f in held_out])
     assert clipped_error < 0.5 * full_error
 

@@ -89,8 +89,8 @@ class ChooseRanges(Pass):
     def describe(self, report: SearchReport) -> list[str]:
         tuned = f", {report.tuned_tensors} tensors tuned per op" if report.tuned_tensors else ""
         if report.dead_zone_clipped:
-            tuned += (f", {report.dead_zone_clipped} ranges clipped where every reader outputs a constant "
-                      "(HardSwish, HardSigmoid, Relu, Clip)")
+            tuned += (f", {report.dead_zone_clipped} ranges clipped where their readers stop telling values apart "
+                      "(HardSwish, HardSigmoid, Relu, Clip, SiLU)")
         if not report.rows:
             return [f"  activation ranges: {report.chosen}{tuned}"]
         lines = [f"  activation ranges: search by {report.metric} on {report.samples} held-back samples, "

@@ -115,7 +115,7 @@ class SearchReport:
     best_mean: str = ""  # the candidate with the best score over all samples, when a tie kept another
     tuned_tensors: int = 0  # tensors whose range AUTO_TUNE / layer-wise changed
     layerwise_ranges: dict[str, Range] = field(default_factory=dict)  # the layer-wise candidate's per-op choices
-    dead_zone_clipped: int = 0  # tensors seen beyond where every reader outputs a constant, clipped there
+    dead_zone_clipped: int = 0  # tensors seen beyond where their readers tell values apart, clipped there
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def choose_ranges(
     chosen: dict[str, Range] = {}
     options_by_label: dict[str, dict[str, Range]] = {}
     scheme_by_label: dict[str, Scheme] = {}
-    intervals = live_intervals(model.graph, observers)  # where every reader outputs a constant beyond
+    intervals = live_intervals(model.graph, observers)  # where the readers stop telling values apart
     clipped = {name for name, interval in intervals.items() if reaches_beyond(observers[name], interval)}
     observers = {name: clamped(observer, intervals[name]) if name in intervals else observer
                  for name, observer in observers.items()}
