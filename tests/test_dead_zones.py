@@ -89,7 +89,7 @@ def test_a_silu_input_is_live_from_minus_10(tmp_path):
         graph = _silu_graph(tmp_path, order)
         assert read_as_silu(graph.node("source").outputs[0])
         assert live_intervals(graph, ["t"]) == {"t": (-10.0, math.inf)}
-    # by hand: below -10, x * sigmoid(x) is within half a step of a uint8 grid holding SiLU's minimum of 0
+    # by hand: below -10, x * sigmoid(x) is nearer 0 than half a step of any uint8 grid holding SiLU's minimum
     x = np.linspace(-60.0, -SILU_LIVE_FROM, 1000)
     silu = x / (1 + np.exp(-x))
     minimum = -0.2785  # SiLU's least value, at x = -1.278
@@ -153,7 +153,7 @@ def test_an_activation_input_is_quantized_from_its_live_bound(tmp_path, monkeypa
     model = onnx.load(str(out))
     q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "c1")
     scale, zero_point = (float(initializers(out)[name]) for name in q.input[1:3])
-    # by hand: the float conv output's maximum over the calibration samples, and -3 below
+    # by hand: the float conv output's maximum over the calibration samples, and the live bound below
     probe = _conv_activation_model(activation)
     probe.graph.output.append(float_input("c1", None))
     probe = save(probe, tmp_path / "probe.onnx")
