@@ -31,6 +31,8 @@ from bench import run, zoo
 
 HERE = Path(__file__).resolve().parent
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# where the cases measured before each row named its machine ran
+EARLIER_MACHINE = "AMD EPYC (AVX2, no VNNI), 2 cores, Linux x86_64, Python 3.11.7"
 
 
 class Agreement:
@@ -181,10 +183,10 @@ def minilm_widths(work: Path, rounding: str = "NEAREST") -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["# The accuracy search on real models", "",
-             f"Machine: {run.describe_machine()}. `python bench/accuracy.py`; every evaluator scores held-out data "
-             "(never used for calibration).", ""]
+             "`python bench/accuracy.py`; every evaluator scores held-out data (never used for calibration). Each "
+             f"case names the machine it ran on (a case that does not: {EARLIER_MACHINE}).", ""]
     for row in rows:
-        lines += [f"## {row['case']}", ""]
+        lines += [f"## {row['case']}", "", f"- machine: {row.get('machine', EARLIER_MACHINE)}"]
         lines.append(f"- float metric {row['original']:.4f}; "
                      + (f"as planned (int8) {row['first']:.4f}; " if "first" in row else "")
                      + f"kept {row['final']:.4f} after {row['evaluations']} evaluations ({row['stopped']}), "
@@ -225,7 +227,7 @@ def main() -> None:
         if only and name not in only:
             continue
         print(f"== {name}", flush=True)
-        fresh[name] = {"name": name, **case(work / name)}
+        fresh[name] = {"name": name, "machine": run.describe_machine(), **case(work / name)}
         # after every case: a run cut short (the GPTQ case takes half an hour on 2 cores) keeps what it measured,
         # and the cases it did not reach keep their last figures
         rows = [fresh.get(case_name) or next((row for row in kept if row.get("name") == case_name), None)
