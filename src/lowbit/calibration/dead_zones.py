@@ -31,7 +31,7 @@ under half a step of any uint8 grid that holds SiLU's own minimum (-0.278; 0.278
 0.00055), and the Sigmoid's output within 0.00005 of 0, under half a step of its [0, 1] grid.
 ONNX Runtime has no int8 Sigmoid on the CPU, so the convolution before a SiLU writes int8
 outputs whose range is otherwise set by its most negative pre-activations: on nudenet's
-YOLOv8n (``bench/detectors.py``) ranges like [-74, 74] and [-52, 16] become [-10, 74] and
+YOLOv8n (``bench/silu.py``) ranges like [-74, 74] and [-52, 16] become [-10, 74] and
 [-10, 16], a grid two to three times finer.
 """
 
