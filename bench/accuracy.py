@@ -31,7 +31,7 @@ from bench import run, zoo
 
 HERE = Path(__file__).resolve().parent
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-# where the cases measured before each row named its machine ran
+# the machine of the rows measured before each row named its own
 EARLIER_MACHINE = "AMD EPYC (AVX2, no VNNI), 2 cores, Linux x86_64, Python 3.11.7"
 
 

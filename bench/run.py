@@ -538,12 +538,12 @@ def text_ratios(rows: list[dict]) -> list[str]:
 def describe_machine() -> str:
     """The CPU, its cores and the vector extensions that choose ONNX Runtime's int8 kernels (VNNI: exact and fast
     u8 x s8 products; without it, AVX2's saturating ones), the system and Python."""
-    cpu, flags = platform.processor() or "unknown CPU", []
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         lines = []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+               platform.processor() or "unknown CPU")
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     shown = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI",
              "amx_int8": "AMX"}
