@@ -535,16 +535,24 @@ def text_ratios(rows: list[dict]) -> list[str]:
             f"onnxruntime per-channel {float_row['latency_b8_ms'] / theirs['latency_b8_ms']:.2f}x"]
 
 
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def cpu_flags() -> list[str]:
+    """The first CPU's feature flags as Linux lists them (``flags`` on x86, ``Features`` on ARM); empty elsewhere."""
+    return next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith(("flags", "Features"))), [])
+
+
 def describe_machine() -> str:
     """The CPU, its cores and the vector extensions that choose ONNX Runtime's int8 kernels (VNNI: exact and fast
     u8 x s8 products; without it, AVX2's saturating ones), the system and Python."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
                platform.processor() or "unknown CPU")
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    flags = cpu_flags()
     shown = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI",
              "amx_int8": "AMX"}
     features = [label for flag, label in shown.items() if flag in flags]

@@ -35,8 +35,7 @@ TOOLS = ("onnxruntime MinMax", "onnxruntime MinMax, reduce_range", "lowbit, satu
 
 
 def has_vnni() -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return any(flag in run.cpu_flags() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def figures(path: Path, case: run.Case, reference: np.ndarray, fused: bool) -> dict:

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import lowbit  # noqa: E402
 from bench import zoo  # noqa: E402
+from bench.run import cpu_flags  # noqa: E402
 
 RECORD = Path(__file__).resolve().parent / "reference" / "quantized_models.json"
 
@@ -100,12 +101,8 @@ def numerics() -> str:
     kernels are chosen by (``onnxruntime 1.32.0, x86_64 avx2 fma``)."""
     import onnxruntime
 
-    features = []
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
-                      if line.startswith(("flags", "Features"))), [])
-        features = [name for name in KERNEL_FEATURES if name in flags]
+    flags = cpu_flags()
+    features = [name for name in KERNEL_FEATURES if name in flags]
     return " ".join([f"onnxruntime {onnxruntime.__version__}, {platform.machine()}", *features])
 
 
