@@ -406,3 +406,87 @@ def test_the_ladder_of_each_target(digits, tmp_path, target_device, rung):
     assert search.trials[0].label == f"every node {rung}"
     assert search.final.satisfied and mean_error(logits(out, digits["x"]), reference) <= evaluator.most
     onnx.checker.check_model(str(out), full_check=True)
+
+
+# -- the range search's other candidates, judged by the evaluator ------------------------------
+
+
+def boxes_and_scores_model(tmp_path: Path) -> Path:
+    """A 1x1 Conv whose output holds a large "box" channel (100 x the input's first channel) and a small
+    "score" channel (the second one, as it is): the two read one per-tensor input grid, as a detector's
+    head reads one feature map."""
+    weight = np.zeros((2, 2, 1, 1), np.float32)
+    weight[0, 0], weight[1, 1] = 100.0, 1.0
+    model = make_model([helper.make_node("Conv", ["input", "w"], ["output"], name="head")],
+                       [float_input("input", [1, 2, 16, 16])], [float_input("output", [1, 2, 16, 16])],
+                       [("w", weight)])
+    return save(model, tmp_path / "head.onnx")
+
+
+def head_inputs(count: int, rare_scores: int, seed: int) -> np.ndarray:
+    """Inputs in [-1, 1], and ``rare_scores`` of them with one score value of 20, far out in the tail."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, size=(count, 2, 16, 16)).astype(np.float32)
+    for i in rng.choice(count, rare_scores, replace=False):
+        x[i, 1, rng.integers(16), rng.integers(16)] = 20.0
+    return x
+
+
+class ScoreError(lowbit.Evaluator):
+    """The largest error of the score channel against the float model's on held-out inputs; lower is better."""
+
+    def __init__(self, x: np.ndarray, most: float):
+        self.x, self.most, self.calls = x, most, 0
+
+    def eval_model(self, model_file, batch_num):
+        self.calls += 1
+        session = ort.InferenceSession(model_file, providers=["CPUExecutionProvider"])
+        scores = np.concatenate([session.run(None, {"input": x[np.newaxis]})[0] for x in self.x])[:, 1]
+        return float(np.abs(scores - self.x[:, 1]).max())
+
+    def is_satisfied(self, original_metric, new_metric):
+        return new_metric <= self.most
+
+
+def test_the_evaluator_picks_among_the_range_candidates_before_any_node_moves(tmp_path):
+    """The range search judges the whole output, where the box channel outweighs the scores: it keeps a range
+    that clips the rare large scores (a fine grid for the boxes). An evaluator of the score channel rejects that
+    model; of the other candidates, only MAX_MIN keeps the large scores, and it is kept with every node int8."""
+    model = boxes_and_scores_model(tmp_path)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    train = head_inputs(64, 2, seed=0)
+    for i in range(64):  # every 8th is held back from the statistics: keep the large scores out of those
+        x = train[i] if i % 8 else np.clip(train[i], -1, 1)
+        np.save(calib / f"{i:03d}.npy", x[np.newaxis])
+    held_out = head_inputs(40, 10, seed=1)
+    evaluator = ScoreError(held_out, 0.2)
+    out = tmp_path / "q.onnx"
+    result = lowbit.quantize(model, out, data=calib, progress=False, evaluator=evaluator)
+    search = result.accuracy
+    assert not search.first.satisfied and search.ranges_kept == "MAX_MIN" and search.kept == {}
+    assert [t.label for t in search.range_trials][-1] == "MAX_MIN"
+    assert not any(t.evaluation.satisfied for t in search.range_trials[:-1])
+    assert evaluator.calls == search.evaluations == 2 + len(search.range_trials)
+    assert search.weighted == (1, 1)
+    # the file written is the one accepted: the largest score error by hand, under half a step of [-20, 20]
+    written = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    scores = np.concatenate([written.run(None, {"input": x[np.newaxis]})[0] for x in held_out])[:, 1]
+    error = np.abs(scores - held_out[:, 1]).max()
+    assert error == pytest.approx(search.final.metric, abs=1e-6) and error <= 40 / 255 / 2 + 1e-4
+    summary = result.summary()
+    assert "ranges of MAX_MIN" in summary and "kept the ranges of MAX_MIN" in summary
+    # the rerun reads MAX_MIN's ranges from the table the JSON names: the same model without any search
+    again = tmp_path / "again.onnx"
+    lowbit.quantize(model, again, config=result.quant_config_path, data=calib, progress=False)
+    assert again.read_bytes() == out.read_bytes()
+    # a goal no ranges meet: the node moves, from the ranges whose metric came closest to the float model's
+    strict = lowbit.quantize(model, tmp_path / "strict.onnx", data=calib, progress=False,
+                             evaluator=ScoreError(held_out, 0.01))
+    assert [t.evaluation.satisfied for t in strict.accuracy.range_trials] == [False] * 3
+    assert strict.accuracy.ranges_kept == "MAX_MIN" and strict.accuracy.kept == {"head": "float32"}
+    assert "from the ranges of MAX_MIN, whose metric came closest" in strict.summary()
+    # one range method configured: nothing to try, the node moves instead
+    pinned = lowbit.quantize(model, tmp_path / "pinned.onnx", data=calib, progress=False,
+                             evaluator=ScoreError(held_out, 0.2), activation_quant_method="MSE")
+    assert pinned.accuracy.range_trials == [] and pinned.accuracy.kept == {"head": "float32"}

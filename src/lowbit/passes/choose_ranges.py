@@ -2,9 +2,10 @@
 
 Reads: the observers, the candidates, the held-back and tuning samples. Needs, when
 candidates are compared: the float model's outputs on the held-back samples (measured in
-the calibration run, see :mod:`lowbit.pipeline.engine`). Sets: the ranges, and the float
-outputs on the held-back samples (what bias_correction_metric compares with later); with
-``per_channel`` / ``asymmetric`` lists, the target, options and plan of the scheme that won.
+the calibration run, see :mod:`lowbit.pipeline.engine`). Sets: the ranges and the other
+candidates' ranges (which an accuracy search tries next), the float outputs on the held-back
+samples (what bias_correction_metric compares with later); with ``per_channel`` /
+``asymmetric`` lists, the target, options and plan of the scheme that won.
 The search itself is :func:`lowbit.search.modelwise.choose_ranges`; each candidate's model
 runs in the data engine.
 """
@@ -84,6 +85,7 @@ class ChooseRanges(Pass):
             SearchOptions(config.search_metric, config.layerwise_search, config.tune_num, config.layerwise_metric),
             state.candidates, collect_tuning, score, len(state.held_back))
         state.target, state.weight_options, state.plan = variant(scheme)  # per_channel / asymmetric chosen
+        state.range_alternatives = report.alternatives
         return report
 
     def describe(self, report: SearchReport) -> list[str]:

@@ -1,25 +1,35 @@
 """FULL_QUANT with an evaluator: move the fewest nodes up the precision ladder that satisfy it.
 
-Reads: the calibrated ranges, the plan, the evaluator. Each candidate is built by the
-pipeline's own build passes (rewrite, weight rounding, bias correction) on a fork of the
-state, from the same ranges, and written to a temporary file that the evaluator reads; so
-the model kept is exactly one the evaluator accepted. The steps:
+Reads: the calibrated ranges (and the range search's other candidates), the plan, the
+evaluator. Each candidate is built by the pipeline's own build passes (rewrite, weight
+rounding, bias correction) on a fork of the state, and written to a temporary file that
+the evaluator reads; so the model kept is exactly one the evaluator accepted. The steps:
 
 1. the float model, then the planned model (int8 where the configuration says nothing
    else) are evaluated; if the evaluator is satisfied, nothing moves;
-2. the nodes are ranked on a few samples (accuracy_target's eval_data when given, else
+2. the range search's other candidates (same scheme), best held-back score first, each
+   with every node as planned: the range search judges the whole output by
+   ``search_metric``, the evaluator by what the user cares about (a detector's scores
+   rather than its box coordinates), and a model with other ranges costs no speed. The
+   first one the evaluator accepts is kept and nothing moves (at most half of the
+   evaluations left go to them); if none is, the nodes move
+   from the ranges whose metric came closest to the float model's (the range search's
+   own on a tie);
+3. the nodes are ranked on a few samples (accuracy_target's eval_data when given, else
    calibration samples) by how much leaving each float lowers the output error
    (:func:`lowbit.analysis.sensitivity.ranked_nodes`, on the switched model of the int8
-   candidate: one session, no evaluator call);
-3. :func:`lowbit.accuracy.climb.climb` moves prefixes of the ranking up the ladder.
+   candidate with those ranges: one session, no evaluator call);
+4. :func:`lowbit.accuracy.climb.climb` moves prefixes of the ranking up the ladder.
 
 Nodes that op_config or node_config name keep what the user gave them. Sets: the plan and
-options of the kept candidate (the build passes after this one write it), and the search's
-report, which the summary shows and from which the quant_config JSON is written.
+options of the kept candidate (the build passes after this one write it), the ranges when
+another candidate's were kept, and the search's report, which the summary shows and from
+which the quant_config JSON (with the ranges' calibration table) is written.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -60,7 +70,9 @@ class PrecisionSearch:
     ladder: tuple[str, ...]
     original: float
     first: Evaluation  # the planned model, before any node moved
-    trials: list[Trial] = field(default_factory=list)
+    range_trials: list[Trial] = field(default_factory=list)  # the range search's other candidates, as planned
+    ranges_kept: str = ""  # the one whose ranges the kept model has ("": the range search's own choice)
+    trials: list[Trial] = field(default_factory=list)  # nodes moved up the ladder
     kept: Assignment = field(default_factory=dict)  # node -> precision, the fused activations left out
     ranks: dict[str, int] = field(default_factory=dict)  # node -> place in the ranking (1 = most sensitive)
     op_types: dict[str, str] = field(default_factory=dict)
@@ -72,12 +84,15 @@ class PrecisionSearch:
 
     @property
     def evaluations(self) -> int:
-        return 2 + len(self.trials)  # the float model and the planned one
+        return 2 + len(self.range_trials) + len(self.trials)  # and the float model and the planned one
 
     @property
     def final(self) -> Evaluation:
-        kept = [t.evaluation for t in self.trials if t.assignment == self.kept]
-        return kept[-1] if kept else self.first
+        if self.kept:
+            return [t.evaluation for t in self.trials if t.assignment == self.kept][-1]
+        if self.ranges_kept:
+            return next(t.evaluation for t in self.range_trials if t.label == self.ranges_kept)
+        return self.first
 
     def rerun_config(self) -> tuple[dict[str, NodePrecision], dict]:
         """What a rerun without the search needs beyond the job's settings: the node_config."""
@@ -113,7 +128,10 @@ class SearchPrecisions(Pass):
             report = PrecisionSearch(describe_evaluator(evaluator), ladder, evaluator.original,
                                      evaluator.evaluate(first_path, "as planned"))
             report.stopped = "the planned model satisfied the evaluator"
+            kept_path = first_path
             if not report.first.satisfied:
+                first_model, kept_path = self._try_other_ranges(state, candidates, report, first_model)
+            if kept_path is None:
                 start = time.perf_counter()
                 ranking = self._rank(state, first_model, rules, samples)
                 report.ranking_seconds = time.perf_counter() - start
@@ -123,7 +141,7 @@ class SearchPrecisions(Pass):
                 if outcome.kept is None:
                     raise LowbitError(self._failure(report, evaluator.history))
                 report.kept = outcome.kept
-            kept_path = candidates.paths[frozenset(report.kept.items())] if report.kept else first_path
+                kept_path = candidates.paths[frozenset(report.kept.items())]
             report.latency_ms = latencies(state.model_path, kept_path, samples[0])
         report.node_config = candidates.node_config(report.kept)
         report.op_types = {node.name: node.op_type for node in state.model.graph}
@@ -138,9 +156,37 @@ class SearchPrecisions(Pass):
         state.accuracy = report
         return report
 
+    @staticmethod
+    def _try_other_ranges(state: QuantState, candidates: _Candidates, report: PrecisionSearch, planned: ir.Model
+                          ) -> tuple[ir.Model, Path | None]:
+        """The range search's other candidates as planned, best held-back score first, until the evaluator accepts
+        one, on at most half of the evaluations left. Returns the model the nodes move from and, when one was
+        accepted, its file.
+
+        Whichever is kept, its ranges become the job's. When none is accepted the nodes move from the one whose
+        metric came closest to the float model's (the planned model on a tie): lowbit does not know which way
+        the user's metric improves, but the float model's metric is the one every candidate approaches as nodes
+        leave int8.
+        """
+        closest, gap = planned, abs(report.first.metric - report.original)
+        affordable = state.evaluator.left // 2  # the other half for moving nodes
+        for label, ranges in list(state.range_alternatives.items())[:affordable]:
+            model, path = candidates.build({}, ranges)
+            evaluation = state.evaluator.evaluate(path, f"the ranges of {label}")
+            report.range_trials.append(Trial(label, {}, evaluation))
+            if evaluation.satisfied:
+                report.ranges_kept, report.stopped = label, f"the ranges of {label} satisfied the evaluator"
+                state.ranges = ranges
+                return model, path
+            if abs(evaluation.metric - report.original) < gap:
+                closest, gap, report.ranges_kept = model, abs(evaluation.metric - report.original), label
+        if report.ranges_kept:
+            state.ranges = state.range_alternatives[report.ranges_kept]
+        return closest, None
+
     def _rank(self, state: QuantState, quantized: ir.Model, rules, samples: list[dict[str, np.ndarray]]
               ) -> list[str]:
-        """The movable nodes, most sensitive first, from the switched form of the planned candidate."""
+        """The movable nodes, most sensitive first, from the switched form of the all-int8 candidate."""
         batches = list(batched(samples, state.specs, 8))
         outputs = [v.name for v in state.model.graph.outputs if is_float32(v)]
         switched = switched_model(typed(copy_model(quantized)), state.model)
@@ -161,18 +207,27 @@ class SearchPrecisions(Pass):
 
     def describe(self, report: PrecisionSearch) -> list[str]:
         lines = [f"  accuracy search: {report.evaluator}, ladder {' -> '.join(report.ladder)}",
-                 f"       1  {'float model':<28} {report.original:.6g}",
-                 f"       2  {'as planned':<28} {report.first.metric:<10.6g} {_verdict(report.first)}"]
-        for i, trial in enumerate(report.trials, start=3):
-            lines.append(f"    {'*' if trial.assignment == report.kept else ' '} {i:>3}  {trial.label:<28} "
-                         f"{trial.evaluation.metric:<10.6g} {_verdict(trial.evaluation)}")
-        if not report.kept:
+                 _row(False, 1, "float model", report.original),
+                 _row(False, 2, "as planned", report.first.metric, report.first)]
+        for i, trial in enumerate(report.range_trials, start=3):
+            lines.append(_row(trial.label == report.ranges_kept, i, f"ranges of {trial.label}",
+                              trial.evaluation.metric, trial.evaluation))
+        for i, trial in enumerate(report.trials, start=3 + len(report.range_trials)):
+            lines.append(_row(trial.assignment == report.kept, i, trial.label, trial.evaluation.metric,
+                              trial.evaluation))
+        if report.ranges_kept and not report.kept:
+            lines.append(f"  kept the ranges of {report.ranges_kept}, every node as planned, after "
+                         f"{report.evaluations} evaluations (the range search had kept another: see above)")
+        elif not report.kept:
             lines.append(f"  kept the planned model after {report.evaluations} evaluations")
         else:
             by_precision = Counter(report.kept.values())
             lines.append(f"  kept {report.final.metric:.6g} after {report.evaluations} evaluations (ranking "
                          f"{report.ranking_seconds:.1f} s; {report.stopped}): "
                          + ", ".join(f"{n} node{'s' if n > 1 else ''} {p}" for p, n in by_precision.items()))
+            if report.ranges_kept:
+                lines.append(f"    from the ranges of {report.ranges_kept}, whose metric came closest to the float "
+                             "model's (the range search had kept another: see above)")
             for name, precision in sorted(report.kept.items(), key=lambda item: report.ranks.get(item[0], 0)):
                 lines.append(f"    {name} ({report.op_types.get(name, '?')}): {precision}, "
                              f"{_ordinal(report.ranks.get(name, 0))} by sensitivity")
@@ -223,7 +278,8 @@ class _Candidates:
                  folder: Path):
         self.state, self.base_model, self.rules, self.build_passes, self.folder = (state, base_model, rules, build,
                                                                                    folder)
-        self.paths: dict[frozenset, Path] = {}  # assignment -> its candidate file
+        self.paths: dict[frozenset, Path] = {}  # assignment -> its candidate file (with the job's ranges)
+        self.built = itertools.count(1)  # numbers the candidate files
         self.fused: dict[str, list[str]] = {}  # a node -> the activations fused into it
         for decision in state.plan.quantized_nodes:
             if decision.fused_into:
@@ -238,19 +294,25 @@ class _Candidates:
                  for name in (node, *(self.fused.get(node, ()) if precision in (FLOAT16, FLOAT32) else ()))}
         return {**moved, **self.rules.nodes}  # the user's node_config wins
 
-    def build(self, assignment: Assignment) -> tuple[ir.Model, Path]:
+    def build(self, assignment: Assignment, ranges: dict[str, tuple[float, float]] | None = None
+              ) -> tuple[ir.Model, Path]:
+        """The candidate of ``assignment``, with the job's ranges or ``ranges`` (only the former's files are
+        remembered by assignment, in ``paths``)."""
         state = self.state
+        ranges = state.ranges if ranges is None else ranges
         options = replace(state.weight_options, precisions=replace(self.rules, nodes=self.node_config(assignment)))
         model = copy_model(self.base_model)
         plan = plan_quantization(model, state.target, options)
-        missing = sorted(set(plan.activations) - set(state.ranges or {}))
+        missing = sorted(set(plan.activations) - set(ranges or {}))
         if missing:
             raise PipelineError(f"a candidate quantizes {missing[0]}, which has no range")
-        fork = state.fork(model=model, plan=plan, weight_options=options, qparams=None, float_layers=None)
+        fork = state.fork(model=model, plan=plan, weight_options=options, qparams=None, float_layers=None,
+                          ranges=ranges)
         run_pipeline(self.build_passes(), fork)
-        path = self.folder / f"candidate-{len(self.paths) + 1}{state.output_path.suffix}"
+        path = self.folder / f"candidate-{next(self.built)}{state.output_path.suffix}"
         save_atomically(fork.model, path)
-        self.paths[frozenset(assignment.items())] = path
+        if ranges is state.ranges:
+            self.paths[frozenset(assignment.items())] = path
         return fork.model, path
 
     def evaluate(self, assignment: Assignment, label: str) -> Evaluation:
@@ -277,8 +339,10 @@ def _weighted_int8(state: QuantState) -> tuple[int, int]:
     return len(int8), len(weighted)
 
 
-def _verdict(evaluation: Evaluation) -> str:
-    return "satisfied" if evaluation.satisfied else "not satisfied"
+def _row(kept: bool, number: int, label: str, metric: float, evaluation: Evaluation | None = None) -> str:
+    """One line of the search's table: ``*`` marks the candidate kept."""
+    verdict = "" if evaluation is None else f" {'satisfied' if evaluation.satisfied else 'not satisfied'}"
+    return f"    {'*' if kept else ' '} {number:>3}  {label:<28} {metric:<10.6g}{verdict}".rstrip()
 
 
 def _ordinal(n: int) -> str:

@@ -71,6 +71,8 @@ class QuantState:
     held_back_references: list[list[np.ndarray]] = field(default_factory=list)  # ... and their float values
     tuning: list[dict[str, np.ndarray]] = field(default_factory=list)
     ranges: dict[str, tuple[float, float]] | None = None
+    # the range search's other candidates (label -> ranges), best held-back score first: the accuracy search's next
+    range_alternatives: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
     recorded_scales: dict[str, float] = field(default_factory=dict)  # a lowbit calibration table's scales
     qparams: dict[str, Any] | None = None
     float_layers: dict[str, np.ndarray] | None = None  # float weights (and biases) as they were before the rewrite

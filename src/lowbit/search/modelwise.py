@@ -17,11 +17,14 @@ over the calibration data:
   before bias correction, which is then applied to the winner only. Horizon's
   ``per_channel`` and ``asymmetric`` lists multiply the candidates: each method is also
   tried per tensor / per channel and with symmetric / asymmetric activations (a
-  :class:`Scheme`), and the winner's scheme is the job's.
+  :class:`Scheme`), and the winner's scheme is the job's. The other candidates of that scheme,
+  best score first, stay at hand: an accuracy search with the user's evaluator tries them
+  before it moves any node off int8 (:mod:`lowbit.passes.search_precisions`).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +119,8 @@ class SearchReport:
     tuned_tensors: int = 0  # tensors whose range AUTO_TUNE / layer-wise changed
     layerwise_ranges: dict[str, Range] = field(default_factory=dict)  # the layer-wise candidate's per-op choices
     dead_zone_clipped: int = 0  # tensors seen beyond where their readers tell values apart, clipped there
+    # the other candidates of the kept scheme, best score first: what an accuracy search tries next
+    alternatives: dict[str, dict[str, Range]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -184,8 +189,10 @@ def choose_ranges(
     metric = METRICS[options.metric]
     best_mean = rows[metric.best([row.score for row in rows])].label
     kept = rows[choose_candidate(rows, metric)].label
+    alternatives = {row.label: options_by_label[row.label] for row in _best_first(rows, metric)
+                    if row.label != kept and scheme_by_label[row.label] == scheme_by_label[kept]}
     report = SearchReport(options.metric, held_back, kept, rows, best_mean if kept != best_mean else "", tuned, chosen,
-                          len(clipped))
+                          len(clipped), alternatives)
     return options_by_label[kept], scheme_by_label[kept], report
 
 
@@ -222,6 +229,13 @@ def choose_candidate(rows: Sequence[SearchRow], metric: Metric) -> int:
         if -gain.mean() <= TIE_STANDARD_ERRORS * standard_error:
             tied_preferred.append(index)
     return max(tied_preferred, key=lambda index: sign * rows[index].score) if tied_preferred else best
+
+
+def _best_first(rows: Sequence[SearchRow], metric: Metric) -> list[SearchRow]:
+    """The rows by score, best first (NaN last; equal scores keep their order)."""
+    def compare(a: SearchRow, b: SearchRow) -> int:
+        return -1 if metric.better(a.score, b.score) else 1 if metric.better(b.score, a.score) else 0
+    return sorted(rows, key=functools.cmp_to_key(compare))
 
 
 def _auto_tune(model, plan, observers, settings: RangeSettings, tune_num: int,
