@@ -456,7 +456,7 @@ def test_the_evaluator_picks_among_the_range_candidates_before_any_node_moves(tm
     calib = tmp_path / "calib"
     calib.mkdir()
     train = head_inputs(64, 2, seed=0)
-    for i in range(64):  # every 8th is held back from the statistics: keep the large scores out of those
+    for i in range(64):  # every 8th is held back for the range search's scores: there without the large scores
         x = train[i] if i % 8 else np.clip(train[i], -1, 1)
         np.save(calib / f"{i:03d}.npy", x[np.newaxis])
     held_out = head_inputs(40, 10, seed=1)
