@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import run, zoo
+from bench import run, silu, zoo
 
 HERE = Path(__file__).resolve().parent
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -91,8 +91,6 @@ class DetectorScoreError:
         self.reference = None
 
     def eval_model(self, model_file, batch_num):
-        from bench import silu
-
         session = run.quiet_session(Path(model_file))
         scores, _ = silu.scores_and_boxes(np.concatenate([session.run(None, {self.input_name: x[np.newaxis]})[0]
                                                           for x in self.inputs]))
@@ -190,8 +188,6 @@ def ppocr_rec(work: Path) -> dict:
 
 def yolox(work: Path) -> dict:
     """ddddocr's YOLOX character detector (``pip install --no-deps ddddocr``), the data of ``bench/silu.py``."""
-    from bench import silu
-
     work.mkdir(parents=True, exist_ok=True)
     calibration, natural = list(zoo.calibration_images().values()), list(zoo.natural_photos().values())
     held = np.concatenate([silu.ddddocr_input(s) for s in zoo.text_on_photos(natural, 60, 1, True)])

@@ -168,21 +168,21 @@ class SearchPrecisions(Pass):
         the user's metric improves, but the float model's metric is the one every candidate approaches as nodes
         leave int8.
         """
-        closest, gap = planned, abs(report.first.metric - report.original)
+        closest, gap, accepted = planned, abs(report.first.metric - report.original), None
         affordable = state.evaluator.left // 2  # the other half for moving nodes
         for label, ranges in list(state.range_alternatives.items())[:affordable]:
             model, path = candidates.build({}, ranges)
             evaluation = state.evaluator.evaluate(path, f"the ranges of {label}")
             report.range_trials.append(Trial(label, {}, evaluation))
             if evaluation.satisfied:
-                report.ranges_kept, report.stopped = label, f"the ranges of {label} satisfied the evaluator"
-                state.ranges = ranges
-                return model, path
+                closest, accepted, report.ranges_kept = model, path, label
+                report.stopped = f"the ranges of {label} satisfied the evaluator"
+                break
             if abs(evaluation.metric - report.original) < gap:
                 closest, gap, report.ranges_kept = model, abs(evaluation.metric - report.original), label
         if report.ranges_kept:
             state.ranges = state.range_alternatives[report.ranges_kept]
-        return closest, None
+        return closest, accepted
 
     def _rank(self, state: QuantState, quantized: ir.Model, rules, samples: list[dict[str, np.ndarray]]
               ) -> list[str]:
@@ -299,7 +299,8 @@ class _Candidates:
         """The candidate of ``assignment``, with the job's ranges or ``ranges`` (only the former's files are
         remembered by assignment, in ``paths``)."""
         state = self.state
-        ranges = state.ranges if ranges is None else ranges
+        remember = ranges is None
+        ranges = state.ranges if remember else ranges
         options = replace(state.weight_options, precisions=replace(self.rules, nodes=self.node_config(assignment)))
         model = copy_model(self.base_model)
         plan = plan_quantization(model, state.target, options)
@@ -311,7 +312,7 @@ class _Candidates:
         run_pipeline(self.build_passes(), fork)
         path = self.folder / f"candidate-{next(self.built)}{state.output_path.suffix}"
         save_atomically(fork.model, path)
-        if ranges is state.ranges:
+        if remember:
             self.paths[frozenset(assignment.items())] = path
         return fork.model, path
 
