@@ -10,9 +10,12 @@ ONNX files are kept between runs.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -294,51 +297,17 @@ def opencv_digits() -> tuple[np.ndarray, np.ndarray]:
     return cells, labels
 
 
+@functools.cache
 def stdlib_sentences() -> list[str]:
-    """Real English sentences: the first paragraph of the public docstrings of stdlib modules (sorted)."""
-    import argparse
-    import asyncio
-    import collections
-    import csv
-    import datetime
-    import email
-    import functools
-    import http.client
-    import inspect
-    import itertools
-    import json
-    import logging
-    import os
-    import pathlib
-    import re
-    import shutil
-    import socket
-    import string
-    import subprocess
-    import tarfile
-    import textwrap
-    import threading
-    import typing
-    import unittest
-    import urllib.request
-    import zipfile
+    """Real English sentences: the first paragraph of the public docstrings of stdlib modules (sorted).
 
-    modules = (json, os, collections, string, textwrap, pathlib, argparse, re, itertools, inspect, shutil,
-               subprocess, threading, logging, datetime, functools, typing, email, http.client, urllib.request,
-               unittest, csv, zipfile, tarfile, socket, asyncio)
-    import warnings
-
-    sentences = set()
-    for module in modules:
-        with warnings.catch_warnings():  # reading members touches deprecated aliases such as typing.io
-            warnings.simplefilter("ignore", DeprecationWarning)
-            docs = [(name, inspect.getdoc(obj)) for name, obj in inspect.getmembers(module)]
-        for name, doc in docs:
-            if doc and not name.startswith("_"):
-                first = doc.strip().split("\n\n")[0].replace("\n", " ")
-                if 20 < len(first) < 400:
-                    sentences.add(first)
-    return sorted(sentences)
+    Collected by ``bench/sentences.py`` in a fresh interpreter, so that the list (and every text drawn from
+    it) is the same whatever this process imported before: collected here, importing torch dropped one
+    sentence and onnxruntime's shape inference added three, and the bench's scenes changed with them.
+    """
+    script = Path(__file__).resolve().parent / "sentences.py"
+    done = subprocess.run([sys.executable, "-I", str(script)], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
 
 
 def magika_model() -> Path:
