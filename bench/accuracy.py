@@ -119,6 +119,7 @@ def search_row(label: str, result, seconds: float) -> dict:
         row.update(first=accuracy.first.metric, final=accuracy.final.metric, moved=len(accuracy.kept),
                    stopped=accuracy.stopped, ranking_seconds=accuracy.ranking_seconds,
                    ranges_kept=accuracy.ranges_kept,
+                   near_ties=accuracy.near_ties.line().strip() if accuracy.near_ties else None,
                    trials=[(f"ranges of {t.label}", t.evaluation.metric, t.evaluation.satisfied)
                            for t in accuracy.range_trials]
                    + [(t.label, t.evaluation.metric, t.evaluation.satisfied) for t in accuracy.trials])
@@ -240,6 +241,8 @@ def markdown(rows: list[dict]) -> str:
                              + ("the evaluator accepted them with every node as planned" if not row["moved"] else
                                 "of the range search's candidates, its metric came closest to the float model's, "
                                 "and the nodes moved from there"))
+            if row.get("near_ties"):
+                lines.append(f"- {row['near_ties']}")
             for b, ms in row["latency_ms"].items():
                 lines.append(f"- latency batch {b}: float {ms['float']:.2f} ms, int8 {ms['int8']:.2f} ms, "
                              f"searched {ms['searched']:.2f} ms (float time / searched time: "

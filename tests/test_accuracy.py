@@ -22,7 +22,7 @@ import lowbit
 from bench import zoo
 from lowbit.accuracy.climb import climb
 from lowbit.accuracy.evaluator import Evaluation
-from lowbit.accuracy.goals import EvalSamples, GoalEvaluator, parse_goal, read_eval_data
+from lowbit.accuracy.goals import EvalSamples, GoalEvaluator, near_ties, parse_goal, read_eval_data
 from lowbit.accuracy.widths import search_init_scale
 from lowbit.cli import main
 from lowbit.data.feeds import InputSpec
@@ -131,6 +131,22 @@ def test_goal_metrics_equal_the_hand_computed_ones(tmp_path):
     assert drop.eval_model(str(float_path), None) == pytest.approx(2 / 3)  # predictions 0, 1, 0; labels 0, 1, 1
     assert drop.eval_model(str(other_path), None) == pytest.approx(1 / 3)
     assert drop.is_satisfied(2 / 3, 1 / 3) and not drop.is_satisfied(2 / 3, 0.1)
+
+
+def test_near_ties_of_an_agreement_goal_equal_the_hand_computed_ones():
+    # float top-1 margins 2.0, 0.1 and 0.05 (classes 0 over 1, 1 over 2, 0 over 2); the model moves each of those
+    # differences by -0.2, -0.2 and +0.2 (rms 0.2), which flips the second prediction only
+    reference = [np.array([[3.0, 1.0, 0.0], [0.0, 1.0, 0.9]]), np.array([[0.5, 0.0, 0.45]])]
+    outputs = [np.array([[3.0, 1.2, 0.0], [0.0, 0.9, 1.0]]), np.array([[0.5, 0.0, 0.25]])]
+    ties = near_ties(parse_goal("top1-agreement>=0.6", "t"), reference, outputs)
+    assert (ties.predictions, ties.allowed, ties.changed, ties.below) == (3, 1, 1, 2)
+    assert ties.rms_change == pytest.approx(0.2)
+    assert "accepts 1 changed prediction of 3, the planned model changed 1; 2 of" in ties.line()
+    assert "decided by near ties" in ties.line()  # two margins under the change, one change allowed
+    assert near_ties(parse_goal("top1-agreement>=0.9", "t"), reference, outputs).allowed == 0
+    assert near_ties(parse_goal("top1-agreement>0.6", "t"), reference, outputs).allowed == 1
+    assert "decided by" not in near_ties(parse_goal("top1-agreement>=0.3", "t"), reference, outputs).line()
+    assert near_ties(parse_goal("cosine>=0.9", "t"), reference, outputs) is None
 
 
 SPECS = [InputSpec("x", np.dtype(np.float32), (None, 3))]
@@ -264,6 +280,19 @@ def test_target_without_eval_data_scores_held_back_samples(digits, tmp_path):
                              accuracy_target="cosine>=0.99", activation_quant_method="MAX_MIN")
     assert "8 held-back calibration samples" in result.accuracy.evaluator
     assert result.calibration_samples == 56  # every 8th of 64 set aside, even with one range method
+
+
+def test_an_agreement_goal_the_planned_model_misses_says_how_near_the_ties_are(digits, tmp_path):
+    # KL's ranges clip the digit CNN's logits enough to change a few of 300 predictions
+    result = lowbit.quantize(digits["model"], tmp_path / "k.onnx", data=digits["calib"], progress=False,
+                             accuracy_target="top1-agreement>=1.0", eval_data=digits["eval"],
+                             activation_quant_method="KL")
+    search = result.accuracy
+    assert not search.first.satisfied
+    ties = search.near_ties
+    assert ties.predictions == 300 and ties.allowed == 0
+    assert ties.changed == round((1 - search.first.metric) * 300) and ties.below >= ties.changed
+    assert ties.line() in result.summary()
 
 
 def test_weight_quant_mixed_bit_follows_the_evaluator(digits, tmp_path):

@@ -128,19 +128,73 @@ def read_eval_data(path: str | Path, specs: list[InputSpec], needs_labels: bool)
     return EvalSamples(list(batched(samples, specs, BATCH)), labels, f"{path.name} ({count} samples)")
 
 
+@dataclass(frozen=True)
+class NearTies:
+    """How close the float model's predictions are to changing, against how far a quantized model moves them.
+
+    For each prediction (the argmax over the last axis) the float model's top-1 margin is its largest
+    output minus its second; the quantized model changes that same difference by some amount. Where many
+    margins are smaller than the typical (rms) change, which predictions flip is decided by near-ties, and
+    a goal that allows few changes needs outputs much closer to float than the change measured here.
+    """
+
+    predictions: int
+    allowed: int  # the most changed predictions the goal accepts
+    changed: int  # the predictions the quantized model changed
+    rms_change: float  # of the top-1 minus top-2 difference, over every prediction
+    below: int  # float margins smaller than rms_change
+
+    def line(self) -> str:
+        text = (f"  near ties: the goal accepts {self.allowed} changed prediction{'s' if self.allowed != 1 else ''} "
+                f"of {self.predictions}, the planned model changed {self.changed}; {self.below} of the float "
+                f"model's top-1 margins are smaller than the planned model's typical change of them (rms "
+                f"{self.rms_change:.3g})")
+        if self.below > self.allowed:
+            text += ": which predictions flip is decided by near ties, and meeting the goal takes outputs closer " \
+                    "to float than the planned model's"
+        return text
+
+
+def near_ties(goal: Goal, reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> NearTies | None:
+    """:class:`NearTies` of ``outputs`` against the float model's ``reference`` (first outputs, batch by batch),
+    for a top1-agreement goal; None for other goals or outputs with fewer than two classes."""
+    if goal.metric != "top1-agreement" or reference[0].ndim == 0 or reference[0].shape[-1] < 2:
+        return None
+    want = np.concatenate([r.reshape(-1, r.shape[-1]) for r in reference]).astype(np.float64)
+    got = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outputs]).astype(np.float64)
+    rows = np.arange(len(want))
+    order = np.argsort(want, axis=-1)
+    first, second = order[:, -1], order[:, -2]
+    margin = want[rows, first] - want[rows, second]
+    change = (got[rows, first] - got[rows, second]) - margin
+    rms = float(np.sqrt(np.mean(change ** 2)))
+    count = len(want)
+    allowed = max((k for k in range(count + 1) if goal.met(1.0, (count - k) / count)), default=0)
+    return NearTies(count, allowed, int(np.sum(got.argmax(-1) != first)), rms, int(np.sum(margin < rms)))
+
+
 class GoalEvaluator(Evaluator):
     """An :class:`~lowbit.accuracy.evaluator.Evaluator` for a :class:`Goal`, on fixed samples.
 
     The float model's outputs are computed on the first call (the float model is always
-    evaluated first) and kept: cosine and agreement compare with them.
+    evaluated first) and kept: cosine and agreement compare with them. The latest model's
+    outputs are kept too, for :meth:`near_ties`.
     """
 
     def __init__(self, goal: Goal, samples: EvalSamples):
         self.goal, self.samples = goal, samples
         self.reference: list[np.ndarray] | None = None
+        self.latest: list[np.ndarray] | None = None
+
+    def near_ties(self) -> NearTies | None:
+        """The near ties of the model evaluated last (see :class:`NearTies`)."""
+        if self.reference is None or self.latest is None:
+            return None
+        return near_ties(self.goal, self.reference, self.latest)
 
     def eval_model(self, model_file: str, batch_num: int | None) -> float:
         outputs = _first_outputs(model_file, self.samples.feeds)
+        self.latest = outputs
         if self.reference is None:
             self.reference = outputs
         if self.goal.metric == "cosine":

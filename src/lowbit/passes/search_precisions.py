@@ -41,7 +41,7 @@ import onnx_ir as ir
 
 from ..accuracy.climb import Assignment, Trial, climb
 from ..accuracy.evaluator import Evaluation
-from ..accuracy.goals import GoalEvaluator
+from ..accuracy.goals import GoalEvaluator, NearTies
 from ..accuracy.latency import WHY_NOT_FASTER, latencies, latency_line
 from ..analysis.sensitivity import OutputError, ranked_nodes
 from ..analysis.switches import OUTPUT_ROUNDING, switched_model
@@ -73,6 +73,7 @@ class PrecisionSearch:
     range_trials: list[Trial] = field(default_factory=list)  # the range search's other candidates, as planned
     ranges_kept: str = ""  # the one whose ranges the kept model has ("": the range search's own choice)
     trials: list[Trial] = field(default_factory=list)  # nodes moved up the ladder
+    near_ties: NearTies | None = None  # a top1-agreement goal the planned model missed: why it is hard
     kept: Assignment = field(default_factory=dict)  # node -> precision, the fused activations left out
     ranks: dict[str, int] = field(default_factory=dict)  # node -> place in the ranking (1 = most sensitive)
     op_types: dict[str, str] = field(default_factory=dict)
@@ -128,6 +129,8 @@ class SearchPrecisions(Pass):
             report = PrecisionSearch(describe_evaluator(evaluator), ladder, evaluator.original,
                                      evaluator.evaluate(first_path, "as planned"))
             report.stopped = "the planned model satisfied the evaluator"
+            if not report.first.satisfied and isinstance(evaluator.evaluator, GoalEvaluator):
+                report.near_ties = evaluator.evaluator.near_ties()
             kept_path = first_path
             if not report.first.satisfied:
                 first_model, kept_path = self._try_other_ranges(state, candidates, report, first_model)
@@ -215,6 +218,8 @@ class SearchPrecisions(Pass):
         for i, trial in enumerate(report.trials, start=3 + len(report.range_trials)):
             lines.append(_row(trial.assignment == report.kept, i, trial.label, trial.evaluation.metric,
                               trial.evaluation))
+        if report.near_ties is not None:
+            lines.append(report.near_ties.line())
         if report.ranges_kept and not report.kept:
             lines.append(f"  kept the ranges of {report.ranges_kept}, every node as planned, after "
                          f"{report.evaluations} evaluations (the range search had kept another: see above)")
