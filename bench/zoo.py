@@ -297,7 +297,6 @@ def opencv_digits() -> tuple[np.ndarray, np.ndarray]:
     return cells, labels
 
 
-@functools.cache
 def stdlib_sentences() -> list[str]:
     """Real English sentences: the first paragraph of the public docstrings of stdlib modules (sorted).
 
@@ -305,9 +304,14 @@ def stdlib_sentences() -> list[str]:
     it) is the same whatever this process imported before: collected here, importing torch dropped one
     sentence and onnxruntime's shape inference added three, and the bench's scenes changed with them.
     """
+    return list(_sentences_of_a_fresh_interpreter())
+
+
+@functools.cache
+def _sentences_of_a_fresh_interpreter() -> tuple[str, ...]:
     script = Path(__file__).resolve().parent / "sentences.py"
     done = subprocess.run([sys.executable, "-I", str(script)], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
+    return tuple(json.loads(done.stdout))
 
 
 def magika_model() -> Path:

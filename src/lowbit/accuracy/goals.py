@@ -158,10 +158,12 @@ class NearTies:
 def near_ties(goal: Goal, reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> NearTies | None:
     """:class:`NearTies` of ``outputs`` against the float model's ``reference`` (first outputs, batch by batch),
     for a top1-agreement goal; None for other goals or outputs with fewer than two classes."""
-    if goal.metric != "top1-agreement" or reference[0].ndim == 0 or reference[0].shape[-1] < 2:
+    if goal.metric != "top1-agreement" or not reference or reference[0].ndim == 0 or reference[0].shape[-1] < 2:
         return None
     want = np.concatenate([r.reshape(-1, r.shape[-1]) for r in reference]).astype(np.float64)
     got = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outputs]).astype(np.float64)
+    if not len(want):
+        return None
     rows = np.arange(len(want))
     order = np.argsort(want, axis=-1)
     first, second = order[:, -1], order[:, -2]
