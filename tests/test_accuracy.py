@@ -147,6 +147,9 @@ def test_near_ties_of_an_agreement_goal_equal_the_hand_computed_ones():
     assert near_ties(parse_goal("top1-agreement>0.6", "t"), reference, outputs).allowed == 1
     assert "decided by" not in near_ties(parse_goal("top1-agreement>=0.3", "t"), reference, outputs).line()
     assert near_ties(parse_goal("cosine>=0.9", "t"), reference, outputs) is None
+    drop = near_ties(parse_goal("accuracy-drop<0.5", "t"), reference, outputs)  # 1 of 3 lost is a drop of 1/3
+    assert (drop.allowed, drop.changed, drop.below) == (1, 1, 2)
+    assert "accepts 1 lost correct prediction of 3" in drop.line()
 
 
 SPECS = [InputSpec("x", np.dtype(np.float32), (None, 3))]

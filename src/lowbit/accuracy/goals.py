@@ -139,14 +139,16 @@ class NearTies:
     """
 
     predictions: int
-    allowed: int  # the most changed predictions the goal accepts
+    allowed: int  # the most changed predictions the goal accepts (accuracy-drop: the most lost)
     changed: int  # the predictions the quantized model changed
     rms_change: float  # of the top-1 minus top-2 difference, over every prediction
     below: int  # float margins smaller than rms_change
+    counts: str = "changed"  # what the goal counts: changed predictions, or (accuracy-drop) lost correct ones
 
     def line(self) -> str:
-        text = (f"  near ties: the goal accepts {self.allowed} changed prediction{'s' if self.allowed != 1 else ''} "
-                f"of {self.predictions}, the planned model changed {self.changed}; {self.below} of the float "
+        plural = "s" if self.allowed != 1 else ""
+        text = (f"  near ties: the goal accepts {self.allowed} {self.counts} prediction{plural} of "
+                f"{self.predictions}, the planned model changed {self.changed}; {self.below} of the float "
                 f"model's top-1 margins are smaller than the planned model's typical change of them (rms "
                 f"{self.rms_change:.3g})")
         if self.below > self.allowed:
@@ -157,8 +159,9 @@ class NearTies:
 
 def near_ties(goal: Goal, reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> NearTies | None:
     """:class:`NearTies` of ``outputs`` against the float model's ``reference`` (first outputs, batch by batch),
-    for a top1-agreement goal; None for other goals or outputs with fewer than two classes."""
-    if goal.metric != "top1-agreement" or not reference or reference[0].ndim == 0 or reference[0].shape[-1] < 2:
+    for a top1-agreement or accuracy-drop goal (both count predictions); None for cosine goals or outputs with
+    fewer than two classes."""
+    if goal.metric == "cosine" or not reference or reference[0].ndim == 0 or reference[0].shape[-1] < 2:
         return None
     want = np.concatenate([r.reshape(-1, r.shape[-1]) for r in reference]).astype(np.float64)
     got = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outputs]).astype(np.float64)
@@ -172,7 +175,8 @@ def near_ties(goal: Goal, reference: Sequence[np.ndarray], outputs: Sequence[np.
     rms = float(np.sqrt(np.mean(change ** 2)))
     count = len(want)
     allowed = max((k for k in range(count + 1) if goal.met(1.0, (count - k) / count)), default=0)
-    return NearTies(count, allowed, int(np.sum(got.argmax(-1) != first)), rms, int(np.sum(margin < rms)))
+    return NearTies(count, allowed, int(np.sum(got.argmax(-1) != first)), rms, int(np.sum(margin < rms)),
+                    "lost correct" if goal.needs_labels else "changed")
 
 
 class GoalEvaluator(Evaluator):

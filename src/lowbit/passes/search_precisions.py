@@ -73,7 +73,7 @@ class PrecisionSearch:
     range_trials: list[Trial] = field(default_factory=list)  # the range search's other candidates, as planned
     ranges_kept: str = ""  # the one whose ranges the kept model has ("": the range search's own choice)
     trials: list[Trial] = field(default_factory=list)  # nodes moved up the ladder
-    near_ties: NearTies | None = None  # a top1-agreement goal the planned model missed: why it is hard
+    near_ties: NearTies | None = None  # an agreement or accuracy-drop goal the planned model missed: how near
     kept: Assignment = field(default_factory=dict)  # node -> precision, the fused activations left out
     ranks: dict[str, int] = field(default_factory=dict)  # node -> place in the ranking (1 = most sensitive)
     op_types: dict[str, str] = field(default_factory=dict)
