@@ -165,15 +165,15 @@ def near_ties(goal: Goal, reference: Sequence[np.ndarray], outputs: Sequence[np.
         return None
     want = np.concatenate([r.reshape(-1, r.shape[-1]) for r in reference]).astype(np.float64)
     got = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outputs]).astype(np.float64)
-    if not len(want):
+    count = len(want)
+    if not count:
         return None
-    rows = np.arange(len(want))
+    rows = np.arange(count)
     order = np.argsort(want, axis=-1)
     first, second = order[:, -1], order[:, -2]
     margin = want[rows, first] - want[rows, second]
     change = (got[rows, first] - got[rows, second]) - margin
     rms = float(np.sqrt(np.mean(change ** 2)))
-    count = len(want)
     allowed = max((k for k in range(count + 1) if goal.met(1.0, (count - k) / count)), default=0)
     return NearTies(count, allowed, int(np.sum(got.argmax(-1) != first)), rms, int(np.sum(margin < rms)),
                     "lost correct" if goal.needs_labels else "changed")
