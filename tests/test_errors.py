@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import conv_relu_pool_model, random_feeds, save, write_npy_folder
+from onnx import helper, numpy_helper
 
 import lowbit
 from lowbit.cli import main
@@ -68,6 +69,31 @@ def test_a_weight_of_a_type_its_op_does_not_take(tmp_path, capsys, out, tiny_cal
     broken = save(model, tmp_path / "typed.onnx")
     code, err = quantize_cli(capsys, broken, "-o", out, "--data", tiny_calib)
     check(code, err, out, broken, "ONNX Runtime cannot run the model")
+
+
+def test_a_model_lowbit_already_quantized(tmp_path, capsys, out, tiny_model, tiny_calib):
+    int8 = tmp_path / "int8.onnx"
+    lowbit.quantize(tiny_model, int8, data=tiny_calib, progress=False)
+    code, err = quantize_cli(capsys, int8, "-o", out, "--data", tiny_calib)
+    check(code, err, out, int8, "is already quantized (", "QuantizeLinear", "give it the float model")
+    for mode in ("WEIGHT_QUANT", "DYNAMIC_QUANT"):
+        with pytest.raises(lowbit.LowbitError, match="already quantized"):
+            lowbit.quantize(int8, out, quant_type=mode, progress=False)
+    assert not out.exists()
+
+
+def test_a_model_in_operator_form(tmp_path, capsys, out, tiny_calib):
+    """onnxruntime's dynamic quantization and QOperator formats: integer ops, no Q/DQ pairs."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 4, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [1, 2, 4, 4])
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("ConvInteger", ["xq", "w", "xz"], ["y"])]
+    weight = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.uint8), "w")
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [weight]),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    path = save(model, tmp_path / "dynamic.onnx")
+    code, err = quantize_cli(capsys, path, "-o", out, "--data", tiny_calib)
+    check(code, err, out, path, "(ConvInteger 1, DynamicQuantizeLinear 1)")
 
 
 def test_missing_model(tmp_path, capsys, out, tiny_calib):
