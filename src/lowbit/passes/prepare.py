@@ -1,14 +1,16 @@
 """Load the float model and prepare its graph as runtimes execute it.
 
-Reads: the model file. Sets: the prepared model, its size, its inputs, the calibration
-data and the data engine. The graph rules (naming, constant folding, BatchNormalization
-and pad folding, HardSwish fusion) are :func:`lowbit.graph.passes.prepare`'s; a graph
-that they or shape inference reject is a one-line error.
+Reads: the model file (a float model: one already quantized is refused). Sets: the prepared
+model, its size, its inputs, the calibration data and the data engine. The graph rules
+(naming, constant folding, BatchNormalization and pad folding, HardSwish fusion) are
+:func:`lowbit.graph.passes.prepare`'s; a graph that they or shape inference reject is a
+one-line error.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import onnx_ir as ir
 
@@ -55,7 +57,7 @@ class Prepare(Pass):
                        "for the workers to read")
 
 
-def refuse_quantized(model: ir.Model, path) -> None:
+def refuse_quantized(model: ir.Model, path: str | Path) -> None:
     """A one-line error for a model that is already quantized: quantizing it again stacks a second rounding on
     the first and leaves the old integer ops in float between new Q/DQ pairs (slower and less accurate), which
     no user means to do; the usual cause is passing the output of an earlier run instead of the float model."""
