@@ -302,7 +302,8 @@ def stdlib_sentences() -> list[str]:
 
     Collected by ``bench/sentences.py`` in a fresh interpreter, so that the list (and every text drawn from
     it) is the same whatever this process imported before: collected here, importing torch dropped one
-    sentence and onnxruntime's shape inference added three, and the bench's scenes changed with them.
+    sentence (it replaces ``inspect.getfile``), each submodule a package gained added its own, and the
+    bench's scenes changed with them.
     """
     return list(_sentences_of_a_fresh_interpreter())
 
