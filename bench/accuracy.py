@@ -94,10 +94,9 @@ class DetectorScoreError:
         session = run.quiet_session(Path(model_file))
         scores, _ = silu.scores_and_boxes(np.concatenate([session.run(None, {self.input_name: x[np.newaxis]})[0]
                                                           for x in self.inputs]))
-        best = scores.max(-1)
         if self.reference is None:
-            self.reference = best
-        return float(np.abs(best - self.reference)[self.reference > 0.1].mean())
+            self.reference = scores
+        return silu.score_error(self.reference, scores)
 
     def is_satisfied(self, original_metric, new_metric):
         return new_metric <= self.most

@@ -99,15 +99,21 @@ def scores_and_boxes(output: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return output[..., 4:5] * output[..., 5:], output[..., :4]  # YOLOX: (N, anchors, box + objectness + class)
 
 
+def score_error(reference_scores: np.ndarray, scores: np.ndarray) -> float:
+    """The mean absolute change of each anchor's best score, over the anchors whose float best score is above 0.1
+    (the candidate detections)."""
+    best_reference, best = reference_scores.max(-1), scores.max(-1)
+    return float(np.abs(best_reference - best)[best_reference > 0.1].mean())
+
+
 def detection_figures(reference: list[np.ndarray], got: list[np.ndarray]) -> dict[str, str]:
     reference, got = np.concatenate(reference), np.concatenate(got)
     ref_scores, ref_boxes = scores_and_boxes(reference)
     scores, boxes = scores_and_boxes(got)
     found, kept = ref_scores.max(-1) > 0.25, scores.max(-1) > 0.25
-    candidates = ref_scores.max(-1) > 0.1
     return {"cosine": f"{np.mean([zoo.cosine(a, b) for a, b in zip(reference, got)]):.5f}",
             "score cosine": f"{zoo.cosine(ref_scores, scores):.4f}",
-            "score error": f"{np.abs(ref_scores.max(-1) - scores.max(-1))[candidates].mean():.4f}",
+            "score error": f"{score_error(ref_scores, scores):.4f}",
             "box error (px)": f"{np.abs(ref_boxes - boxes).mean():.3f}",
             "recall > 0.25": f"{(found & kept).sum() / max(found.sum(), 1):.3f}",
             "precision > 0.25": f"{(found & kept).sum() / max(kept.sum(), 1):.3f}"}
