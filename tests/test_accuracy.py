@@ -440,6 +440,44 @@ def test_the_ladder_of_each_target(digits, tmp_path, target_device, rung):
     onnx.checker.check_model(str(out), full_check=True)
 
 
+def test_a_w4a8_search_moves_weights_to_int8_before_any_node_floats(digits, tmp_path):
+    """The digit CNN at W4A8: 1 - cosine 5.5e-4 on the 300 digits (W8A8: 1.4e-5); a goal of half W4A8's is met
+    with two of five weights back at 8 bits (measured: 2.6e-4 after 10 evaluations), every node still integer,
+    and the rerun from the JSON is the same."""
+    reference = logits(digits["model"], digits["x"])
+    plain = tmp_path / "w4a8.onnx"
+    lowbit.quantize(digits["model"], plain, data=digits["calib"], progress=False, weight_bit_num=4)
+    evaluator = OutputError(digits["x"], reference, mean_error(logits(plain, digits["x"]), reference) / 2)
+    out = tmp_path / "searched.onnx"
+    result = lowbit.quantize(digits["model"], out, data=digits["calib"], progress=False, evaluator=evaluator,
+                             weight_bit_num=4, max_evaluations=12)
+    search = result.accuracy
+    assert search.ladder == ("int4", "int8", "float32") and search.trials[0].label == "every node int8"
+    assert search.final.satisfied and mean_error(logits(out, digits["x"]), reference) <= evaluator.most
+    assert set(search.kept.values()) == {"int8"} and not result.float_nodes
+    weights = {name: onnx.TensorProto.DataType.Name(tensor.data_type)
+               for name, tensor in _dequantized_weights(out).items()}
+    assert {name for name, kind in weights.items() if kind == "INT8"} == set(search.kept)
+    assert 0 < search.int4_weights == list(weights.values()).count("INT4")
+    assert f"({search.int4_weights} with int4 weights)" in result.summary()
+    document = json.loads(result.quant_config_path.read_text())
+    assert document["lowbit"]["weight_bit_num"] == 4
+    assert {name for name, entry in document["node_config"].items() if entry["qtype"] == "int8"} == set(search.kept)
+    again = tmp_path / "again.onnx"
+    lowbit.quantize(digits["model"], again, config=result.quant_config_path, data=digits["calib"], progress=False)
+    assert again.read_bytes() == out.read_bytes()
+
+
+def _dequantized_weights(path: Path) -> dict[str, onnx.TensorProto]:
+    """The stored integers of each Conv / Gemm / MatMul weight, by node name."""
+    model = onnx.load(str(path))
+    made_by = {out: node for node in model.graph.node for out in node.output}
+    stored = {tensor.name: tensor for tensor in model.graph.initializer}
+    return {node.name: stored[made_by[node.input[1]].input[0]] for node in model.graph.node
+            if node.op_type in ("Conv", "Gemm", "MatMul") and node.input[1] in made_by
+            and made_by[node.input[1]].op_type == "DequantizeLinear" and made_by[node.input[1]].input[0] in stored}
+
+
 # -- the range search's other candidates, judged by the evaluator ------------------------------
 
 
@@ -522,3 +560,18 @@ def test_the_evaluator_picks_among_the_range_candidates_before_any_node_moves(tm
     pinned = lowbit.quantize(model, tmp_path / "pinned.onnx", data=calib, progress=False,
                              evaluator=ScoreError(held_out, 0.2), activation_quant_method="MSE")
     assert pinned.accuracy.range_trials == [] and pinned.accuracy.kept == {"head": "float32"}
+
+
+def test_climb_moves_only_the_nodes_a_rung_changes():
+    """int4 -> int8 changes the nodes with int4 weights (a, c) only; the others first climb to float32."""
+    ranking = ["a", "b", "c", "d"]
+
+    def verdict(moved):  # c needs its 8-bit weights, d (no int4 weight) float32
+        return moved.get("c") in ("int8", "float32") and moved.get("d") == "float32"
+    evaluate, calls = fake(verdict)
+    outcome = climb(ranking, ("int4", "int8", "float32"), evaluate, lambda: 20 - len(calls),
+                    moves=lambda name, rung: rung != "int8" or name in ("a", "c"))
+    assert calls[0] == {"a": "int8", "c": "int8"}  # every int4 node at int8: not enough
+    assert calls[1] == dict.fromkeys("abcd", "float32")
+    assert outcome.kept == {"a": "int8", "c": "int8", "d": "float32"} or outcome.kept == {"c": "int8", "d": "float32"}
+    assert verdict(outcome.kept)

@@ -1,4 +1,5 @@
-"""Which nodes leave int8, and for which precision: the least that satisfies the evaluator.
+"""Which nodes leave their planned precision (int8; int4 weights with weight_bit_num=4), and for which
+precision: the least that satisfies the evaluator.
 
 The nodes come ranked, most sensitive first (by the cheap proxy of :mod:`lowbit.analysis`:
 how much leaving each one float lowers the output error). A candidate is the first ``k``
@@ -15,6 +16,9 @@ of the ranking one rung up the precision ladder, the rest where they were; the e
    first, are tried back at the floor; a group that breaks the goal is split in halves,
    and each half tried again (adaptive group testing), while evaluations are left.
 
+A rung that changes only some nodes (int8 after int4: the nodes with int4 weights) ranks
+only those; the others climb on the rungs after it.
+
 Every evaluation counts against ``max_evaluations``; when it runs out, the best passing
 candidate so far is kept (none: nothing is written).
 """
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 
 from .evaluator import Evaluation
 
-Assignment = dict[str, str]  # node name -> precision; a node not named stays int8
+Assignment = dict[str, str]  # node name -> precision; a node not named stays as planned
 
 
 @dataclass(frozen=True)
@@ -47,9 +51,11 @@ class Climb:
 Evaluate = Callable[[Assignment, str], Evaluation]
 
 
-def climb(ranking: Sequence[str], ladder: Sequence[str], evaluate: Evaluate, evaluations_left: Callable[[], int]
-          ) -> Climb:
-    """Search as the module docstring says; the all-int8 candidate has been evaluated (and failed) before."""
+def climb(ranking: Sequence[str], ladder: Sequence[str], evaluate: Evaluate, evaluations_left: Callable[[], int],
+          moves: Callable[[str, str], bool] = lambda node, rung: True) -> Climb:
+    """Search as the module docstring says; the planned candidate (every node on ``ladder[0]``) has been evaluated
+    (and failed) before. ``moves(node, rung)``: whether the rung changes the node (int8 changes only the nodes
+    whose weights the plan made int4); the others keep their place on that rung."""
     trials: list[Trial] = []
 
     def attempt(assignment: Assignment, label: str) -> bool | None:
@@ -62,23 +68,27 @@ def climb(ranking: Sequence[str], ladder: Sequence[str], evaluate: Evaluate, eva
 
     floor: Assignment = {}
     for rung in ladder[1:]:
-        def prefix(k: int, rung: str = rung, floor: Assignment = floor) -> Assignment:
-            return {**floor, **{name: rung for name in ranking[:k]}}
+        moving = [name for name in ranking if moves(name, rung)]
+        if not moving:
+            continue
 
-        verdict = attempt(prefix(len(ranking)), f"every node {rung}")
+        def prefix(k: int, rung: str = rung, floor: Assignment = floor, moving: list[str] = moving) -> Assignment:
+            return {**floor, **{name: rung for name in moving[:k]}}
+
+        verdict = attempt(prefix(len(moving)), f"every node {rung}")
         if verdict is None:
             return Climb(None, trials, "max_evaluations reached before any candidate met the goal")
         if not verdict:
-            floor = prefix(len(ranking))
+            floor = prefix(len(moving))
             continue
-        low, high = 0, len(ranking)
+        low, high = 0, len(moving)
         while high - low > 1:
             middle = (low + high) // 2
             verdict = attempt(prefix(middle), f"first {middle} {rung}")
             if verdict is None:
                 break
             low, high = (low, middle) if verdict else (middle, high)
-        kept, stopped = _move_back(prefix(high), list(ranking[:high]), floor, attempt)
+        kept, stopped = _move_back(prefix(high), moving[:high], floor, attempt)
         return Climb(kept, trials, stopped)
     return Climb(None, trials, f"not met even with every node {ladder[-1]}")
 

@@ -129,11 +129,13 @@ FIELDS: tuple[Field, ...] = (
           "FULL_QUANT: quantize the model's outputs too, in int8 or int16 (Horizon's model_output_type); "
           "unset = outputs stay float", choices=("int8", "int16"), extension=True),
     Field(COMMON, "op_config", Kind.OP_PRECISIONS, None,
-          "FULL_QUANT: precision per op type: int8, int16, float16 or float32 (Horizon's op_config); "
+          "FULL_QUANT: precision per op type: int8, int16, float16 or float32 (Horizon's op_config), or int4 "
+          "(lowbit: int4 weights of Conv/ConvTranspose/Gemm/MatMul under 8-bit activations, CPU target); "
           "wins over all_node_type", extension=True),
     Field(COMMON, "node_config", Kind.NODE_PRECISIONS, None,
           "FULL_QUANT: precision per node, of all its inputs (name:qtype) or of input 0 or 1 "
-          "(name[1]:qtype; also ec, error compensation); wins over op_config (Horizon's node_config)",
+          "(name[1]:qtype; also ec, error compensation, and int4 for a weight); wins over op_config (Horizon's "
+          "node_config); with weight_bit_num=4, int8 keeps a node's weight at 8 bits",
           extension=True),
     Field(COMMON, "evaluator", Kind.STR, None,
           "quantize until your metric is met: path/to/file.py:ClassName or module:ClassName, a class with "
@@ -154,9 +156,11 @@ FIELDS: tuple[Field, ...] = (
           "evaluator / accuracy_target: at most this many calls of eval_model, the float model's included",
           low=2, high=10000, extension=True),
     Field(COMMON, "precision_ladder", Kind.ENUM, None,
-          "FULL_QUANT with an evaluator: the precisions a node climbs, from int8; unset = the target's: CPU "
-          "int8,float32 (ONNX Runtime runs int16 slower than float32), DSP int8,int16,float32, NVGPU "
-          "int8,float16,float32", choices=("int8", "int16", "float16", "float32"), many=True, extension=True),
+          "FULL_QUANT with an evaluator: the precisions a node climbs, from int8 (int4 with weight_bit_num=4: "
+          "a weighted node's weight goes to int8 first); unset = the target's: CPU int8,float32 (ONNX Runtime "
+          "runs int16 slower than float32; int4,int8,float32 with weight_bit_num=4), DSP int8,int16,float32, "
+          "NVGPU int8,float16,float32", choices=("int4", "int8", "int16", "float16", "float32"), many=True,
+          extension=True),
     Field(COMMON, "workers", Kind.INT, None,
           "run the data passes and the candidate scoring on a local Ray with this many worker CPUs "
           "(needs lowbit[ray]); unset = one process", low=1, high=4096, extension=True),

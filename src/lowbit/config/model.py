@@ -319,6 +319,7 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
     if weight_bits == 4 and settings["target_device"].value not in (None, "CPU"):
         raise LowbitError(f"{where('weight_bit_num')}: weight_bit_num=4: int4 weights are written for ONNX Runtime "
                           f"(target_device CPU); {settings['target_device'].value} takes 8-bit weights")
+    _check_int4_precisions(settings, where)
     if settings["max_num_bin"].value < max(settings["num_bin"].value):
         raise LowbitError(f"{where('max_num_bin')}: max_num_bin={settings['max_num_bin'].value} is below "
                           f"num_bin={max(settings['num_bin'].value)} ({where('num_bin')}); "
@@ -333,6 +334,20 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
         raise LowbitError(
             f"{where('per_channel')}: per_channel=true: target_device=DSP quantizes weights per tensor "
             "(SNPE/Hexagon); set per_channel=false or choose another target_device")
+
+
+def _check_int4_precisions(settings: dict[str, Setting], where) -> None:
+    """int4 in op_config / node_config: weights for ONNX Runtime CPU, not with weight_levels on the same entry."""
+    for key in ("op_config", "node_config"):
+        for name, entry in (settings[key].value or {}).items():
+            if "int4" not in (entry.qtype, *entry.inputs.values()):
+                continue
+            if settings["target_device"].value not in (None, "CPU"):
+                raise LowbitError(f"{entry.where}: int4 weights are written for ONNX Runtime (target_device CPU); "
+                                  f"{settings['target_device'].value} takes 8-bit weights")
+            if entry.weight_levels is not None:
+                raise LowbitError(f"{entry.where}: int4 and weight_levels on '{name}': int4 weights have 15 levels; "
+                                  "choose one of the two")
 
 
 def _check_accuracy(settings: dict[str, Setting], where) -> None:
@@ -366,9 +381,12 @@ def _check_accuracy(settings: dict[str, Setting], where) -> None:
     if settings["quant_type"].value != "FULL_QUANT":
         raise LowbitError(f"{where('precision_ladder')}: precision_ladder applies to quant_type=FULL_QUANT")
     order = FIELDS_BY_KEY["precision_ladder"].choices
-    if ladder[0] != "int8" or len(ladder) < 2 or list(ladder) != sorted(ladder, key=order.index):
-        raise LowbitError(f"{where('precision_ladder')}: precision_ladder={','.join(ladder)}: it starts at int8 and "
-                          "climbs, in the order " + ",".join(order) + " (e.g. int8,int16,float32)")
+    start = "int4" if settings["weight_bit_num"].value == 4 else "int8"
+    if ladder[0] != start or len(ladder) < 2 or list(ladder) != sorted(ladder, key=order.index):
+        raise LowbitError(f"{where('precision_ladder')}: precision_ladder={','.join(ladder)}: it starts at {start} "
+                          "(where the plan puts the nodes" + (", weight_bit_num=4" if start == "int4" else "")
+                          + ") and climbs, in the order " + ",".join(order)
+                          + (" (e.g. int4,int8,float32)" if start == "int4" else " (e.g. int8,int16,float32)"))
     if settings["target_device"].value == "NVGPU" and "int16" in ladder:
         raise LowbitError(f"{where('precision_ladder')}: TensorRT (target_device=NVGPU) has no int16; "
                           "use int8,float16,float32")

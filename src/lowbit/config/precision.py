@@ -6,6 +6,10 @@ them (which wins over ``qtype``). lowbit reads the same settings from the Horizo
 the Python API (the same dicts) and from a MindSpore-style INI, where they are written
 ``name:qtype`` and ``name[1]:qtype`` (input 1), separated by commas.
 
+lowbit adds ``int4`` to Horizon's precisions: a Conv / ConvTranspose / Gemm / MatMul whose
+constant weight is stored as int4 (levels -7..7, opset 21) under 8-bit activations, per node
+or per op type; with ``weight_bit_num=4``, ``int8`` on a node keeps its weight at 8 bits.
+
 This module only parses and checks the values; which node ends up with which precision
 (priority, target rules, fall-backs) is :mod:`lowbit.quantizers.precision`'s job, since it
 needs the model.
@@ -20,8 +24,8 @@ from typing import Any
 from ..errors import LowbitError, did_you_mean
 from ..quantizers.levels import LEVEL_COUNTS
 
-INT8, INT16, FLOAT16, FLOAT32, EC = "int8", "int16", "float16", "float32", "ec"
-QTYPES = (INT8, INT16, FLOAT16, FLOAT32)
+INT4, INT8, INT16, FLOAT16, FLOAT32, EC = "int4", "int8", "int16", "float16", "float32", "ec"
+QTYPES = (INT4, INT8, INT16, FLOAT16, FLOAT32)
 INPUT_QTYPES = (*QTYPES, EC)
 INPUT_KEYS = ("input0", "input1")
 LEVELS_KEY = "weight_levels"  # lowbit's key in an entry: the node's (op type's) non-uniform weight levels

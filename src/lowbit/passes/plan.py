@@ -24,9 +24,9 @@ PER_TOKEN_OPSET = 13  # QuantizeLinear quantizes along an axis (per-token scales
 
 class PlanFull(Pass):
     """int8 weights and activations on the target's int8 ops (quantizers/plan.py), and the precisions
-    that op_config / node_config / all_node_type ask for (quantizers/precision.py).
+    that op_config / node_config / all_node_type / weight_bit_num ask for (quantizers/precision.py).
 
-    int16 Q/DQ needs opset 21, reached with onnx's converter before planning; a model it
+    int4 weights and int16 Q/DQ need opset 21, reached with onnx's converter before planning; a model it
     cannot convert stays int8 where int16 was asked, and the summary says so.
     """
 
@@ -42,13 +42,13 @@ class PlanFull(Pass):
         state.target_name = config.target
         rules = PrecisionRules.from_config(config, config.target)
         rules.check(state.model.graph)
-        if config.weight_bit_num == 4:
+        if rules.asks_int4:
             upgraded = with_opset(state.model, INT4_OPSET)
             if upgraded is None:
-                raise LowbitError(f"{config.source('weight_bit_num')}: int4 weights need opset {INT4_OPSET} "
-                                  "(DequantizeLinear reads int4 from there on), and onnx's converter could not take "
-                                  "the model there")
-            state.model, state.target = upgraded, state.target.with_int4_weights()
+                where = config.source("weight_bit_num" if config.weight_bit_num == 4 else "node_config")
+                raise LowbitError(f"{where}: int4 weights need opset {INT4_OPSET} (DequantizeLinear reads int4 from "
+                                  "there on), and onnx's converter could not take the model there")
+            state.model = upgraded
         if rules.asks_int16 and state.model.opset_imports.get("", 1) < INT4_OPSET:
             upgraded = with_opset(state.model, INT4_OPSET)
             if upgraded is not None:

@@ -6,7 +6,8 @@ rounding, bias correction) on a fork of the state, and written to a temporary fi
 the evaluator reads; so the model kept is exactly one the evaluator accepted. The steps:
 
 1. the float model, then the planned model (int8 where the configuration says nothing
-   else) are evaluated; if the evaluator is satisfied, nothing moves;
+   else; int4 weights with weight_bit_num=4) are evaluated; if the evaluator is satisfied,
+   nothing moves;
 2. the range search's other candidates (same scheme), best held-back score first, each
    with every node as planned: the range search judges the whole output by
    ``search_metric``, the evaluator by what the user cares about (a detector's scores
@@ -45,7 +46,7 @@ from ..accuracy.goals import GoalEvaluator, NearTies
 from ..accuracy.latency import WHY_NOT_FASTER, latencies, latency_line
 from ..analysis.sensitivity import OutputError, ranked_nodes
 from ..analysis.switches import OUTPUT_ROUNDING, switched_model
-from ..config.precision import FLOAT16, FLOAT32, INT8, INT16, NodePrecision
+from ..config.precision import FLOAT16, FLOAT32, INT4, INT8, INT16, NodePrecision
 from ..data.feeds import batched
 from ..errors import LowbitError
 from ..graph.loading import copy_model, with_opset
@@ -60,6 +61,7 @@ from .evaluate import candidate_folder, describe_evaluator, evaluate_float_model
 from .plan import INT4_OPSET
 
 LADDERS = {"CPU": (INT8, FLOAT32), "DSP": (INT8, INT16, FLOAT32), "NVGPU": (INT8, FLOAT16, FLOAT32)}
+INT4_LADDER = (INT4, INT8, FLOAT32)  # weight_bit_num=4 (ONNX Runtime CPU): a weight goes to int8 before the node floats
 RANKING_SAMPLES = 16  # calibration samples the sensitivity ranking runs on
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -80,7 +82,8 @@ class PrecisionSearch:
     stopped: str = ""
     ranking_seconds: float = 0.0
     node_config: dict[str, NodePrecision] = field(default_factory=dict)  # the user's and the search's
-    weighted: tuple[int, int] = (0, 0)  # weighted nodes int8, weighted nodes
+    weighted: tuple[int, int] = (0, 0)  # weighted nodes int8 (int4 weights included), weighted nodes
+    int4_weights: int = 0  # of those, the nodes whose weights are int4
     latency_ms: tuple[float, float] | None = None  # float model, kept model (ONNX Runtime CPU, one sample)
 
     @property
@@ -139,7 +142,9 @@ class SearchPrecisions(Pass):
                 ranking = self._rank(state, first_model, rules, samples)
                 report.ranking_seconds = time.perf_counter() - start
                 report.ranks = {name: i + 1 for i, name in enumerate(ranking)}
-                outcome = climb(ranking, ladder, candidates.evaluate, lambda: evaluator.left)
+                int4_nodes = {slot.node.name for slot in state.plan.weights if slot.scheme.qtype.bits == 4}
+                outcome = climb(ranking, ladder, candidates.evaluate, lambda: evaluator.left,
+                                moves=lambda name, rung: rung != INT8 or ladder[0] != INT4 or name in int4_nodes)
                 report.trials, report.stopped = outcome.trials, outcome.stopped
                 if outcome.kept is None:
                     raise LowbitError(self._failure(report, evaluator.history))
@@ -156,6 +161,7 @@ class SearchPrecisions(Pass):
             for message in state.plan.notes:
                 state.note(message)
         report.weighted = _weighted_int8(state)
+        report.int4_weights = sum(slot.scheme.qtype.bits == 4 for slot in state.plan.weights)
         state.accuracy = report
         return report
 
@@ -189,7 +195,7 @@ class SearchPrecisions(Pass):
 
     def _rank(self, state: QuantState, quantized: ir.Model, rules, samples: list[dict[str, np.ndarray]]
               ) -> list[str]:
-        """The movable nodes, most sensitive first, from the switched form of the all-int8 candidate."""
+        """The movable nodes, most sensitive first, from the switched form of the planned candidate."""
         batches = list(batched(samples, state.specs, 8))
         outputs = [v.name for v in state.model.graph.outputs if is_float32(v)]
         switched = switched_model(typed(copy_model(quantized)), state.model)
@@ -238,7 +244,8 @@ class SearchPrecisions(Pass):
                              f"{_ordinal(report.ranks.get(name, 0))} by sensitivity")
         int8, weighted = report.weighted
         if weighted:
-            lines.append(f"  weighted nodes (Conv, Gemm, MatMul) in int8: {int8} of {weighted}")
+            lines.append(f"  weighted nodes (Conv, Gemm, MatMul) in int8: {int8} of {weighted}"
+                         + (f" ({report.int4_weights} with int4 weights)" if INT4 in report.ladder else ""))
         if report.latency_ms is not None:
             lines.append(latency_line(*report.latency_ms))
             if report.latency_ms[1] >= report.latency_ms[0] and report.kept:
@@ -251,8 +258,10 @@ class SearchPrecisions(Pass):
 
 
 def ladder_of(state: QuantState) -> tuple[str, ...]:
-    """precision_ladder, else the target's ladder."""
-    return tuple(state.config.precision_ladder or LADDERS[state.config.target])
+    """precision_ladder, else the target's ladder (from int4 with weight_bit_num=4)."""
+    if state.config.precision_ladder:
+        return tuple(state.config.precision_ladder)
+    return INT4_LADDER if state.config.weight_bit_num == 4 else LADDERS[state.config.target]
 
 
 def tensors_to_observe(state: QuantState) -> set[str]:
@@ -266,7 +275,7 @@ def tensors_to_observe(state: QuantState) -> set[str]:
     rules = state.weight_options.precisions
     names: set[str] = set()
     for rung in ladder_of(state):
-        if rung in (INT8, FLOAT32):
+        if rung in (INT4, INT8, FLOAT32):  # the plan's own activations, or fewer
             continue
         model = state.model if rung != INT16 else with_opset(state.model, INT4_OPSET)
         if model is None:

@@ -24,16 +24,19 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from ..config.precision import EC, FLOAT16, FLOAT32, INT8, INT16
+from ..config.precision import EC, FLOAT16, FLOAT32, INT4, INT8, INT16
 from ..graph.query import STANDARD_DOMAINS, attribute, constant_array, is_activation, is_float32
 from .float16 import has_float16_form
-from .precision import FLOATS, PrecisionRules, float16_kernels
-from .qparams import INT8 as INT8_TYPE
+from .precision import FLOATS, WEIGHT_BIT_NUM, PrecisionRules, float16_kernels
+from .qparams import INT4 as INT4_TYPE
 from .qparams import QuantScheme
 from .selection import WeightSelection
 from .targets import FUSABLE_ACTIVATIONS, FUSION_PRODUCERS, SAME_SCALE_OPS, WEIGHTED_OPS, Target
 
 SKIPPED = "listed in skip_quant_node"
+
+# int4 weights (W4A8, opset 21): symmetric, levels -7..7, so that the grid is the same on both sides of zero.
+INT4_WEIGHTS = QuantScheme(INT4_TYPE, symmetric=True, narrow_range=True)
 
 # Ops whose float weight ONNX Runtime quantizes itself when their data input is dequantized.
 WEIGHT_REQUANTIZED = frozenset({"Conv", "ConvTranspose", "Gemm"})
@@ -183,7 +186,7 @@ class _Planner:
             if self._touches_float(node):
                 self._decide_float(node, reason, precision.qtype, precision.source)
             return
-        inputs = {i: self.rules.input_precision(node, i).qtype for i in indices}
+        inputs = {i: self._input_precision(node, i) for i in indices}
         if node.op_type in WEIGHT_REQUANTIZED and inputs.get(1) in FLOATS and inputs.get(0) not in FLOATS:
             self.plan.notes.append(f"{node.name}: a float weight under a quantized input is quantized again by "
                                    f"ONNX Runtime (per tensor, int8), so the whole {node.op_type} stays float32")
@@ -193,6 +196,15 @@ class _Planner:
         for fused in self._fused_activations(node):
             self.plan.decisions[fused.name] = NodeDecision(fused, True, fused_into=node.name,
                                                            precision=INT16 if precision.qtype == INT16 else INT8)
+
+    def _input_precision(self, node: ir.Node, index: int) -> str:
+        """Input ``index``'s precision. A depthwise filter's few weights keep 8 bits under weight_bit_num=4 (each
+        output channel has 9 or 25 weights: int4's grid costs too much there) unless a setting names it int4."""
+        weight = index == self._weight_index(node)
+        precision = self.rules.input_precision(node, index, weight)
+        if precision.source == WEIGHT_BIT_NUM and _grouped(node):
+            return INT8
+        return precision.qtype
 
     def _decide_float(self, node: ir.Node, reason: str, asked: str, source: str) -> None:
         """A float node: float16 when asked and the target runs the op in float16.
@@ -341,7 +353,7 @@ class _Planner:
             if precision == EC:
                 self.plan.compensated.append((node, i))
             if i == weight_index:
-                self.plan.weights.append(WeightSlot(node, i, self._weight_scheme(node, value, wide)))
+                self.plan.weights.append(WeightSlot(node, i, self._weight_scheme(node, value, precision)))
             elif constant_array(value) is not None:
                 scheme = self.target.activation16 if wide else self.target.activation
                 self.plan.weights.append(WeightSlot(node, i, scheme))
@@ -382,11 +394,13 @@ class _Planner:
             return
         self.plan.biases.append(BiasSlot(node, 2, node.inputs[0], 1, own_scale))
 
-    def _weight_scheme(self, node: ir.Node, value: ir.Value, wide: bool = False) -> QuantScheme:
-        scheme = self.target.weight16 if wide and self.target.weight16 is not None else self.target.weight
+    def _weight_scheme(self, node: ir.Node, value: ir.Value, precision: str) -> QuantScheme:
+        scheme = self.target.weight
+        if precision == INT16 and self.target.weight16 is not None:
+            scheme = self.target.weight16
+        elif precision == INT4:
+            scheme = INT4_WEIGHTS
         weight = constant_array(value)
-        if scheme.qtype.bits < 8 and _grouped(node):  # W4A8: a depthwise filter's few weights keep 8 bits
-            scheme = QuantScheme(INT8_TYPE, symmetric=True, narrow_range=True)
         per_channel = (
             self.options.per_channel
             and weight.ndim >= 2

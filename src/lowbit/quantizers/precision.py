@@ -10,6 +10,11 @@ then int8. The precisions:
   other readers' inputs int16 (Horizon's "context");
 * ``float16``: the node computes in float16 (Cast in and out, float16 constants). It is a
   property of the whole node: it cannot be mixed with integer inputs;
+* ``int4``: for the constant weight of a Conv / ConvTranspose / Gemm / MatMul only: int4
+  levels -7..7 (opset 21) under the node's 8-bit activations (W4A8). ``weight_bit_num=4``
+  makes it every weight's default (a depthwise filter's few weights keep 8 bits unless a
+  setting names the node); an ``int8`` that op_config or node_config names keeps that
+  node's weight at 8 bits;
 * ``float32``: the input is read as the float tensor, before any rounding;
 * ``ec``: error compensation, int8 plus a second int8 pass over the rounding residual
   (:mod:`lowbit.quantizers.compensation`), on the inputs where that is exact.
@@ -26,12 +31,16 @@ from functools import cache
 import onnx_ir as ir
 
 from ..config import QuantConfig
-from ..config.precision import EC, FLOAT16, FLOAT32, INT8, INT16, NodePrecision
+from ..config.precision import EC, FLOAT16, FLOAT32, INT4, INT8, INT16, NodePrecision
 from ..errors import LowbitError, closest
+from ..graph.query import constant_array
 
 # Where error compensation is exact: the op is linear in that input.
 EC_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "MatMul": (0, 1), "GridSample": (0,), "Resize": (0,)}
 FLOATS = (FLOAT16, FLOAT32)
+INT4_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # ops whose constant weight (input 1) may be int4
+MODEL_WIDE = ("all_node_type", "default")  # the sources of a precision no setting names per node or op type
+WEIGHT_BIT_NUM = "weight_bit_num"  # the source of a weight's int4 when no setting names its node
 
 
 @dataclass(frozen=True)
@@ -51,12 +60,20 @@ class PrecisionRules:
     nodes: dict[str, NodePrecision] = field(default_factory=dict)
     output: str | None = None  # model_output_type
     int16_becomes: str = INT16  # what the target makes of int16 (float16 on TensorRT)
+    weights: str = INT8  # the weights' precision where no setting names it: int4 with weight_bit_num=4
 
     @classmethod
     def from_config(cls, config: QuantConfig, target_name: str) -> PrecisionRules:
         return cls(model=config.all_node_type or INT8, ops=dict(config.op_config or {}),
                    nodes=dict(config.node_config or {}), output=config.model_output_type,
-                   int16_becomes=FLOAT16 if target_name == "NVGPU" else INT16)
+                   int16_becomes=FLOAT16 if target_name == "NVGPU" else INT16,
+                   weights=INT4 if config.weight_bit_num == 4 else INT8)
+
+    @property
+    def asks_int4(self) -> bool:
+        """Whether any weight may be int4 (the model then needs opset 21)."""
+        entries = [*self.ops.values(), *self.nodes.values()]
+        return self.weights == INT4 or any(INT4 in (e.qtype, *e.inputs.values()) for e in entries)
 
     @property
     def asks_int16(self) -> bool:
@@ -75,7 +92,7 @@ class PrecisionRules:
         return PrecisionRules(INT8 if self.model == INT16 else self.model,
                               {k: demote(v) for k, v in self.ops.items()},
                               {k: demote(v) for k, v in self.nodes.items()},
-                              INT8 if self.output == INT16 else self.output, self.int16_becomes)
+                              INT8 if self.output == INT16 else self.output, self.int16_becomes, self.weights)
 
     def check(self, graph: ir.Graph) -> None:
         """Every named op type and node exists, and ec is asked only where it is exact."""
@@ -94,11 +111,31 @@ class PrecisionRules:
                     raise LowbitError(f"{entry.where}.input{index}: ec applies to Conv/ConvTranspose input1, MatMul "
                                       f"input0 or input1, GridSample/Resize input0; '{name}' is a {node.op_type}")
             values = {entry.qtype, *entry.inputs.values()}
-            if FLOAT16 in values and values & {INT8, INT16, EC}:
+            if FLOAT16 in values and values & {INT4, INT8, INT16, EC}:
                 raise LowbitError(f"{entry.where}: float16 applies to the whole node (it computes in float16); "
-                                  "it cannot be mixed with int8/int16/ec inputs")
+                                  "it cannot be mixed with int4/int8/int16/ec inputs")
+            if INT4 in values and not _has_constant_weight(node):
+                raise LowbitError(f"{entry.where}: int4 applies to the constant weight of a "
+                                  f"{'/'.join(INT4_OPS)}; '{name}' is a {node.op_type}"
+                                  + ("" if node.op_type not in INT4_OPS else " whose input1 is not a constant"))
+            if any(qtype == INT4 and index != 1 for index, qtype in entry.inputs.items()):
+                raise LowbitError(f"{entry.where}: int4 applies to the weight (input1); activations take 8 or 16 bits")
+        for op_type, entry in self.ops.items():
+            if entry.qtype == INT4 and op_type not in INT4_OPS:
+                raise LowbitError(f"{entry.where}: int4 applies to the constant weight of a {'/'.join(INT4_OPS)}, "
+                                  f"not to {op_type}")
 
-    def input_precision(self, node: ir.Node, index: int) -> Precision:
+    def input_precision(self, node: ir.Node, index: int, weight: bool = False) -> Precision:
+        """Input ``index``'s precision; ``weight``: it is the node's constant weight, which int4 (asked, or
+        weight_bit_num=4) applies to. int4 asked for a whole node leaves its other inputs at int8."""
+        precision = self._asked(node, index)
+        if precision.qtype == INT4 and not weight:
+            return Precision(INT8, precision.source)
+        if weight and precision.qtype == INT8 and self.weights == INT4 and precision.source in MODEL_WIDE:
+            return Precision(INT4, WEIGHT_BIT_NUM)
+        return precision
+
+    def _asked(self, node: ir.Node, index: int) -> Precision:
         entry = self.nodes.get(node.name)
         if entry is not None and index in entry.inputs:
             return self._on_target(entry.inputs[index], f"node_config input{index}")
@@ -107,7 +144,7 @@ class PrecisionRules:
         entry = self.ops.get(node.op_type)
         if entry is not None and entry.qtype is not None:
             return self._on_target(entry.qtype, "op_config")
-        return self._on_target(self.model, "all_node_type" if self.model != INT8 else "default")
+        return self._on_target(self.model, MODEL_WIDE[self.model == INT8])
 
     def node_precision(self, node: ir.Node, indices: tuple[int, ...]) -> Precision:
         """The node's own precision: float16 if any input asks for it, else the widest of its inputs."""
@@ -128,6 +165,10 @@ class PrecisionRules:
         that sets weight_levels alone does not)."""
         return any(entry is not None and entry.asks_precision
                    for entry in (self.nodes.get(node.name), self.ops.get(node.op_type)))
+
+
+def _has_constant_weight(node: ir.Node) -> bool:
+    return node.op_type in INT4_OPS and len(node.inputs) > 1 and constant_array(node.inputs[1]) is not None
 
 
 def _suggest(name: str, candidates) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .qparams import INT4, INT8, INT16, UINT8, UINT16, QuantScheme
+from .qparams import INT8, INT16, UINT8, UINT16, QuantScheme
 
 # Ops with a weight input: the input index and the axis of the weight's output channels.
 # Gemm's axis depends on transB and is resolved by the planner.
@@ -71,10 +71,6 @@ class Target:
                 {INT8: UINT8, INT16: UINT16}.get(s.qtype, s.qtype)
             return QuantScheme(signed, symmetric, s.axis, narrow_range=False)
         return replace(self, activation=scheme(self.activation), activation16=scheme(self.activation16))
-
-    def with_int4_weights(self) -> Target:
-        """W4A8: int4 symmetric weights (levels -7..7, opset 21), activations as they were."""
-        return replace(self, weight=QuantScheme(INT4, symmetric=True, narrow_range=True))
 
     def data_inputs(self, op_type: str, num_inputs: int) -> tuple[int, ...]:
         indices = DATA_INPUTS.get(op_type, (0,))
