@@ -116,6 +116,8 @@ def search_row(label: str, result, seconds: float) -> dict:
            "quant_config": str(result.quant_config_path)}
     if hasattr(accuracy, "kept"):
         row.update(first=accuracy.first.metric, final=accuracy.final.metric, moved=len(accuracy.kept),
+                   int4_weights=accuracy.int4_weights, ladder=list(accuracy.ladder),
+                   bytes=result.output_path.stat().st_size,
                    stopped=accuracy.stopped, ranking_seconds=accuracy.ranking_seconds,
                    ranges_kept=accuracy.ranges_kept,
                    near_ties=accuracy.near_ties.line().strip() if accuracy.near_ties else None,
@@ -135,11 +137,14 @@ def search_row(label: str, result, seconds: float) -> dict:
 
 def full_search(case: run.Case, work: Path, evaluator, label: str, batches: tuple[int, ...] = (1, 8),
                 **settings) -> dict:
+    """The search's row; "int8" in its latencies is the planned model without a search (W4A8 with
+    weight_bit_num=4)."""
     import lowbit
 
     calib = run.write_calibration(case, work)
     plain, searched = work / "int8.onnx", work / "searched.onnx"
-    lowbit.quantize(case.model, plain, data=calib, progress=False)
+    lowbit.quantize(case.model, plain, data=calib, progress=False,
+                    **{key: value for key, value in settings.items() if key == "weight_bit_num"})
     start = time.perf_counter()
     result = lowbit.quantize(case.model, searched, data=calib, progress=False, evaluator=evaluator,
                              **settings)
@@ -168,6 +173,18 @@ def efficientnet_target(work: Path) -> dict:
     return full_search(case, work / "efficientnet-target", None,
                        "EfficientNet-Lite0, --target top1-agreement>=0.99 with the 300 crops as eval_data",
                        accuracy_target="top1-agreement>=0.99", eval_data=str(eval_file), max_evaluations=15)
+
+
+def efficientnet_w4a8(work: Path, variant: int = 0) -> dict:
+    """W4A8 (weight_bit_num=4) until top-1 agreement >= 0.90 on the 300 crops: which weights go back to 8 bits."""
+    case = run.efficientnet_case(256, 20, variant)
+    case.evaluation = case.evaluation[np.random.default_rng(1).permutation(len(case.evaluation))[:300]]
+    folder = work / f"efficientnet-lite{variant}-w4a8"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "eval.npz", input=case.evaluation)
+    return full_search(case, folder, None, f"EfficientNet-Lite{variant} W4A8, --target top1-agreement>=0.90 with "
+                       "the 300 crops as eval_data", accuracy_target="top1-agreement>=0.90",
+                       eval_data=str(folder / "eval.npz"), weight_bit_num=4, max_evaluations=15)
 
 
 def digits(work: Path) -> dict:
@@ -266,7 +283,9 @@ def main() -> None:
         return
     work = zoo.cache_dir("bench", "accuracy")
     only = set(sys.argv[1:])
-    cases = {"efficientnet": efficientnet, "efficientnet-target": efficientnet_target, "digits": digits,
+    cases = {"efficientnet": efficientnet, "efficientnet-target": efficientnet_target,
+             "efficientnet-w4a8": efficientnet_w4a8, "efficientnet-lite1-w4a8": lambda work: efficientnet_w4a8(work, 1),
+             "digits": digits,
              "ppocr": ppocr_rec, "yolox": yolox, "minilm": minilm_widths,
              "minilm-gptq": lambda work: minilm_widths(work, "GPTQ")}
     kept = json.loads((HERE / "accuracy.json").read_text()) if (HERE / "accuracy.json").exists() else []
