@@ -319,7 +319,7 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
     if weight_bits == 4 and settings["target_device"].value not in (None, "CPU"):
         raise LowbitError(f"{where('weight_bit_num')}: weight_bit_num=4: int4 weights are written for ONNX Runtime "
                           f"(target_device CPU); {settings['target_device'].value} takes 8-bit weights")
-    _check_int4_precisions(settings, where)
+    _check_int4_precisions(settings)
     if settings["max_num_bin"].value < max(settings["num_bin"].value):
         raise LowbitError(f"{where('max_num_bin')}: max_num_bin={settings['max_num_bin'].value} is below "
                           f"num_bin={max(settings['num_bin'].value)} ({where('num_bin')}); "
@@ -336,11 +336,11 @@ def _check_combinations(settings: dict[str, Setting]) -> None:
             "(SNPE/Hexagon); set per_channel=false or choose another target_device")
 
 
-def _check_int4_precisions(settings: dict[str, Setting], where) -> None:
+def _check_int4_precisions(settings: dict[str, Setting]) -> None:
     """int4 in op_config / node_config: weights for ONNX Runtime CPU, not with weight_levels on the same entry."""
     for key in ("op_config", "node_config"):
         for name, entry in (settings[key].value or {}).items():
-            if "int4" not in (entry.qtype, *entry.inputs.values()):
+            if not entry.asks("int4"):
                 continue
             if settings["target_device"].value not in (None, "CPU"):
                 raise LowbitError(f"{entry.where}: int4 weights are written for ONNX Runtime (target_device CPU); "

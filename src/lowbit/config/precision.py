@@ -47,6 +47,10 @@ class NodePrecision:
         """Whether the entry names a precision (an entry may only set weight_levels)."""
         return self.qtype is not None or bool(self.inputs)
 
+    def asks(self, qtype: str) -> bool:
+        """Whether the entry names ``qtype``, for the node or for one of its inputs."""
+        return qtype in (self.qtype, *self.inputs.values())
+
     def for_input(self, index: int) -> str | None:
         """The precision of input ``index``: its own ``inputN`` first, else ``qtype``."""
         return self.inputs.get(index, self.qtype)

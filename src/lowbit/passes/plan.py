@@ -27,7 +27,7 @@ class PlanFull(Pass):
     that op_config / node_config / all_node_type / weight_bit_num ask for (quantizers/precision.py).
 
     int4 weights and int16 Q/DQ need opset 21, reached with onnx's converter before planning; a model it
-    cannot convert stays int8 where int16 was asked, and the summary says so.
+    cannot convert is an error where int4 was asked, and stays int8 where int16 was (the summary says so).
     """
 
     name = "plan"

@@ -142,7 +142,7 @@ class SearchPrecisions(Pass):
                 ranking = self._rank(state, first_model, rules, samples)
                 report.ranking_seconds = time.perf_counter() - start
                 report.ranks = {name: i + 1 for i, name in enumerate(ranking)}
-                int4_nodes = {slot.node.name for slot in state.plan.weights if slot.scheme.qtype.bits == 4}
+                int4_nodes = _int4_weight_nodes(state)
                 outcome = climb(ranking, ladder, candidates.evaluate, lambda: evaluator.left,
                                 moves=lambda name, rung: rung != INT8 or ladder[0] != INT4 or name in int4_nodes)
                 report.trials, report.stopped = outcome.trials, outcome.stopped
@@ -161,7 +161,7 @@ class SearchPrecisions(Pass):
             for message in state.plan.notes:
                 state.note(message)
         report.weighted = _weighted_int8(state)
-        report.int4_weights = sum(slot.scheme.qtype.bits == 4 for slot in state.plan.weights)
+        report.int4_weights = len(_int4_weight_nodes(state))
         state.accuracy = report
         return report
 
@@ -352,6 +352,11 @@ def _weighted_int8(state: QuantState) -> tuple[int, int]:
     weighted = [d for d in state.plan.decisions.values() if d.node.op_type in WEIGHTED and not d.fused_into]
     int8 = [d for d in weighted if d.quantized and d.precision in (INT8, "")]
     return len(int8), len(weighted)
+
+
+def _int4_weight_nodes(state: QuantState) -> set[str]:
+    """The nodes whose weights the plan stores as int4."""
+    return {slot.node.name for slot in state.plan.weights if slot.scheme.qtype.bits == 4}
 
 
 def _row(kept: bool, number: int, label: str, metric: float, evaluation: Evaluation | None = None) -> str:

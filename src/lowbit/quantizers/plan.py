@@ -27,7 +27,7 @@ import onnx_ir as ir
 from ..config.precision import EC, FLOAT16, FLOAT32, INT4, INT8, INT16
 from ..graph.query import STANDARD_DOMAINS, attribute, constant_array, is_activation, is_float32
 from .float16 import has_float16_form
-from .precision import FLOATS, WEIGHT_BIT_NUM, PrecisionRules, float16_kernels
+from .precision import FLOATS, WEIGHT_BIT_NUM, PrecisionRules, float16_kernels, has_constant_weight
 from .qparams import INT4 as INT4_TYPE
 from .qparams import QuantScheme
 from .selection import WeightSelection
@@ -340,7 +340,7 @@ class _Planner:
 
     @staticmethod
     def _weight_index(node: ir.Node) -> int | None:
-        return 1 if node.op_type in WEIGHTED_OPS and constant_array(node.inputs[1]) is not None else None
+        return 1 if has_constant_weight(node) else None
 
     def _quantize_inputs(self, node: ir.Node) -> None:
         decision = self.plan.decisions[node.name]

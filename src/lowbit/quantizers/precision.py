@@ -34,12 +34,13 @@ from ..config import QuantConfig
 from ..config.precision import EC, FLOAT16, FLOAT32, INT4, INT8, INT16, NodePrecision
 from ..errors import LowbitError, closest
 from ..graph.query import constant_array
+from .targets import WEIGHTED_OPS
 
 # Where error compensation is exact: the op is linear in that input.
 EC_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "MatMul": (0, 1), "GridSample": (0,), "Resize": (0,)}
 FLOATS = (FLOAT16, FLOAT32)
-INT4_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # ops whose constant weight (input 1) may be int4
-MODEL_WIDE = ("all_node_type", "default")  # the sources of a precision no setting names per node or op type
+INT4_OPS = tuple(WEIGHTED_OPS)  # ops whose constant weight (input 1) may be int4
+ALL_NODE_TYPE, DEFAULT = "all_node_type", "default"  # the sources of a precision no node or op type setting names
 WEIGHT_BIT_NUM = "weight_bit_num"  # the source of a weight's int4 when no setting names its node
 
 
@@ -73,7 +74,7 @@ class PrecisionRules:
     def asks_int4(self) -> bool:
         """Whether any weight may be int4 (the model then needs opset 21)."""
         entries = [*self.ops.values(), *self.nodes.values()]
-        return self.weights == INT4 or any(INT4 in (e.qtype, *e.inputs.values()) for e in entries)
+        return self.weights == INT4 or any(entry.asks(INT4) for entry in entries)
 
     @property
     def asks_int16(self) -> bool:
@@ -114,7 +115,7 @@ class PrecisionRules:
             if FLOAT16 in values and values & {INT4, INT8, INT16, EC}:
                 raise LowbitError(f"{entry.where}: float16 applies to the whole node (it computes in float16); "
                                   "it cannot be mixed with int4/int8/int16/ec inputs")
-            if INT4 in values and not _has_constant_weight(node):
+            if INT4 in values and not has_constant_weight(node):
                 raise LowbitError(f"{entry.where}: int4 applies to the constant weight of a "
                                   f"{'/'.join(INT4_OPS)}; '{name}' is a {node.op_type}"
                                   + ("" if node.op_type not in INT4_OPS else " whose input1 is not a constant"))
@@ -131,7 +132,7 @@ class PrecisionRules:
         precision = self._asked(node, index)
         if precision.qtype == INT4 and not weight:
             return Precision(INT8, precision.source)
-        if weight and precision.qtype == INT8 and self.weights == INT4 and precision.source in MODEL_WIDE:
+        if weight and precision.qtype == INT8 and self.weights == INT4 and precision.source in (ALL_NODE_TYPE, DEFAULT):
             return Precision(INT4, WEIGHT_BIT_NUM)
         return precision
 
@@ -144,7 +145,7 @@ class PrecisionRules:
         entry = self.ops.get(node.op_type)
         if entry is not None and entry.qtype is not None:
             return self._on_target(entry.qtype, "op_config")
-        return self._on_target(self.model, MODEL_WIDE[self.model == INT8])
+        return self._on_target(self.model, DEFAULT if self.model == INT8 else ALL_NODE_TYPE)
 
     def node_precision(self, node: ir.Node, indices: tuple[int, ...]) -> Precision:
         """The node's own precision: float16 if any input asks for it, else the widest of its inputs."""
@@ -167,8 +168,9 @@ class PrecisionRules:
                    for entry in (self.nodes.get(node.name), self.ops.get(node.op_type)))
 
 
-def _has_constant_weight(node: ir.Node) -> bool:
-    return node.op_type in INT4_OPS and len(node.inputs) > 1 and constant_array(node.inputs[1]) is not None
+def has_constant_weight(node: ir.Node) -> bool:
+    """A Conv / ConvTranspose / Gemm / MatMul whose input 1 is a constant: a weight to store as integers."""
+    return node.op_type in WEIGHTED_OPS and len(node.inputs) > 1 and constant_array(node.inputs[1]) is not None
 
 
 def _suggest(name: str, candidates) -> str:
