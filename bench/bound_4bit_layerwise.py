@@ -9,8 +9,9 @@ GPTQ (the textbook algorithm, one column at a time, 1% damping), with a scale pe
 channel or per group of 64 / 32 / 16 input channels (what opset 21's blocked DequantizeLinear
 stores). Each scale is clipped for the least squared weight error. The second moments come
 from 64 calibration crops (other images), or, with ``--oracle``, from 150 of the evaluation
-crops themselves: a bound on what better calibration data could give. Prints top-1 agreement
-and 1 - cosine against the float model on the 300 held-out crops of bench/recovery.py.
+crops themselves (which are then among the 300 it is judged on): a bound on what better
+calibration data could give. Prints top-1 agreement and 1 - cosine against the float model on
+the 300 held-out crops of bench/recovery.py.
 """
 
 from __future__ import annotations
