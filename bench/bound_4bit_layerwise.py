@@ -5,7 +5,7 @@
 The 1x1 convolutions and the classifier get 4-bit symmetric weights (levels -7..7); the stem,
 the depthwise convolutions and every activation stay float, so the figures isolate what the
 pointwise weights' grid and rounding cost. Each grid is tried with round-to-nearest and with
-GPTQ (the textbook algorithm, one column at a time, 1% damping), with a scale per output
+lowbit's GPTQ (``recovery.gptq.gptq_round``, 1% damping), with a scale per output
 channel or per group of 64 / 32 / 16 input channels (what opset 21's blocked DequantizeLinear
 stores). Each scale is clipped for the least squared weight error. The second moments come
 from 64 calibration crops (other images), or, with ``--oracle``, from 150 of the evaluation
@@ -22,27 +22,26 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import run, zoo
+from lowbit.graph.query import attribute, constant_array
+from lowbit.recovery.gptq import gptq_round
+from lowbit.recovery.layers import as_rows, from_rows
 
 LEVEL = 7  # int4, symmetric
 MOMENT_PIXELS = 512  # pixels a sample contributes to a layer's second moment
 
 
-def pointwise_layers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    constants = {i.name for i in model.graph.initializer}
-    found = []
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in constants:
-            continue
-        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Conv" and (attributes.get("kernel_shape") != [1, 1] or attributes.get("group", 1) != 1):
-            continue
-        found.append(node)
-    return found
+def pointwise_layers(model: ir.Model) -> list[ir.Node]:
+    """The 1x1 convolutions and the Gemms with a constant weight."""
+    return [node for node in model.graph if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 1
+            and constant_array(node.inputs[1]) is not None
+            and (node.op_type == "Gemm" or (list(attribute(node, "kernel_shape", [])) == [1, 1]
+                                           and attribute(node, "group", 1) == 1))]
 
 
 def second_moments(model: onnx.ModelProto, names: list[str], samples) -> dict[str, np.ndarray]:
@@ -84,38 +83,6 @@ def clipped_scales(weight: np.ndarray, group: int | None) -> np.ndarray:
     return scales
 
 
-def gptq(weight: np.ndarray, moment: np.ndarray, scales: np.ndarray, damping: float = 0.01) -> np.ndarray:
-    """GPTQ on a fixed grid: round column after column, moving the later columns to cancel each error."""
-    work = weight.astype(np.float64).copy()
-    moment = moment.copy()
-    dead = np.diag(moment) == 0
-    moment[dead, dead] = 1
-    work[:, dead] = 0
-    moment += damping * np.mean(np.diag(moment)) * np.eye(len(moment))
-    inverse = np.linalg.cholesky(np.linalg.inv(moment)).T
-    rounded = np.zeros_like(work)
-    for i in range(work.shape[1]):
-        rounded[:, i] = np.clip(np.round(work[:, i] / scales[:, i]), -LEVEL, LEVEL) * scales[:, i]
-        error = (work[:, i] - rounded[:, i]) / inverse[i, i]
-        work[:, i + 1:] -= np.outer(error, inverse[i, i + 1:])
-    return rounded.astype(np.float32)
-
-
-def as_matrix(node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
-    """Output rows x input columns."""
-    if node.op_type == "Conv":
-        return weight.reshape(weight.shape[0], -1)
-    transposed = any(a.name == "transB" and a.i for a in node.attribute)
-    return weight if transposed else weight.T
-
-
-def from_matrix(node: onnx.NodeProto, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if node.op_type == "Conv":
-        return matrix.reshape(shape)
-    transposed = any(a.name == "transB" and a.i for a in node.attribute)
-    return matrix if transposed else matrix.T
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variant", nargs="?", type=int, default=0)
@@ -124,9 +91,8 @@ def main() -> None:
     case = run.efficientnet_case(256, 20, args.variant)
     case.evaluation = case.evaluation[np.random.default_rng(1).permutation(len(case.evaluation))[:300]]
     model = onnx.load(str(case.model))
-    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    layers = pointwise_layers(model)
-    inputs = sorted({node.input[0] for node in layers})
+    layers = pointwise_layers(ir.from_proto(model))
+    inputs = sorted({node.inputs[0].name for node in layers})
     moments = second_moments(model, inputs, case.evaluation[:150] if args.oracle else case.calib[:64])
     reference = run.outputs(case.model, case)
     print(f"{case.name}: {len(layers)} layers at 4 bits, second moments from "
@@ -137,13 +103,14 @@ def main() -> None:
             changed.CopyFrom(model)
             initializers = {i.name: i for i in changed.graph.initializer}
             for node in layers:
-                weight = constants[node.input[1]]
-                matrix = as_matrix(node, weight)
-                scales = clipped_scales(matrix, group)
-                rounded = (np.clip(np.round(matrix / scales), -LEVEL, LEVEL) * scales if method == "nearest"
-                           else gptq(matrix, moments[node.input[0]], scales))
-                new = from_matrix(node, rounded, weight.shape).astype(np.float32)
-                initializers[node.input[1]].CopyFrom(numpy_helper.from_array(new, node.input[1]))
+                weight = constant_array(node.inputs[1])
+                rows = as_rows(node, weight)  # (1, outputs, inputs)
+                scales = clipped_scales(rows[0], group)[np.newaxis]
+                integers = (np.clip(np.round(rows / scales), -LEVEL, LEVEL) if method == "nearest" else
+                            gptq_round(rows, moments[node.inputs[0].name][np.newaxis], scales, np.zeros_like(scales),
+                                       -LEVEL, LEVEL))
+                new = from_rows(node, integers * scales, weight.shape).astype(np.float32)
+                initializers[node.inputs[1].name].CopyFrom(numpy_helper.from_array(new, node.inputs[1].name))
             session = ort.InferenceSession(changed.SerializeToString(), providers=["CPUExecutionProvider"])
             got = np.concatenate([session.run(None, {"input": x[np.newaxis]})[0] for x in case.evaluation])
             agreement = np.mean(reference.argmax(-1) == got.argmax(-1))

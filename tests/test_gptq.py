@@ -25,6 +25,17 @@ def test_two_correlated_inputs_by_hand():
     assert output_error(w, q.astype(float), h) == pytest.approx(0.202 / 0.342)
 
 
+def test_a_scale_per_input_column_is_read_column_by_column():
+    # The pair above with a grid per column, scales (1, 0.25): w0 = .3 rounds to 0 on its own grid (error .3),
+    # w1 moves by .27 to .57, which is 2.28 steps of 0.25: 2. Reading column 0's scale for both gives 1;
+    # reading 0.25 for both rounds w0 to 1 (.25), leaves .05, moves w1 to .345: 1.
+    h = np.array([[[1.0, 0.9], [0.9, 1.0]]])
+    w = np.array([[[0.3, 0.3]]])
+    q = gptq_round(w, h, scale=np.array([[[1.0, 0.25]]]), zero_point=np.zeros((1, 1, 2)), qmin=-7, qmax=7,
+                   damping=0.0)
+    assert q.tolist() == [[[0, 2]]]
+
+
 def test_uncorrelated_inputs_round_to_nearest_and_the_grid_is_kept():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(2, 5, 6))

@@ -104,7 +104,8 @@ class LevelsRow:
 def gptq_round(weights: np.ndarray, covariance: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
                qmin: int, qmax: int, damping: float = DAMPING, levels: np.ndarray | None = None,
                pairs: KernelPairs | None = None) -> np.ndarray:
-    """Integers for ``weights`` (groups, outputs, D) on the grid ``scale``/``zero_point`` (groups, outputs).
+    """Integers for ``weights`` (groups, outputs, D) on the grid ``scale``/``zero_point`` (groups, outputs), or
+    (groups, outputs, D) where the grid changes along the inputs (a scale per block of input channels).
 
     ``covariance`` (groups, D, D) is the input second moment of each group. Returns int64
     integers of the weights' shape. ``levels``: the only integers allowed (non-uniform
@@ -119,7 +120,8 @@ def gptq_round(weights: np.ndarray, covariance: np.ndarray, scale: np.ndarray, z
     upper = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)
     if not np.all(np.isfinite(upper)):
         raise np.linalg.LinAlgError("the inverse second moment is not finite")
-    scale = scale.astype(np.float64)
+    scale, zero_point = (np.broadcast_to(np.asarray(v, np.float64)[..., np.newaxis] if np.ndim(v) == 2 else v, w.shape)
+                         for v in (scale, zero_point))
     q = np.empty(w.shape, dtype=np.int64)
     width = w.shape[-1]
     partners = pairs.partners(width) if pairs is not None else np.full(width, -1)
@@ -128,11 +130,11 @@ def gptq_round(weights: np.ndarray, covariance: np.ndarray, scale: np.ndarray, z
         errors = np.empty(w.shape[:2] + (end - begin,))
         for i in range(begin, end):
             column = w[:, :, i]
-            q[:, :, i] = _on_grid(column / scale + zero_point, qmin, qmax, levels)
+            q[:, :, i] = _on_grid(column / scale[:, :, i] + zero_point[:, :, i], qmin, qmax, levels)
             if partners[i] >= 0:  # what the pair's first weight leaves of the bound
                 first = q[:, :, partners[i]]
                 q[:, :, i] = np.clip(q[:, :, i], -PAIR_BOUND - first, PAIR_BOUND - first)
-            error = (column - (q[:, :, i] - zero_point) * scale) / upper[:, i, i][:, None]
+            error = (column - (q[:, :, i] - zero_point[:, :, i]) * scale[:, :, i]) / upper[:, i, i][:, None]
             w[:, :, i + 1:end] -= error[:, :, None] * upper[:, None, i, i + 1:end]
             errors[:, :, i - begin] = error
         w[:, :, end:] -= np.matmul(errors, upper[:, begin:end, end:])
