@@ -92,13 +92,13 @@ def kernel_time_by_op(path: Path, feed: dict[str, np.ndarray], runs: int = 20) -
     for _ in range(runs):
         session.run(None, feed)
     profile = Path(session.end_profiling())
-    time, nodes = Counter(), Counter()
+    kernel_ms, nodes = Counter(), Counter()
     for event in json.loads(profile.read_text()):
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            time[event["args"]["op_name"]] += event["dur"] / 1000 / runs
+            kernel_ms[event["args"]["op_name"]] += event["dur"] / 1000 / runs
             nodes[event["args"]["op_name"]] += 1
     profile.unlink()
-    return {op: (ms, nodes[op] // runs) for op, ms in time.most_common()}
+    return {op: (ms, nodes[op] // runs) for op, ms in kernel_ms.most_common()}
 
 
 def main(fit_other: bool, random_sets: int = 0) -> None:
@@ -140,7 +140,7 @@ def main(fit_other: bool, random_sets: int = 0) -> None:
     print(f"{len(names)} quantized nodes, {len(weighted)} weighted; simulated: {measure([])}{baseline}", flush=True)
     alone = {name: measure([name]) for name in names}
     if random_sets:
-        ranked = sorted(weighted, key=lambda n: alone[n][1])[:20]
+        ranked = sorted(weighted, key=lambda n: (alone[n][1], n))[:20]  # by name on ties: not the set's order
         rng = np.random.default_rng(0)
         scores = sorted(measure(list(rng.choice(ranked, MOST_WEIGHTED_FLOAT, replace=False)), evaluation, reference)[0]
                         for _ in range(random_sets))
