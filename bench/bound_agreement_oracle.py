@@ -30,6 +30,7 @@ on the 300 evaluation crops and its latency at batch 8 beside the float and the 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import Counter
@@ -69,15 +70,20 @@ def time_choice(float_nodes: list[str]) -> None:
                     node_config={name: {"qtype": "float32"} for name in float_nodes})
     reference = run.outputs(case.model, case)
     for name in ("default int8", "choice"):
-        got = run.outputs(paths[name], case)
-        print(f"{name}: agreement {np.mean(reference.argmax(-1) == got.argmax(-1)):.3f}, "
-              f"1 - cosine {1 - np.mean([zoo.cosine(a, b) for a, b in zip(reference, got)]):.5f}")
+        agreement, error = agreement_and_error(reference, run.outputs(paths[name], case))
+        print(f"{name}: agreement {agreement:.3f}, 1 - cosine {error:.5f}")
     feed = {case.input_name: case.evaluation[:8]}
     latency = run.compare_latency(paths, feed, runs=20)
     print("latency at batch 8: " + ", ".join(f"{name} {ms:.1f} ms ({latency['float'] / ms:.2f}x float's speed)"
                                                for name, ms in latency.items()))
     print("ONNX Runtime's profile of the choice at batch 8, per run: " + ", ".join(
         f"{op} {ms:.2f} ms ({count})" for op, (ms, count) in kernel_time_by_op(paths["choice"], feed).items()))
+
+
+def agreement_and_error(expected: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    """Top-1 agreement and mean 1 - cosine of ``got`` against ``expected`` (one row a crop)."""
+    return (float(np.mean(expected.argmax(-1) == got.argmax(-1))),
+            float(1 - np.mean([zoo.cosine(a, b) for a, b in zip(expected, got)])))
 
 
 def kernel_time_by_op(path: Path, feed: dict[str, np.ndarray], runs: int = 20) -> dict[str, tuple[float, int]]:
@@ -133,8 +139,7 @@ def main(fit_other: bool, random_sets: int = 0) -> None:
                 expected: np.ndarray = fit_reference) -> tuple[float, float]:
         feeds = switched.feeds(set(names) - set(float_nodes))
         got = np.concatenate([session.run([output], {"input": x[np.newaxis], **feeds})[0] for x in crops])
-        return (float(np.mean(expected.argmax(-1) == got.argmax(-1))),
-                float(1 - np.mean([zoo.cosine(a, b) for a, b in zip(expected, got)])))
+        return agreement_and_error(expected, got)
 
     baseline = f"; on the evaluation crops {measure([], evaluation, reference)}" if fit_other else ""
     print(f"{len(names)} quantized nodes, {len(weighted)} weighted; simulated: {measure([])}{baseline}", flush=True)
@@ -163,9 +168,13 @@ def main(fit_other: bool, random_sets: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    if "--time" in sys.argv[1:]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fit-other", action="store_true", help="choose on 300 other crops of the same photos")
+    parser.add_argument("--random", type=int, default=0, metavar="N", help="N random choices instead of the greedy one")
+    parser.add_argument("--time", metavar="NODE,NODE,...", help="write this choice with lowbit and time it")
+    args = parser.parse_args()
+    if args.time:
         WORK.mkdir(parents=True, exist_ok=True)
-        time_choice(sys.argv[sys.argv.index("--time") + 1].split(","))
+        time_choice(args.time.split(","))
     else:
-        random_sets = int(sys.argv[sys.argv.index("--random") + 1]) if "--random" in sys.argv[1:] else 0
-        main("--fit-other" in sys.argv[1:], random_sets)
+        main(args.fit_other, args.random)
